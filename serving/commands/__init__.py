@@ -1,0 +1,9 @@
+"""`glucast loop|trial|journal|faults|alerts`: one module per command, heavy imports inside."""
+
+from forecast.commands._registry import register_modules
+
+COMMANDS = ["loop", "trial", "journal", "faults", "alerts"]
+
+
+def register(sub) -> None:
+    register_modules(sub, __name__, COMMANDS)

@@ -1,0 +1,9 @@
+"""`glucast train|finetune|evaluate|compare`: one module per command, heavy imports inside."""
+
+from forecast.commands._registry import register_modules
+
+COMMANDS = ["train", "evaluate", "compare"]
+
+
+def register(sub) -> None:
+    register_modules(sub, __name__, COMMANDS)
