@@ -24,7 +24,14 @@ import pandas as pd
 SLOT_MINUTES = 5
 SLOT = pd.Timedelta(minutes=SLOT_MINUTES)
 
-REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "time", "glucose", "basal_u", "bolus_u", "carbs_g")
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "subject_id",
+    "time",
+    "glucose",
+    "basal_u",
+    "bolus_u",
+    "carbs_g",
+)
 OPTIONAL_COLUMNS: tuple[str, ...] = (
     "finger_stick",
     "heart_rate",
@@ -158,12 +165,8 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
-    def reject(
-        self, *, file: str | Path, record: Any, field: str, value: Any, reason: str
-    ) -> None:
-        self.rejected.append(
-            Rejection(str(file), str(record), field, _jsonable(value), reason)
-        )
+    def reject(self, *, file: str | Path, record: Any, field: str, value: Any, reason: str) -> None:
+        self.rejected.append(Rejection(str(file), str(record), field, _jsonable(value), reason))
         self.counts[f"rejected:{reason}"] += 1
 
     def reject_error(self, err: InputError) -> None:
@@ -314,7 +317,7 @@ def validate_frame(frame: pd.DataFrame, *, require_grid: bool = True) -> pd.Data
     if (cg[np.isfinite(cg)] < 0).any():
         raise SchemaError("column 'carbs_g' has negative values")
     if require_grid and len(out):
-        t_ns = out["time"].to_numpy().astype("datetime64[ns]").astype(np.int64)
+        t_ns = _utc_ns(out["time"])
         if (t_ns % SLOT.value != 0).any():
             i = int(np.flatnonzero(t_ns % SLOT.value != 0)[0])
             raise SchemaError(
@@ -335,6 +338,12 @@ def validate_frame(frame: pd.DataFrame, *, require_grid: bool = True) -> pd.Data
     return out
 
 
+def _utc_ns(times: pd.Series) -> np.ndarray:
+    """UTC nanoseconds since the epoch as int64 (no time zone warnings, no copies of tz)."""
+    t = pd.to_datetime(times, utc=True)
+    return t.dt.tz_convert(None).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+
+
 def sort_frame(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.sort_values(["subject_id", "time"], kind="stable").reset_index(drop=True)
     out.attrs = dict(frame.attrs)
@@ -353,7 +362,7 @@ def dataset_hash(frame: pd.DataFrame) -> str:
     h = hashlib.sha256()
     f = frame.sort_values(["subject_id", "time"], kind="stable")
     h.update("\x1f".join(f["subject_id"].astype(str)).encode())
-    t = pd.to_datetime(f["time"], utc=True).to_numpy().astype("datetime64[ns]").astype(np.int64)
+    t = _utc_ns(f["time"])
     h.update(t.tobytes())
     for c in FLOAT_COLUMNS:
         v = f[c].to_numpy(dtype="float64")

@@ -9,13 +9,13 @@ proposal into a `Verdict`, the only thing that reaches the pump.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import pandas as pd
 
 
-class CGMStatus(str, Enum):
+class CGMStatus(StrEnum):
     OK = "ok"
     WARMUP = "warmup"
     ERROR = "error"  # sensor error code (e.g. LOW/HIGH, 38/39)
