@@ -1,0 +1,186 @@
+"""Deep forecaster internals: shapes, quantile order, the monotone insulin head, the loss,
+conformal calibration, and the configuration's validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from training.calibration import conformal_calibrate, predict_numpy  # noqa: E402
+from training.config import ConfigError, TrainConfig, load_config  # noqa: E402
+from training.models import Layout, build_model  # noqa: E402
+from training.models.common import insulin_effect_prior  # noqa: E402
+from training.module import pinball_loss  # noqa: E402
+
+torch.set_num_threads(1)
+
+PAST = (
+    "glucose",
+    "observed",
+    "basal_u",
+    "bolus_u",
+    "carbs_g",
+    "iob_u",
+    "cob_g",
+    "tod_sin",
+    "tod_cos",
+)
+FUTURE = ("basal_u", "bolus_u", "carbs_g", "tod_sin", "tod_cos")
+
+
+def layout(L=12, H=6, q=(0.05, 0.5, 0.95)) -> Layout:
+    return Layout(PAST, FUTURE, L, H, q)
+
+
+def raw_inputs(B: int, L: int, H: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plausible raw-unit windows: glucose 60-300 mg/dL, basal ~0.1 U/slot, sparse boluses."""
+    g = torch.Generator().manual_seed(seed)
+    past = torch.zeros(B, L, len(PAST))
+    past[..., 0] = 60 + 240 * torch.rand(B, 1, generator=g) + 5 * torch.randn(B, L, generator=g)
+    past[..., 1] = 1.0
+    past[..., 2] = 0.1
+    past[..., 3] = (torch.rand(B, L, generator=g) < 0.05) * 3.0
+    past[..., 4] = (torch.rand(B, L, generator=g) < 0.03) * 40.0
+    past[..., 5] = 2 * torch.rand(B, L, generator=g)
+    past[..., 6] = 30 * torch.rand(B, L, generator=g)
+    ang = 2 * torch.pi * torch.rand(B, 1, generator=g)
+    past[..., 7], past[..., 8] = torch.sin(ang), torch.cos(ang)
+    future = torch.zeros(B, H, len(FUTURE))
+    future[..., 0] = 0.1
+    future[..., 1] = (torch.rand(B, H, generator=g) < 0.05) * 2.0
+    future[..., 2] = (torch.rand(B, H, generator=g) < 0.05) * 30.0
+    future[..., 3], future[..., 4] = torch.sin(ang), torch.cos(ang)
+    return past, future
+
+
+def fitted(kind: str, lay: Layout, seed: int = 0):
+    torch.manual_seed(seed)
+    m = build_model(kind, lay, {}, {}).eval()
+    past, future = raw_inputs(256, lay.past_slots, lay.horizon_slots, seed)
+    target = past[:, -1:, 0] + 10 * torch.randn(256, lay.horizon_slots)
+    m.fit_normalisation(past.numpy(), future.numpy(), target.numpy())
+    return m
+
+
+@pytest.mark.parametrize("kind", ["lstm", "transformer"])
+@pytest.mark.parametrize("q", [(0.05, 0.5, 0.95), (0.1, 0.25, 0.5, 0.75, 0.9)])
+def test_forward_shape_and_ordered_quantiles(kind, q):
+    lay = layout(L=12, H=6, q=q)
+    m = fitted(kind, lay)
+    past, future = raw_inputs(7, 12, 6, seed=3)
+    y = m(past, future)
+    assert y.shape == (7, 6, len(q))
+    assert torch.isfinite(y).all()
+    assert (torch.diff(y, dim=-1) >= 0).all(), "quantiles must be ordered"
+
+
+def test_median_is_relative_to_last_glucose():
+    """The free part predicts a change: shifting the whole past glucose shifts the forecast
+    by about as much (the normalised input moves too, so not exactly)."""
+    m = fitted("lstm", layout())
+    past, future = raw_inputs(4, 12, 6)
+    y = m(past, future)[..., 1]
+    assert torch.allclose(y[:, 0], past[:, -1, 0], atol=60), (
+        "first step stays near the last reading"
+    )
+
+
+MODELS = {k: fitted(k, layout(), seed=1) for k in ("lstm", "transformer")}
+
+
+@pytest.mark.parametrize("kind", ["lstm", "transformer"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    slot=st.integers(0, 5),
+    extra=st.floats(0.01, 20.0),
+    which=st.sampled_from(["basal_u", "bolus_u"]),
+)
+def test_more_planned_insulin_never_raises_any_quantile(kind, seed, slot, extra, which):
+    m = MODELS[kind]
+    past, future = raw_inputs(16, 12, 6, seed=seed)
+    more = future.clone()
+    more[:, slot, FUTURE.index(which)] += extra
+    with torch.no_grad():
+        base, after = m(past, future), m(past, more)
+    assert (after <= base + 1e-4).all()
+    # and it has an effect at or after the slot (the head is not trivially zero)
+    assert (after[:, slot:, 1] < base[:, slot:, 1]).any()
+
+
+def test_insulin_prior_is_causal_and_growing():
+    p = insulin_effect_prior(12, 5, 75.0, 360.0)
+    assert np.allclose(np.triu(p, 1), 0)  # future insulin cannot act on earlier targets
+    assert (p >= 0).all() and (p <= 1).all()
+    assert (np.diff(p[:, 0]) > 0).all()  # a dose's realised effect grows with the lag
+
+
+def test_pinball_loss_values_and_mask():
+    q = torch.tensor([0.1, 0.5, 0.9])
+    scale = torch.ones(2)
+    pred = torch.tensor([[[90.0, 100.0, 110.0], [90.0, 100.0, 110.0]]])  # [1, 2, 3]
+    target = torch.tensor([[120.0, float("nan")]])
+    # only h=0 counts; errors y - p = 30, 20, 10 -> 0.1*30, 0.5*20, 0.9*10
+    want = (3.0 + 10.0 + 9.0) / 3
+    assert pinball_loss(pred, target, q, scale).item() == pytest.approx(want)
+    below = torch.tensor([[80.0, float("nan")]])  # y - p = -10, -20, -30 -> 0.9*10, 0.5*20, 0.1*30
+    assert pinball_loss(pred, below, q, scale).item() == pytest.approx((9.0 + 10.0 + 3.0) / 3)
+    pred.requires_grad_(True)
+    pinball_loss(pred, target, q, scale).backward()
+    assert torch.isfinite(pred.grad).all() and (pred.grad[0, 1] == 0).all()
+
+
+def test_pinball_loss_is_minimised_by_the_quantile():
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy(rng.normal(0, 1, (4000, 1))).float()
+    q = torch.tensor([0.9])
+    losses = {
+        c: pinball_loss(torch.full((4000, 1, 1), c), y, q, torch.ones(1)).item()
+        for c in (0.0, 1.2816, 2.5)
+    }
+    assert losses[1.2816] < losses[0.0] and losses[1.2816] < losses[2.5]
+
+
+def test_conformal_calibration_reaches_nominal_coverage():
+    lay = layout()
+    m = fitted("lstm", lay)
+    past, future = raw_inputs(2000, 12, 6, seed=5)
+    with torch.no_grad():
+        center = m(past, future)[..., 1]
+    rng = np.random.default_rng(0)
+    target = center.numpy() + rng.normal(0, 40, center.shape)  # wider than the untrained spread
+    info = conformal_calibrate(m, past.numpy(), future.numpy(), target)
+    assert info["coverage_before"] < 0.8
+    assert 0.86 <= info["coverage_after"] <= 0.94
+    pred = predict_numpy(m, past.numpy(), future.numpy())
+    assert (np.diff(pred, axis=-1) >= 0).all()
+    # the median is untouched by calibration
+    assert np.allclose(pred[..., 1], center.numpy(), atol=1e-4)
+
+
+def test_config_defaults_yaml_and_errors(tmp_path):
+    cfg = TrainConfig().validate()
+    assert cfg.data.past_slots == 24 and cfg.data.horizon_slots == 12
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "model: transformer\ntransformer: {d_model: 16, heads: 2}\ndata: {horizon_min: 30}\n"
+    )
+    c = load_config(p)
+    assert c.model == "transformer" and c.transformer.d_model == 16 and c.data.horizon_slots == 6
+    p.write_text("data: {horizon_min: 32}\n")
+    with pytest.raises(ConfigError, match="multiple of the 5-minute slot"):
+        load_config(p)
+    p.write_text("trainer: {max_epoch: 3}\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(p)
+    p.write_text("trainer: {lr: fast}\n")
+    with pytest.raises(ConfigError, match="wrong type"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="test_subjects"):
+        TrainConfig.from_dict({"data": {"split": "subjects"}})
+    with pytest.raises(ConfigError, match="include 0.5"):
+        TrainConfig.from_dict({"head": {"quantiles": [0.1, 0.9]}})

@@ -1,0 +1,202 @@
+"""What every deep forecaster shares: raw-unit normalisation, the monotone insulin head,
+quantiles built around the median, and the conformal offsets.
+
+A backbone (lstm.py, transformer.py) only maps normalised inputs to features:
+
+    backbone(past_n [B, L, F_past], known_n [B, H, F_known]) -> (seq [B, H, D], ctx [B, D])
+
+where `known_n` are the future known inputs *without* the planned insulin. The forecast is
+
+    median[h] = g_last + free[h] - Σ_{j≤h} k[h, j] · (u_j − ū)
+    q-th quantile = median ∓ spread_q[h],   spread_q ≥ 0
+
+with u_j the planned insulin (basal + bolus, U per slot), ū the mean past basal (a constant
+for the plan, so it only centres the input), and k[h, j] = isf_prior · softplus(a[h, j](ctx))
+≥ 0. Neither `free` nor the spreads see u, so every quantile is non-increasing in every
+u_j *by construction*: more planned insulin can never raise a predicted quantile, which is
+what the MPC relies on. The lag structure of k starts from the oref0 exponential insulin
+curve (fraction of a dose's glucose effect realised after the lag) and is learned from there.
+
+Everything is in raw units at the boundary (mg/dL, U per slot, g per slot), so the exported
+ONNX graph carries the normalisation and serving never re-implements it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things are in the raw input tensors (from the window config)."""
+
+    past_features: tuple[str, ...]
+    future_features: tuple[str, ...]
+    past_slots: int
+    horizon_slots: int
+    quantiles: tuple[float, ...]
+
+    @property
+    def glucose(self) -> int:
+        return self.past_features.index("glucose")
+
+    @property
+    def past_basal(self) -> int:
+        return self.past_features.index("basal_u")
+
+    @property
+    def insulin(self) -> tuple[int, int]:
+        return (self.future_features.index("basal_u"), self.future_features.index("bolus_u"))
+
+    @property
+    def known(self) -> tuple[int, ...]:
+        """Future features the free part may see: everything but the planned insulin."""
+        ins = set(self.insulin)
+        return tuple(i for i in range(len(self.future_features)) if i not in ins)
+
+    @property
+    def median(self) -> int:
+        return self.quantiles.index(0.5)
+
+
+def inverse_softplus(y: np.ndarray) -> np.ndarray:
+    y = np.maximum(y, 1e-4)
+    return y + np.log(-np.expm1(-y))
+
+
+def insulin_effect_prior(
+    horizon_slots: int, slot_minutes: int, peak_min: float, dia_min: float
+) -> np.ndarray:
+    """[H, H] fraction of 1 U's glucose effect realised at target h when given in slot j.
+
+    oref0's exponential curve (the same one forecast.insulin implements): the effect realised
+    after t minutes is 1 − IOB(t). Insulin in future slot j starts acting at the slot start;
+    target h is read one slot after slot h starts, so the lag is (h − j + 1) slots.
+    """
+    tau = peak_min * (1 - peak_min / dia_min) / (1 - 2 * peak_min / dia_min)
+    a = 2 * tau / dia_min
+    s = 1 / (1 - a + (1 + a) * math.exp(-dia_min / tau))
+
+    def iob(t: np.ndarray) -> np.ndarray:
+        t = np.clip(t, 0, dia_min)
+        return 1 - s * (1 - a) * (
+            (t**2 / (tau * dia_min * (1 - a)) - t / tau - 1) * np.exp(-t / tau) + 1
+        )
+
+    h = np.arange(horizon_slots)[:, None]
+    j = np.arange(horizon_slots)[None, :]
+    lag_min = (h - j + 1) * slot_minutes
+    frac = np.where(j <= h, 1 - iob(lag_min.astype(np.float64)), 0.0)
+    return np.clip(frac, 0.0, 1.0)
+
+
+class ForecastHead(nn.Module):
+    """Wraps a backbone into the raw-unit, monotone, quantile forecaster of the contract."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layout: Layout,
+        d_model: int,
+        *,
+        slot_minutes: int = 5,
+        isf_prior: float = 40.0,
+        insulin_peak_min: float = 75.0,
+        insulin_dia_min: float = 360.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.layout = layout
+        L, H, Q = layout.past_slots, layout.horizon_slots, len(layout.quantiles)
+        fp, ff = len(layout.past_features), len(layout.future_features)
+        # Normalisation statistics: fitted on the training split only (fit_normalisation),
+        # saved in the state dict and baked into the exported graph.
+        self.register_buffer("past_mean", torch.zeros(fp))
+        self.register_buffer("past_std", torch.ones(fp))
+        self.register_buffer("future_mean", torch.zeros(ff))
+        self.register_buffer("future_std", torch.ones(ff))
+        self.register_buffer("delta_scale", torch.full((H,), 10.0))  # mg/dL per horizon
+        # Split-conformal offsets added to each spread (mg/dL, 0 for the median column).
+        self.register_buffer("conformal", torch.zeros(H, Q))
+        self.register_buffer("tril", torch.tril(torch.ones(H, H)))
+        self.register_buffer("known_idx", torch.tensor(layout.known, dtype=torch.long))
+        # side[i] = −1 below the median, +1 above, 0 for the median column itself.
+        self.register_buffer(
+            "side", torch.tensor([float(np.sign(q - 0.5)) for q in layout.quantiles])
+        )
+        # outward[k, i] = 1 where quantile k lies between the median and quantile i (same
+        # side, i included): spreads are cumulative sums of non-negative increments, so the
+        # quantiles stay ordered whatever their number.
+        m = layout.median
+        outward = np.zeros((Q, Q), dtype=np.float32)
+        for i in range(Q):
+            for k in range(Q):
+                if k != m and i != m and (k - m) * (i - m) > 0 and abs(k - m) <= abs(i - m):
+                    outward[k, i] = 1.0
+        self.register_buffer("outward", torch.from_numpy(outward))
+        # Free part: median change and Q spreads per horizon step.
+        self.out = nn.Linear(d_model, Q)
+        # Insulin gain k[h, j] from the past context; starts at isf_prior × insulin curve.
+        self.isf_prior = float(isf_prior)
+        self.gain = nn.Linear(d_model, H * H)
+        prior = insulin_effect_prior(H, slot_minutes, insulin_peak_min, insulin_dia_min)
+        with torch.no_grad():
+            self.gain.weight.mul_(0.1)  # context modulates the prior gently at first
+            self.gain.bias.copy_(torch.from_numpy(inverse_softplus(prior).reshape(-1)))
+        self.L, self.H, self.Q = L, H, Q
+
+    @torch.no_grad()
+    def fit_normalisation(self, past: np.ndarray, future: np.ndarray, target: np.ndarray) -> None:
+        """Set the normalisation buffers from training windows (raw units)."""
+        p = past.reshape(-1, past.shape[-1]).astype(np.float64)  # [N*L, F_past]
+        f = future.reshape(-1, future.shape[-1]).astype(np.float64)  # [N*H, F_future]
+        self.past_mean.copy_(torch.from_numpy(np.nanmean(p, 0)).float())
+        self.past_std.copy_(torch.from_numpy(np.maximum(np.nanstd(p, 0), 1e-3)).float())
+        self.future_mean.copy_(torch.from_numpy(np.nanmean(f, 0)).float())
+        self.future_std.copy_(torch.from_numpy(np.maximum(np.nanstd(f, 0), 1e-3)).float())
+        last = past[:, -1, self.layout.glucose][:, None]  # [N, 1]
+        delta = target - last  # [N, H]
+        scale = np.sqrt(np.nanmean(delta.astype(np.float64) ** 2, 0))
+        scale = np.where(np.isfinite(scale), np.maximum(scale, 1.0), 10.0)
+        self.delta_scale.copy_(torch.from_numpy(scale).float())
+
+    def parts(
+        self, past: torch.Tensor, future: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(g_last [B], free median change [B, H], spreads [B, H, Q], gain k [B, H, H])."""
+        past_n = (past - self.past_mean) / self.past_std  # [B, L, F_past]
+        future_n = (future - self.future_mean) / self.future_std  # [B, H, F_future]
+        known_n = future_n.index_select(2, self.known_idx)  # [B, H, F_known]
+        seq, ctx = self.backbone(past_n, known_n)  # [B, H, D], [B, D]
+        raw = self.out(seq)  # [B, H, Q]
+        scale = self.delta_scale[None, :, None]  # [1, H, 1]
+        free = raw[..., self.layout.median] * self.delta_scale  # [B, H]
+        inc = F.softplus(raw) * scale * 0.5  # [B, H, Q] non-negative increments
+        spread = inc @ self.outward + self.conformal  # [B, H, Q]
+        spread = torch.relu(spread)  # conformal may narrow, never cross the median
+        k = F.softplus(self.gain(ctx)).view(-1, self.H, self.H)  # [B, H, H]
+        k = k * self.tril * self.isf_prior
+        g_last = past[:, -1, self.layout.glucose]  # [B]
+        return g_last, free, spread, k
+
+    def insulin_effect(
+        self, past: torch.Tensor, future: torch.Tensor, k: torch.Tensor
+    ) -> torch.Tensor:
+        """Σ_j k[h, j] (u_j − ū): glucose lowered by the planned insulin, [B, H] mg/dL."""
+        ib, il = self.layout.insulin
+        u = future[..., ib] + future[..., il]  # [B, H] U per slot
+        u_ref = past[..., self.layout.past_basal].mean(1, keepdim=True)  # [B, 1]
+        return torch.einsum("bhj,bj->bh", k, u - u_ref)  # [B, H]
+
+    def forward(self, past: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+        """Raw units in, mg/dL quantiles out: past [B, L, F_past], future [B, H, F_future]
+        -> glucose [B, H, Q]."""
+        g_last, free, spread, k = self.parts(past, future)
+        median = g_last[:, None] + free - self.insulin_effect(past, future, k)  # [B, H]
+        return median[..., None] + spread * self.side  # [B, H, Q]

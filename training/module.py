@@ -1,0 +1,95 @@
+"""The LightningModule: pinball loss over all horizons and quantiles, validation metrics.
+
+The wrapped `ForecastHead` (training/models/common.py) takes and returns raw units, so the
+module is thin: it scores quantiles against targets (NaN where no real reading was taken)
+and logs the validation RMSE of the median at 30 and 60 minutes next to the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from training.models import model_from_spec
+
+
+def pinball_loss(
+    pred: torch.Tensor, target: torch.Tensor, quantiles: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Mean quantile (pinball) loss over real readings.
+
+    pred [B, H, Q] mg/dL, target [B, H] mg/dL with NaN = no reading, quantiles [Q],
+    scale [H] mg/dL. Errors are divided by the per-horizon scale (the training RMS of the
+    glucose change) so every horizon counts about equally, not just the far ones.
+    """
+    mask = torch.isfinite(target)  # [B, H]
+    y = torch.where(mask, target, torch.zeros_like(target))
+    err = (y[..., None] - pred) / scale[None, :, None]  # [B, H, Q]
+    loss = torch.maximum(quantiles * err, (quantiles - 1) * err)  # [B, H, Q]
+    loss = loss * mask[..., None]
+    n = mask.sum().clamp_min(1) * pred.shape[-1]
+    return loss.sum() / n
+
+
+class ForecastModule(L.LightningModule):
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = model_from_spec(spec)
+        q = torch.tensor(spec["layout"]["quantiles"], dtype=torch.float32)
+        self.register_buffer("quantiles", q)
+        self.median = self.model.layout.median
+        slot = int(spec["slot_minutes"])
+        H = self.model.H
+        # Validation RMSE is reported where those horizons exist.
+        self.report = {m: m // slot - 1 for m in (30, 60) if m // slot <= H}
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, past: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+        return self.model(past, future)
+
+    def _loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        past, future, target = batch
+        pred = self.model(past, future)  # [B, H, Q]
+        return pinball_loss(pred, target, self.quantiles, self.model.delta_scale), pred
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        loss, pred = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch[0].shape[0], sync_dist=True)
+        self._val.append((pred[..., self.median].detach(), batch[2]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        pred = torch.cat([p for p, _ in self._val])  # [N, H]
+        target = torch.cat([t for _, t in self._val])  # [N, H]
+        self._val.clear()
+        for minutes, h in self.report.items():
+            ok = torch.isfinite(target[:, h])
+            if ok.any():
+                rmse = torch.sqrt(((pred[ok, h] - target[ok, h]) ** 2).mean())
+                self.log(f"val_rmse_{minutes}", rmse, prog_bar=minutes == 30, sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        # Cosine decay over the planned epochs: a short schedule that still ends cool, so
+        # early stopping and the last epoch both give a settled model.
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, self.hparams.max_epochs), eta_min=self.hparams.lr * 0.05
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
