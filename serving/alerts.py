@@ -1,0 +1,713 @@
+"""Glucose alerts for the person wearing the sensor: what to say, when, and when to stay quiet.
+
+The runtime calls `AlertEngine.update` once per cycle with what it has — the new CGM
+`Reading` (or None), the cycle's forecast (`AlertForecast`: quantiles over the horizon and
+where they came from, the ONNX model or the physiological fallback) and the pump's active
+fault codes — and gets back the alerts raised in that cycle. Every raised alert also goes to
+the `sink` (the loop passes one that journals it; see `journal_sink`).
+
+Kinds (thresholds per user in `AlertThresholds`):
+
+* ``urgent_low`` reading < 55; re-alerts every 30 min while it lasts (a safety alarm);
+* ``low`` reading < 70;
+* ``predicted_low`` the forecast's lower quantile goes below 70 within 30 min, for
+  `predicted_cycles` consecutive cycles (one noisy forecast does not wake anybody);
+* ``high`` readings > 250 for 30 min; ``predicted_high`` the median forecast above 250
+  within 30 min (optional);
+* ``rapid_rise`` / ``rapid_fall`` from the trend (`forecast.trend`, ≥ 3 mg/dL/min);
+* ``signal_loss`` no usable reading for 20 min;
+* ``pump_fault`` once per fault code while the pump reports it.
+
+Episodes, not readings, are what alert. An episode starts when its condition holds and
+ends only when the condition clears past a hysteresis band (a low ends at ≥ 80 mg/dL, a
+high at < 240), so a reading wobbling around 70 gives one alarm, not ten. Within an episode
+the alert is raised once (``urgent_low`` and any kind given a ``realert_min`` repeat on that
+period). A snoozed kind stays quiet until the snooze ends; an episode that is still going
+then is announced (or re-announced) — a snooze postpones, it never hides a low that lasts.
+
+Bad input never produces a predicted low. Predictions are only believed on a cycle with a
+fresh reading whose recent history supports a trend (≥ 3 readings over ≥ 10 min): after a
+gap, a sensor warm-up or a clock jump the forecaster's input is carried-forward data, so the
+engine says ``signal_loss`` (when the gap is long enough) and nothing predictive. Warm-up
+readings suppress glucose alerts and reset the signal-loss timer (the sensor is talking,
+just not measuring yet).
+
+Imports: numpy, pandas, stdlib and `forecast` only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from forecast.schema import GlucastError
+from forecast.trend import Trend, TrendConfig, trend_at
+from serving.types import CGMStatus, Reading
+
+# --------------------------------------------------------------------------- nouns
+
+
+class AlertKind(StrEnum):
+    URGENT_LOW = "urgent_low"
+    LOW = "low"
+    PREDICTED_LOW = "predicted_low"
+    HIGH = "high"
+    PREDICTED_HIGH = "predicted_high"
+    RAPID_RISE = "rapid_rise"
+    RAPID_FALL = "rapid_fall"
+    SIGNAL_LOSS = "signal_loss"
+    PUMP_FAULT = "pump_fault"
+
+
+class Severity(StrEnum):
+    URGENT = "urgent"  # act now (a low, a pump that cannot deliver)
+    WARNING = "warning"  # act soon
+    INFO = "info"
+
+
+SEVERITY: Mapping[AlertKind, Severity] = {
+    AlertKind.URGENT_LOW: Severity.URGENT,
+    AlertKind.LOW: Severity.WARNING,
+    AlertKind.PREDICTED_LOW: Severity.URGENT,
+    AlertKind.HIGH: Severity.WARNING,
+    AlertKind.PREDICTED_HIGH: Severity.INFO,
+    AlertKind.RAPID_RISE: Severity.INFO,
+    AlertKind.RAPID_FALL: Severity.WARNING,
+    AlertKind.SIGNAL_LOSS: Severity.WARNING,
+    AlertKind.PUMP_FAULT: Severity.URGENT,
+}
+
+_LOW_FAMILY = (AlertKind.URGENT_LOW, AlertKind.LOW)
+
+
+class AlertConfigError(GlucastError, ValueError):
+    """Alert thresholds that contradict each other or switch off a safety alarm."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alarm as the person would get it, and as the journal records it.
+
+    ``value`` is mg/dL for glucose alerts (the reading, or the lowest/highest predicted
+    value), mg/dL/min for rapid changes, minutes without data for signal loss, NaN for pump
+    faults. ``source`` says what the alert rests on: ``cgm``, ``model``, ``physio``,
+    ``pump``. ``repeat`` is 0 for the first alarm of an episode.
+    """
+
+    kind: AlertKind
+    severity: Severity
+    time: pd.Timestamp
+    value: float
+    message: str
+    source: str = "cgm"
+    repeat: int = 0
+    episode_start: pd.Timestamp | None = None
+    detail: str = ""  # pump fault code, predicted quantile...
+    eta_min: float = math.nan  # predicted alerts: minutes until the forecast crosses
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what the journal stores)."""
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        d["severity"] = self.severity.value
+        d["time"] = self.time.isoformat()
+        d["episode_start"] = None if self.episode_start is None else self.episode_start.isoformat()
+        for k in ("value", "eta_min"):
+            d[k] = None if not math.isfinite(d[k]) else float(d[k])
+        return d
+
+
+@dataclass(frozen=True)
+class AlertThresholds:
+    """One person's alert settings (mg/dL, minutes, mg/dL/min).
+
+    Defaults are the usual CGM defaults; the predicted-low rule defaults were tuned on held-out
+    simulated days (`glucast alerts evaluate`). ``None`` switches an optional alert off;
+    ``urgent_low`` cannot be switched off.
+    """
+
+    urgent_low_mgdl: float = 55.0
+    low_mgdl: float | None = 70.0
+    high_mgdl: float | None = 250.0
+    high_sustain_min: float = 30.0
+    # predicted low: the `predicted_low_quantile` forecast (None = the lowest the forecast
+    # has) below `predicted_low_mgdl + predicted_low_margin_mgdl` within the horizon, on
+    # `predicted_cycles` consecutive evaluable cycles
+    predicted_low_mgdl: float | None = 70.0
+    predicted_low_margin_mgdl: float = 0.0
+    predicted_low_quantile: float | None = None
+    predicted_horizon_min: float = 30.0
+    predicted_cycles: int = 2
+    # predicted high: the median forecast above this within the horizon
+    predicted_high_mgdl: float | None = 250.0
+    predicted_high_quantile: float = 0.5
+    rapid_rise_mgdl_min: float | None = 3.0
+    rapid_fall_mgdl_min: float | None = 3.0
+    signal_loss_min: float | None = 20.0
+    hysteresis_mgdl: float = 10.0
+    rate_hysteresis_mgdl_min: float = 1.0
+    urgent_low_realert_min: float = 30.0
+    realert_min: Mapping[str, float] = field(default_factory=dict)  # kind -> minutes
+    urgent_low_max_snooze_min: float = 30.0
+    max_forecast_age_min: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.urgent_low_mgdl > 0:
+            raise AlertConfigError("urgent_low_mgdl is a safety alarm and must be set (> 0)")
+        if self.low_mgdl is not None and self.low_mgdl < self.urgent_low_mgdl:
+            raise AlertConfigError(
+                f"low_mgdl {self.low_mgdl} is below urgent_low_mgdl {self.urgent_low_mgdl}"
+            )
+        lows = [x for x in (self.low_mgdl, self.predicted_low_mgdl, self.urgent_low_mgdl) if x]
+        if self.high_mgdl is not None and self.high_mgdl <= max(lows):
+            raise AlertConfigError(f"high_mgdl {self.high_mgdl} must exceed the low thresholds")
+        for name in (
+            "high_sustain_min",
+            "hysteresis_mgdl",
+            "rate_hysteresis_mgdl_min",
+            "predicted_low_margin_mgdl",
+        ):
+            if getattr(self, name) < 0:
+                raise AlertConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.predicted_horizon_min <= 0 or self.predicted_cycles < 1:
+            raise AlertConfigError("predicted_horizon_min must be > 0 and predicted_cycles >= 1")
+        if self.signal_loss_min is not None and self.signal_loss_min <= 0:
+            raise AlertConfigError("signal_loss_min must be > 0 (or None to switch it off)")
+        if self.urgent_low_realert_min <= 0 or self.urgent_low_max_snooze_min <= 0:
+            raise AlertConfigError("urgent low re-alert and maximum snooze must be > 0 minutes")
+        for k, v in self.realert_min.items():
+            AlertKind(k)  # raises ValueError on an unknown kind
+            if v <= 0:
+                raise AlertConfigError(f"realert_min[{k!r}] must be > 0 minutes, got {v}")
+        for q in (self.predicted_low_quantile, self.predicted_high_quantile):
+            if q is not None and not 0 < q < 1:
+                raise AlertConfigError(f"quantile {q} must be in (0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["realert_min"] = dict(self.realert_min)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AlertThresholds:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise AlertConfigError(f"unknown alert setting(s) {sorted(unknown)}")
+        return cls(**dict(d))
+
+    def realert_for(self, kind: AlertKind) -> float | None:
+        if kind is AlertKind.URGENT_LOW:
+            return self.urgent_low_realert_min
+        v = self.realert_min.get(kind.value)
+        return None if v is None else float(v)
+
+
+@dataclass(frozen=True)
+class AlertForecast:
+    """The cycle's forecast as the alert engine needs it.
+
+    ``glucose`` is [H, Q] mg/dL (a leading batch axis of 1 is accepted), step k covering
+    ``(k + 1) * slot_minutes`` after ``time`` (the origin: the slot of the latest reading the
+    forecaster saw). ``source`` is ``model`` or ``physio`` (the fallback).
+    """
+
+    time: pd.Timestamp
+    glucose: np.ndarray
+    quantiles: tuple[float, ...]
+    source: str = "model"
+    slot_minutes: float = 5.0
+
+    def __post_init__(self) -> None:
+        g = np.asarray(self.glucose, dtype=float)
+        if g.ndim == 3 and g.shape[0] == 1:
+            g = g[0]
+        if g.ndim != 2 or g.shape[1] != len(self.quantiles):
+            raise ValueError(
+                f"forecast glucose must be [H, Q={len(self.quantiles)}], got {np.shape(self.glucose)}"
+            )
+        object.__setattr__(self, "glucose", g)
+        object.__setattr__(self, "time", _utc(self.time))
+
+    def column(self, quantile: float | None) -> np.ndarray:
+        """The forecast at the quantile nearest `quantile` (None = the lowest)."""
+        if quantile is None:
+            return self.glucose[:, int(np.argmin(self.quantiles))]
+        return self.glucose[:, int(np.argmin(np.abs(np.asarray(self.quantiles) - quantile)))]
+
+    def within(self, horizon_min: float) -> int:
+        """How many steps lie within `horizon_min` of the origin."""
+        k = int(math.floor(horizon_min / self.slot_minutes + 1e-9))
+        return max(1, min(k, self.glucose.shape[0]))
+
+
+@dataclass
+class _Episode:
+    kind: AlertKind
+    start: pd.Timestamp
+    announced: bool = False
+    last_alert: pd.Timestamp | None = None
+    repeats: int = 0
+    detail: str = ""
+
+
+AlertSink = Callable[[Alert], None]
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class AlertEngine:
+    """Per-person alert state; call `update` once per cycle (see the module docstring).
+
+    ``sink`` receives every raised alert (the loop journals them); a sink that raises does
+    not lose the alert — the exception propagates after the alerts of the cycle are
+    returned to the state, so nothing is announced twice.
+    """
+
+    def __init__(
+        self,
+        thresholds: AlertThresholds = AlertThresholds(),
+        *,
+        sink: AlertSink | None = None,
+        trend: TrendConfig | None = None,
+        history_min: float = 60.0,
+        start: pd.Timestamp | None = None,
+    ) -> None:
+        self.thresholds = thresholds
+        self.sink = sink
+        self.trend_config = trend if trend is not None else TrendConfig()
+        self.history_min = max(history_min, self.trend_config.window_min)
+        self.episodes: dict[tuple[AlertKind, str], _Episode] = {}
+        self.snoozed_until: dict[AlertKind, pd.Timestamp] = {}
+        self._hist_t: list[float] = []  # sensor time, minutes since epoch
+        self._hist_g: list[float] = []
+        self._last_sensor_time: pd.Timestamp | None = None
+        self._last_ok_at: pd.Timestamp | None = None if start is None else _utc(start)
+        self._high_since: pd.Timestamp | None = None
+        self._pred_low_count = 0
+        self._pred_high_count = 0
+        self.warming_up = False
+        self.last_trend = Trend(math.nan, None)
+        self.last_glucose = math.nan
+
+    # -- user actions -------------------------------------------------------------------
+
+    def snooze(self, kind: AlertKind | str, minutes: float, *, now: pd.Timestamp) -> pd.Timestamp:
+        """Silence `kind` for `minutes` (urgent low: at most `urgent_low_max_snooze_min`)."""
+        kind = AlertKind(kind)
+        if minutes <= 0:
+            raise AlertConfigError(f"snooze needs a positive duration, got {minutes}")
+        if kind is AlertKind.URGENT_LOW:
+            minutes = min(minutes, self.thresholds.urgent_low_max_snooze_min)
+        until = _utc(now) + pd.Timedelta(minutes=minutes)
+        self.snoozed_until[kind] = until
+        return until
+
+    def active(self) -> list[AlertKind]:
+        """Kinds with an episode going on (announced or not)."""
+        return sorted({k for k, _ in self.episodes}, key=list(AlertKind).index)
+
+    # -- the cycle ----------------------------------------------------------------------
+
+    def update(
+        self,
+        now: pd.Timestamp,
+        reading: Reading | None = None,
+        *,
+        forecast: AlertForecast | None = None,
+        pump_faults: Iterable[str] | None = None,
+    ) -> list[Alert]:
+        """Advance one cycle; return (and send to the sink) the alerts raised now.
+
+        ``pump_faults=None`` means "no news from the pump this cycle" (fault episodes are
+        kept); an empty list means the pump reports no fault (they end).
+        """
+        now = _utc(now)
+        if self._last_ok_at is None:
+            self._last_ok_at = now
+        th = self.thresholds
+        info: dict[AlertKind, dict[str, Any]] = {}
+        # The gap is measured on the loop's clock before this cycle's reading: a loop clock
+        # that jumped (or a replay that skipped slots) reports the hole even though a reading
+        # arrives in the same cycle.
+        gap = (now - self._last_ok_at).total_seconds() / 60.0
+        fresh = self._take_reading(now, reading)
+        warmup_now = reading is not None and CGMStatus(reading.status) is CGMStatus.WARMUP
+        if warmup_now:
+            self._last_ok_at = now  # the sensor is talking; the gap clock restarts after warm-up
+        lost = (
+            th.signal_loss_min is not None and not warmup_now and gap >= th.signal_loss_min - 1e-9
+        )
+        if lost:
+            self._begin(AlertKind.SIGNAL_LOSS, now)
+            info[AlertKind.SIGNAL_LOSS] = {"value": gap, "source": "cgm"}
+        if lost or (fresh and not math.isfinite(self.last_trend.roc_mgdl_min)):
+            # whatever was predicted before the hole is void; predict afresh on new data
+            self._end(AlertKind.PREDICTED_LOW)
+            self._end(AlertKind.PREDICTED_HIGH)
+        if fresh:
+            self._glucose_episodes(now, self.last_glucose, info)
+            self._rate_episodes(now, info)
+
+        self._predicted_episodes(now, fresh, forecast, info)
+        if pump_faults is not None:
+            self._pump_episodes(now, list(pump_faults), info)
+        if self.warming_up:  # no glucose alerts from a sensor that is not measuring yet
+            for k in (
+                *_LOW_FAMILY,
+                AlertKind.HIGH,
+                AlertKind.RAPID_RISE,
+                AlertKind.RAPID_FALL,
+                AlertKind.PREDICTED_LOW,
+                AlertKind.PREDICTED_HIGH,
+            ):
+                self._end(k)
+
+        raised = self._announce(now, info)
+        if fresh:
+            self._end(AlertKind.SIGNAL_LOSS)  # announced above if the hole was news
+        if self.sink is not None:
+            for a in raised:
+                self.sink(a)
+        return raised
+
+    # -- input ---------------------------------------------------------------------------
+
+    def _take_reading(self, now: pd.Timestamp, reading: Reading | None) -> bool:
+        """Digest the reading; True when it is a new, usable glucose value."""
+        if reading is None:
+            return False
+        status = CGMStatus(reading.status)
+        if status is CGMStatus.WARMUP:
+            self.warming_up = True
+            self._reset_history()
+            return False
+        g = float(reading.glucose_mgdl)
+        if status is not CGMStatus.OK or not math.isfinite(g):
+            return False
+        t = _utc(reading.time)
+        if self._last_sensor_time is not None and t == self._last_sensor_time:
+            return False  # the same reading delivered again: not news, not a fresh signal
+        if self._last_sensor_time is not None and t < self._last_sensor_time:
+            self._reset_history()  # the sensor clock went backwards: no slope across it
+        self.warming_up = False
+        self._last_sensor_time = t
+        self._last_ok_at = now
+        tm = t.value / 60e9
+        if self._hist_t and tm - self._hist_t[-1] > (self.thresholds.signal_loss_min or 20.0):
+            self._high_since = None  # a long gap breaks "sustained"
+        self._hist_t.append(tm)
+        self._hist_g.append(g)
+        cut = tm - self.history_min
+        while self._hist_t and self._hist_t[0] < cut:
+            self._hist_t.pop(0)
+            self._hist_g.pop(0)
+        self.last_glucose = g
+        self.last_trend = trend_at(
+            np.asarray(self._hist_t), np.asarray(self._hist_g), config=self.trend_config
+        )
+        return True
+
+    def _reset_history(self) -> None:
+        self._hist_t.clear()
+        self._hist_g.clear()
+        self._high_since = None
+        self._pred_low_count = 0
+        self._pred_high_count = 0
+        self.last_trend = Trend(math.nan, None)
+
+    # -- conditions ----------------------------------------------------------------------
+
+    def _glucose_episodes(self, now: pd.Timestamp, g: float, info: dict) -> None:
+        th = self.thresholds
+        hy = th.hysteresis_mgdl
+        for kind, thr in ((AlertKind.URGENT_LOW, th.urgent_low_mgdl), (AlertKind.LOW, th.low_mgdl)):
+            if thr is None:
+                continue
+            if g < thr:
+                self._begin(kind, now)
+                info[kind] = {"value": g}
+            elif g >= thr + hy:
+                self._end(kind)
+        if th.high_mgdl is None:
+            return
+        if g > th.high_mgdl:
+            if self._high_since is None:
+                self._high_since = now
+            lasted = (now - self._high_since).total_seconds() / 60.0
+            if lasted >= th.high_sustain_min - 1e-9:
+                self._begin(AlertKind.HIGH, now)
+                info[AlertKind.HIGH] = {"value": g, "lasted": lasted}
+        else:
+            self._high_since = None
+            if g < th.high_mgdl - hy:
+                self._end(AlertKind.HIGH)
+
+    def _rate_episodes(self, now: pd.Timestamp, info: dict) -> None:
+        th = self.thresholds
+        roc = self.last_trend.roc_mgdl_min
+        if not math.isfinite(roc):
+            return
+        for kind, thr, sign in (
+            (AlertKind.RAPID_RISE, th.rapid_rise_mgdl_min, 1.0),
+            (AlertKind.RAPID_FALL, th.rapid_fall_mgdl_min, -1.0),
+        ):
+            if thr is None:
+                continue
+            r = sign * roc
+            if r >= thr:
+                self._begin(kind, now)
+                info[kind] = {"value": roc}
+            elif r < thr - th.rate_hysteresis_mgdl_min:
+                self._end(kind)
+
+    def predictions_evaluable(
+        self, now: pd.Timestamp, fresh: bool, fc: AlertForecast | None
+    ) -> bool:
+        """A forecast is believed only on continuous, fresh data (see module docstring)."""
+        if fc is None or not fresh or self.warming_up:
+            return False
+        if not math.isfinite(self.last_trend.roc_mgdl_min):
+            return False  # a gap or a clock jump in the last 15 min: inputs are carried forward
+        age = (now - fc.time).total_seconds() / 60.0
+        return -fc.slot_minutes <= age <= self.thresholds.max_forecast_age_min
+
+    def _predicted_episodes(
+        self, now: pd.Timestamp, fresh: bool, fc: AlertForecast | None, info: dict
+    ) -> None:
+        th = self.thresholds
+        if not self.predictions_evaluable(now, fresh, fc):
+            if fresh or not math.isfinite(self.last_trend.roc_mgdl_min):
+                # a fresh reading without a usable forecast breaks the run of cycles
+                self._pred_low_count = 0
+                self._pred_high_count = 0
+            return
+        assert fc is not None
+        k = fc.within(th.predicted_horizon_min)
+        src = "physio" if fc.source in ("physio", "fallback") else fc.source
+        if th.predicted_low_mgdl is not None:
+            lo = fc.column(th.predicted_low_quantile)[:k]
+            bar = th.predicted_low_mgdl + th.predicted_low_margin_mgdl
+            vmin = float(np.min(lo))
+            if vmin < bar:
+                self._pred_low_count += 1
+            else:
+                self._pred_low_count = 0
+                if vmin >= bar + th.hysteresis_mgdl:
+                    self._end(AlertKind.PREDICTED_LOW)
+            low_now = any((kd, "") in self.episodes for kd in _LOW_FAMILY)
+            if self._pred_low_count >= th.predicted_cycles and not low_now:
+                self._begin(AlertKind.PREDICTED_LOW, now)
+                eta = (int(np.flatnonzero(lo < bar)[0]) + 1) * fc.slot_minutes
+                q = (
+                    fc.quantiles[int(np.argmin(fc.quantiles))]
+                    if th.predicted_low_quantile is None
+                    else th.predicted_low_quantile
+                )
+                info[AlertKind.PREDICTED_LOW] = {
+                    "value": vmin,
+                    "source": src,
+                    "eta": eta,
+                    "detail": f"q{q:g}",
+                }
+        if th.predicted_high_mgdl is not None:
+            hi = fc.column(th.predicted_high_quantile)[:k]
+            vmax = float(np.max(hi))
+            if vmax > th.predicted_high_mgdl:
+                self._pred_high_count += 1
+            else:
+                self._pred_high_count = 0
+                if vmax < th.predicted_high_mgdl - th.hysteresis_mgdl:
+                    self._end(AlertKind.PREDICTED_HIGH)
+            high_now = th.high_mgdl is not None and self.last_glucose > th.high_mgdl
+            if self._pred_high_count >= th.predicted_cycles and not high_now:
+                self._begin(AlertKind.PREDICTED_HIGH, now)
+                eta = (int(np.flatnonzero(hi > th.predicted_high_mgdl)[0]) + 1) * fc.slot_minutes
+                info[AlertKind.PREDICTED_HIGH] = {
+                    "value": vmax,
+                    "source": src,
+                    "eta": eta,
+                    "detail": f"q{th.predicted_high_quantile:g}",
+                }
+
+    def _pump_episodes(self, now: pd.Timestamp, faults: Sequence[str], info: dict) -> None:
+        codes = {str(f) for f in faults if str(f)}
+        for kind, detail in list(self.episodes):
+            if kind is AlertKind.PUMP_FAULT and detail not in codes:
+                del self.episodes[(kind, detail)]
+        for code in sorted(codes):
+            self._begin(AlertKind.PUMP_FAULT, now, detail=code)
+
+    # -- episodes ------------------------------------------------------------------------
+
+    def _begin(self, kind: AlertKind, now: pd.Timestamp, *, detail: str = "") -> None:
+        if (kind, detail) not in self.episodes:
+            self.episodes[(kind, detail)] = _Episode(kind, now, detail=detail)
+
+    def _end(self, kind: AlertKind) -> None:
+        for key in [k for k in self.episodes if k[0] is kind]:
+            del self.episodes[key]
+
+    def _snoozed(self, kind: AlertKind, now: pd.Timestamp) -> bool:
+        until = self.snoozed_until.get(kind)
+        return until is not None and now < until
+
+    def _announce(self, now: pd.Timestamp, info: dict[AlertKind, dict[str, Any]]) -> list[Alert]:
+        th = self.thresholds
+        out: list[Alert] = []
+        # a more severe alert of the same family covers the milder one in the same cycle
+        urgent = self.episodes.get((AlertKind.URGENT_LOW, ""))
+        low = self.episodes.get((AlertKind.LOW, ""))
+        if urgent is not None and low is not None and not low.announced:
+            low.announced = True
+            low.last_alert = now
+        for key in sorted(self.episodes, key=lambda k: list(AlertKind).index(k[0])):
+            ep = self.episodes[key]
+            kind = ep.kind
+            if self._snoozed(kind, now):
+                continue
+            if ep.announced:
+                every = th.realert_for(kind)
+                if every is None or ep.last_alert is None:
+                    continue
+                if (now - ep.last_alert).total_seconds() / 60.0 < every - 1e-9:
+                    continue
+                ep.repeats += 1
+            ep.announced = True
+            ep.last_alert = now
+            out.append(self._make(kind, now, ep, info.get(kind, {})))
+        return out
+
+    def _make(self, kind: AlertKind, now: pd.Timestamp, ep: _Episode, inf: dict) -> Alert:
+        th = self.thresholds
+        g = self.last_glucose
+        value = float(inf.get("value", g))
+        src = str(inf.get("source", "cgm"))
+        eta = float(inf.get("eta", math.nan))
+        arrow = self.last_trend.symbol
+        if kind is AlertKind.URGENT_LOW:
+            msg = f"Urgent low: {g:.0f} mg/dL {arrow}".rstrip()
+        elif kind is AlertKind.LOW:
+            msg = f"Low: {g:.0f} mg/dL {arrow}".rstrip()
+        elif kind is AlertKind.PREDICTED_LOW:
+            msg = (
+                (
+                    f"Low soon: forecast {value:.0f} mg/dL within {eta:.0f} min "
+                    f"(now {g:.0f} mg/dL{', physiological model' if src == 'physio' else ''})"
+                )
+                if math.isfinite(eta)
+                else f"Low soon (now {g:.0f} mg/dL)"
+            )
+        elif kind is AlertKind.HIGH:
+            msg = f"High: {g:.0f} mg/dL for {th.high_sustain_min:.0f}+ min"
+        elif kind is AlertKind.PREDICTED_HIGH:
+            msg = (
+                f"High soon: forecast {value:.0f} mg/dL within {eta:.0f} min"
+                if math.isfinite(eta)
+                else "High soon"
+            )
+        elif kind is AlertKind.RAPID_RISE:
+            value = float(inf.get("value", self.last_trend.roc_mgdl_min))
+            msg = f"Rising fast: {value:+.1f} mg/dL/min {arrow}".rstrip()
+        elif kind is AlertKind.RAPID_FALL:
+            value = float(inf.get("value", self.last_trend.roc_mgdl_min))
+            msg = f"Falling fast: {value:+.1f} mg/dL/min {arrow}".rstrip()
+        elif kind is AlertKind.SIGNAL_LOSS:
+            msg = f"Signal loss: no CGM reading for {value:.0f} min"
+        else:  # pump fault
+            value = math.nan
+            src = "pump"
+            msg = f"Pump fault: {ep.detail}"
+        if ep.repeats:
+            msg += f" (repeat {ep.repeats})"
+        return Alert(
+            kind=kind,
+            severity=SEVERITY[kind],
+            time=now,
+            value=value,
+            message=msg,
+            source=src,
+            repeat=ep.repeats,
+            episode_start=ep.start,
+            detail=str(inf.get("detail", ep.detail)),
+            eta_min=eta,
+        )
+
+    # -- persistence (a restarted loop must not re-alarm an announced episode) -----------
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state; `AlertEngine.from_state` restores it after a restart."""
+
+        def ts(t: pd.Timestamp | None) -> str | None:
+            return None if t is None else t.isoformat()
+
+        return {
+            "thresholds": self.thresholds.to_dict(),
+            "episodes": [
+                {
+                    "kind": e.kind.value,
+                    "start": ts(e.start),
+                    "announced": e.announced,
+                    "last_alert": ts(e.last_alert),
+                    "repeats": e.repeats,
+                    "detail": e.detail,
+                }
+                for e in self.episodes.values()
+            ],
+            "snoozed_until": {k.value: ts(v) for k, v in self.snoozed_until.items()},
+            "history": [list(self._hist_t), list(self._hist_g)],
+            "last_sensor_time": ts(self._last_sensor_time),
+            "last_ok_at": ts(self._last_ok_at),
+            "high_since": ts(self._high_since),
+            "pred_counts": [self._pred_low_count, self._pred_high_count],
+            "warming_up": self.warming_up,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], *, sink: AlertSink | None = None) -> AlertEngine:
+        def ts(s: str | None) -> pd.Timestamp | None:
+            return None if s is None else _utc(pd.Timestamp(s))
+
+        eng = cls(AlertThresholds.from_dict(state["thresholds"]), sink=sink)
+        for e in state["episodes"]:
+            ep = _Episode(
+                AlertKind(e["kind"]),
+                ts(e["start"]),
+                e["announced"],
+                ts(e["last_alert"]),
+                int(e["repeats"]),
+                e["detail"],
+            )
+            eng.episodes[(ep.kind, ep.detail)] = ep
+        eng.snoozed_until = {AlertKind(k): ts(v) for k, v in state["snoozed_until"].items()}
+        eng._hist_t, eng._hist_g = (list(map(float, x)) for x in state["history"])
+        eng._last_sensor_time = ts(state["last_sensor_time"])
+        eng._last_ok_at = ts(state["last_ok_at"])
+        eng._high_since = ts(state["high_since"])
+        eng._pred_low_count, eng._pred_high_count = (int(x) for x in state["pred_counts"])
+        eng.warming_up = bool(state["warming_up"])
+        if eng._hist_t:
+            eng.last_glucose = eng._hist_g[-1]
+            eng.last_trend = trend_at(
+                np.asarray(eng._hist_t), np.asarray(eng._hist_g), config=eng.trend_config
+            )
+        return eng
+
+
+def with_thresholds(base: AlertThresholds, **changes: Any) -> AlertThresholds:
+    """A copy of `base` with some settings changed (validated again)."""
+    return replace(base, **changes)
+
+
+def _utc(t: Any) -> pd.Timestamp:
+    ts = pd.Timestamp(t)
+    if ts.tzinfo is None:
+        return ts.tz_localize("UTC")
+    return ts.tz_convert("UTC")
