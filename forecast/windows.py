@@ -1,0 +1,758 @@
+"""Past/future windows from a canonical frame: THE one builder training, evaluation and serving share.
+
+A window at origin slot ``t0`` (a subject's slot with a real CGM reading) holds
+
+- ``past``   ``[L, F_past]``: slots ``t0-L+1 … t0`` — glucose (carried forward where no reading,
+  so the network never sees NaN), the observed-reading mask, insulin, carbs, IOB, COB and the
+  local time of day;
+- ``future`` ``[H, F_future]``: slots ``t0+1 … t0+H`` — the *known* future inputs: planned
+  insulin (what the frame says was delivered; at serving time what the controller plans),
+  announced carbs and the time of day;
+- ``target`` ``[H]``: the real CGM readings at ``t0+1 … t0+H`` (5 … H×5 minutes ahead), NaN
+  where none landed. Targets are never carried forward or interpolated.
+
+Which windows exist (`make_windows`), decided once and documented here:
+
+1. every slot of the window's span ``t0-L+1 … t0+H`` is a row of the frame (a missing row means
+   insulin and carbs are unknown there; a split frame ends where its split ends, so no window
+   spans two splits);
+2. the origin slot ``t0`` has a real reading (forecasts are issued at readings, as in the
+   OhioT1DM BGLP challenge; the horizon is measured from a real value, not a carried one);
+3. no run of missing readings inside the past is longer than ``max_past_gap_slots`` — a run
+   that began before the window counts in full, because what matters is how stale the
+   carried-forward value is — and the past starts after the subject's first reading;
+4. at least one real target.
+
+Features computed from the history (IOB, COB) are exact for any history length: they are
+convolutions over the whole frame (`forecast.insulin`). If the frame already has ``iob_u`` and
+``cob_g`` columns (from `add_features`, e.g. computed on the full record before
+`split_chronological` cut it), those are used, so the first hours of a test split still see the
+insulin given at the end of the training split. Otherwise they are computed from the rows
+given, with the curves named in the `WindowConfig`.
+
+Carbohydrate inputs: a meal of unknown size (``carbs_g`` NaN) enters every model input — the
+``carbs_g`` features and COB — as 0 g; the observed-reading mask and the glucose response still
+tell a model that something happened. Where the frame has a ``meal_announced`` column, only
+announced meals enter the inputs (past, future and COB), because that is all a controller
+knows at run time; an unannounced meal is a disturbance to forecast, not an input.
+
+Time of day is computed from the slot's UTC time in the subject's local clock
+(`DatasetMeta.timezone`, or ``DatasetMeta.extra["subject_timezones"][subject]``), looked up in a
+table so that training and serving produce bit-identical values.
+
+`inputs_at` (serving) calls exactly the same code: a window at an origin of the latest frame,
+with future inputs from frame rows after the origin where they exist and zeros beyond (the
+controller then writes its plan into ``future[..., config.future_index("basal_u")]`` and
+``"bolus_u"``). On the same frame, `inputs_at` equals the `make_windows` row bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
+
+from forecast.insulin import CarbCurve, InsulinCurve, carbs_on_board, insulin_on_board
+from forecast.schema import (
+    SLOT,
+    SLOT_MINUTES,
+    SchemaError,
+    get_meta,
+    sort_frame,
+    validate_frame,
+)
+
+__all__ = [
+    "FUTURE_FEATURES",
+    "PAST_FEATURES",
+    "WindowConfig",
+    "Windows",
+    "add_features",
+    "inputs_at",
+    "make_windows",
+    "split_chronological",
+    "split_subjects",
+]
+
+PAST_FEATURES: tuple[str, ...] = (
+    "glucose",
+    "observed",
+    "basal_u",
+    "bolus_u",
+    "carbs_g",
+    "iob_u",
+    "cob_g",
+    "tod_sin",
+    "tod_cos",
+)
+FUTURE_FEATURES: tuple[str, ...] = ("basal_u", "bolus_u", "carbs_g", "tod_sin", "tod_cos")
+
+# Features the builder knows how to compute; a past feature may also be any other numeric
+# column of the frame (heart_rate, steps...), NaN → 0.
+_ENGINEERED_PAST = frozenset(PAST_FEATURES)
+_ALLOWED_FUTURE = frozenset(FUTURE_FEATURES)
+FEATURE_COLUMNS: tuple[str, ...] = ("observed", "iob_u", "cob_g", "tod_sin", "tod_cos")
+
+DEFAULT_INSULIN_CURVE = InsulinCurve()  # immutable (frozen dataclasses), safe as defaults
+DEFAULT_CARB_CURVE = CarbCurve()
+
+_SLOT_NS = SLOT.value
+_SECONDS_PER_DAY = 86_400
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Window geometry and feature order; travels in the model manifest (`to_dict`).
+
+    The insulin and carb curve parameters are part of it so that serving computes IOB/COB with
+    the curves the model was trained with.
+    """
+
+    past_slots: int = 24  # L (2 h)
+    horizon_slots: int = 12  # H (60 min), up to 24
+    slot_minutes: int = SLOT_MINUTES
+    past_features: tuple[str, ...] = PAST_FEATURES
+    future_features: tuple[str, ...] = FUTURE_FEATURES
+    max_past_gap_slots: int = 6  # longer CGM gaps inside the past → window skipped
+    insulin_peak_min: float = 75.0
+    insulin_dia_min: float = 360.0
+    carb_absorption_min: float = 180.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "past_features", tuple(self.past_features))
+        object.__setattr__(self, "future_features", tuple(self.future_features))
+        for name in ("past_slots", "horizon_slots", "slot_minutes", "max_past_gap_slots"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise SchemaError(f"WindowConfig.{name} must be an integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.past_slots < 1:
+            raise SchemaError(f"WindowConfig.past_slots must be >= 1, got {self.past_slots}")
+        if self.horizon_slots < 1:
+            raise SchemaError(f"WindowConfig.horizon_slots must be >= 1, got {self.horizon_slots}")
+        if self.slot_minutes != SLOT_MINUTES:
+            raise SchemaError(
+                f"WindowConfig.slot_minutes must be {SLOT_MINUTES} (the canonical frame's grid), "
+                f"got {self.slot_minutes}"
+            )
+        if self.max_past_gap_slots < 0:
+            raise SchemaError("WindowConfig.max_past_gap_slots must be >= 0")
+        if "glucose" not in self.past_features:
+            raise SchemaError("WindowConfig.past_features must include 'glucose'")
+        for feats, what in ((self.past_features, "past"), (self.future_features, "future")):
+            if len(set(feats)) != len(feats):
+                raise SchemaError(f"WindowConfig.{what}_features has duplicates: {feats}")
+        bad = [f for f in self.future_features if f not in _ALLOWED_FUTURE]
+        if bad:
+            raise SchemaError(
+                f"unknown future feature(s) {bad}; known future inputs are {sorted(_ALLOWED_FUTURE)}"
+            )
+        # Validates the curve parameters (raises KineticsError, a ValueError).
+        self.insulin_curve  # noqa: B018
+        self.carb_curve  # noqa: B018
+
+    @classmethod
+    def from_minutes(
+        cls, past_min: float = 120, horizon_min: float = 60, **kwargs: Any
+    ) -> WindowConfig:
+        """A config from minutes; raises if a duration is not a whole number of slots."""
+        out = {}
+        for name, v in (("past", past_min), ("horizon", horizon_min)):
+            slots = v / SLOT_MINUTES
+            if v <= 0 or abs(slots - round(slots)) > 1e-9:
+                raise SchemaError(
+                    f"{name} of {v} min is not a positive multiple of the {SLOT_MINUTES}-minute slot"
+                )
+            out[f"{name}_slots"] = int(round(slots))
+        return cls(**out, **kwargs)
+
+    @property
+    def insulin_curve(self) -> InsulinCurve:
+        return InsulinCurve(self.insulin_peak_min, self.insulin_dia_min)
+
+    @property
+    def carb_curve(self) -> CarbCurve:
+        return CarbCurve(self.carb_absorption_min)
+
+    def past_index(self, name: str) -> int:
+        """Position of a past feature on the last axis of `past`."""
+        try:
+            return self.past_features.index(name)
+        except ValueError:
+            raise KeyError(
+                f"{name!r} is not a past feature; they are {self.past_features}"
+            ) from None
+
+    def future_index(self, name: str) -> int:
+        """Position of a future feature on the last axis of `future`."""
+        try:
+            return self.future_features.index(name)
+        except ValueError:
+            raise KeyError(
+                f"{name!r} is not a future feature; they are {self.future_features}"
+            ) from None
+
+    @property
+    def horizons_min(self) -> list[int]:
+        """Minutes ahead of each target column: [5, 10, …, H×5]."""
+        return [self.slot_minutes * (h + 1) for h in range(self.horizon_slots)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["past_features"] = list(self.past_features)
+        d["future_features"] = list(self.future_features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WindowConfig:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise SchemaError(f"unknown WindowConfig field(s) {unknown}")
+        return cls(**known)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+@dataclass
+class Windows:
+    """A batch of windows (all arrays share the first axis N)."""
+
+    past: np.ndarray  # [N, L, F_past] float32, raw units; glucose carried forward where missing
+    future: np.ndarray  # [N, H, F_future] float32, known future inputs
+    target: np.ndarray  # [N, H] float32 mg/dL; NaN where no real reading
+    subject_id: np.ndarray  # [N] str
+    origin: np.ndarray  # [N] datetime64[ns] (UTC): start of the last past slot (t0)
+    config: WindowConfig = field(default_factory=WindowConfig)
+
+    def __post_init__(self) -> None:
+        n = len(self.past)
+        L, H = self.config.past_slots, self.config.horizon_slots
+        shapes = {
+            "past": (self.past.shape, (n, L, len(self.config.past_features))),
+            "future": (self.future.shape, (n, H, len(self.config.future_features))),
+            "target": (self.target.shape, (n, H)),
+            "subject_id": (self.subject_id.shape, (n,)),
+            "origin": (self.origin.shape, (n,)),
+        }
+        for name, (got, want) in shapes.items():
+            if tuple(got) != want:
+                raise SchemaError(f"Windows.{name} has shape {tuple(got)}, expected {want}")
+
+    def __len__(self) -> int:
+        return len(self.past)
+
+    def subset(self, idx: np.ndarray | slice | Sequence[int]) -> Windows:
+        """The windows at `idx` (integer indices, a boolean mask or a slice)."""
+        if not isinstance(idx, slice):
+            idx = np.asarray(idx)
+            if idx.dtype != bool:
+                idx = idx.astype(np.intp)
+        return Windows(
+            past=self.past[idx],
+            future=self.future[idx],
+            target=self.target[idx],
+            subject_id=self.subject_id[idx],
+            origin=self.origin[idx],
+            config=self.config,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Windows]) -> Windows:
+        """Windows of several frames (splits, subjects) in one batch; configs must agree."""
+        parts = list(parts)
+        if not parts:
+            raise SchemaError("Windows.concat needs at least one Windows")
+        cfg = parts[0].config
+        for p in parts[1:]:
+            if p.config != cfg:
+                raise SchemaError("Windows.concat: windows were built with different WindowConfigs")
+        return Windows(
+            past=np.concatenate([p.past for p in parts]),
+            future=np.concatenate([p.future for p in parts]),
+            target=np.concatenate([p.target for p in parts]),
+            subject_id=np.concatenate([p.subject_id.astype(str) for p in parts]),
+            origin=np.concatenate([p.origin for p in parts]),
+            config=cfg,
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+_TOD_TABLE: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _tod_table() -> tuple[np.ndarray, np.ndarray]:
+    """sin/cos of the time of day for every second of a day (computed once).
+
+    A table lookup gives the same bits for the same second whatever the array it sits in;
+    vectorised sin/cos may differ in the last ulp between SIMD and scalar tails.
+    """
+    global _TOD_TABLE
+    if _TOD_TABLE is None:
+        ang = 2 * np.pi * np.arange(_SECONDS_PER_DAY, dtype=np.float64) / _SECONDS_PER_DAY
+        s, c = np.sin(ang), np.cos(ang)
+        s.setflags(write=False)
+        c.setflags(write=False)
+        _TOD_TABLE = (s, c)
+    return _TOD_TABLE
+
+
+def _local_seconds_of_day(utc_ns: np.ndarray, tz: str) -> np.ndarray:
+    """Seconds since local midnight for UTC nanosecond times, in time zone `tz`."""
+    if tz in ("UTC", "utc", "Etc/UTC", "Z"):
+        wall = utc_ns
+    else:
+        try:
+            idx = pd.DatetimeIndex(utc_ns.astype("datetime64[ns]")).tz_localize("UTC")
+            wall = idx.tz_convert(tz).tz_localize(None).as_unit("ns").asi8
+        except Exception as e:  # noqa: BLE001 — pytz/zoneinfo raise various types
+            raise SchemaError(
+                f"time zone {tz!r} in the dataset metadata is not a known IANA zone ({e}); "
+                "set DatasetMeta.timezone to e.g. 'Europe/London' or 'UTC'"
+            ) from e
+    return np.floor_divide(wall, 1_000_000_000) % _SECONDS_PER_DAY
+
+
+def _utc_ns(times: pd.Series) -> np.ndarray:
+    return times.dt.tz_convert(None).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+
+
+def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
+    """Sort and validate at the boundary; keep the metadata."""
+    if not isinstance(frame, pd.DataFrame):
+        raise SchemaError(f"expected a canonical glucose DataFrame, got {type(frame).__name__}")
+    for c in ("subject_id", "time"):
+        if c not in frame.columns:
+            raise SchemaError(f"frame is missing required column {c!r} (see forecast.schema)")
+    return validate_frame(sort_frame(frame))
+
+
+def _announced_carbs(frame: pd.DataFrame) -> np.ndarray:
+    """Carbs as model inputs: NaN (unknown size) → 0; only announced meals where that is known."""
+    carbs = np.nan_to_num(frame["carbs_g"].to_numpy(dtype=np.float64), nan=0.0)
+    if "meal_announced" in frame.columns:
+        ann = frame["meal_announced"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+        carbs = np.where(ann, carbs, 0.0)
+    return carbs
+
+
+@dataclass
+class _Dense:
+    """Every subject's slots laid end to end on one flat grid, with empty slots between.
+
+    Subject s occupies positions ``start[s] … start[s] + span[s] - 1`` (its first to last slot,
+    including slots without a row) and is followed by ``pad`` empty slots, which is more than
+    any kernel, window or horizon is long: nothing computed on the grid leaks from one subject
+    into the next, and the trailing empty slots give `inputs_at` its future times.
+    """
+
+    subjects: np.ndarray  # [S] str
+    start: np.ndarray  # [S] dense position of the subject's first slot
+    span: np.ndarray  # [S] slots from first to last row
+    owner: np.ndarray  # [D] subject of each dense position (padding belongs to the one before)
+    time_ns: np.ndarray  # [D] UTC ns of each dense slot
+    present: np.ndarray  # [D] bool: the frame has a row for the slot
+    glucose: np.ndarray  # [D] float64, NaN = no reading
+    glucose_ff: np.ndarray  # [D] float64, carried forward within the subject
+    run: np.ndarray  # [D] int64, length of the missing-reading run ending here (0 = reading)
+    past: np.ndarray  # [D, F_past] float32
+    future: np.ndarray  # [D, F_future] float32
+    cols: dict[str, np.ndarray]  # engineered features, float64 [D] each
+
+
+def _build_dense(
+    frame: pd.DataFrame,
+    config: WindowConfig,
+    *,
+    insulin: InsulinCurve | None = None,
+    carbs: CarbCurve | None = None,
+    use_frame_features: bool = True,
+) -> _Dense:
+    """The dense grid and all per-slot features of a validated, sorted frame."""
+    insulin = insulin or config.insulin_curve
+    carbs = carbs or config.carb_curve
+    L, H = config.past_slots, config.horizon_slots
+    n = len(frame)
+    sid = frame["subject_id"].to_numpy(dtype=object)
+    t_ns = _utc_ns(frame["time"])
+    first = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]]) if n else np.zeros(0, np.intp)
+    last = np.r_[first[1:] - 1, n - 1] if n else np.zeros(0, np.intp)
+    n_subj = len(first)
+    codes = np.repeat(np.arange(n_subj), np.diff(np.r_[first, n]))  # [n]
+    slot = (t_ns - t_ns[first][codes]) // _SLOT_NS  # [n] slot within subject
+    span = (t_ns[last] - t_ns[first]) // _SLOT_NS + 1  # [S]
+    k_ins = len(insulin.iob_kernel(config.slot_minutes))
+    k_carb = len(carbs.cob_kernel(config.slot_minutes))
+    pad = max(k_ins, k_carb, L, H) + 1
+    start = pad + np.r_[0, np.cumsum(span + pad)[:-1]].astype(np.int64)  # [S]
+    d = int(start[-1] + span[-1] + pad) if n_subj else pad
+    pos = start[codes] + slot  # [n]
+
+    idx = np.arange(d)
+    owner = np.maximum(np.searchsorted(start, idx, side="right") - 1, 0) if n_subj else idx * 0
+    t0 = t_ns[first] if n_subj else np.zeros(1, np.int64)
+    start_or0 = start if n_subj else np.zeros(1, np.int64)
+    time_ns = t0[owner] + (idx - start_or0[owner]) * _SLOT_NS  # [D]
+
+    present = np.zeros(d, bool)
+    present[pos] = True
+    glucose = np.full(d, np.nan)
+    glucose[pos] = frame["glucose"].to_numpy(dtype=np.float64)
+    observed = np.isfinite(glucose)
+    last_obs = np.maximum.accumulate(np.where(observed, idx, -1))
+    own_subject = (last_obs >= start_or0[owner]) & (last_obs >= 0)
+    glucose_ff = np.where(own_subject, glucose[np.maximum(last_obs, 0)], np.nan)
+    big = np.int64(1) << 40  # a leading gap (no reading yet in this subject) is "infinitely" stale
+    run = np.where(own_subject, idx - last_obs, big)
+
+    def dense(values: np.ndarray) -> np.ndarray:
+        out = np.zeros(d)
+        out[pos] = values
+        return out
+
+    basal = dense(frame["basal_u"].to_numpy(dtype=np.float64))
+    bolus = dense(frame["bolus_u"].to_numpy(dtype=np.float64))
+    carb_in = dense(_announced_carbs(frame))
+
+    cols: dict[str, np.ndarray] = {
+        "glucose": glucose_ff,
+        "observed": observed.astype(np.float64),
+        "basal_u": basal,
+        "bolus_u": bolus,
+        "carbs_g": carb_in,
+    }
+    for name, compute in (
+        ("iob_u", lambda: insulin_on_board(basal + bolus, config.slot_minutes, insulin)),
+        ("cob_g", lambda: carbs_on_board(carb_in, config.slot_minutes, carbs)),
+    ):
+        if use_frame_features and name in frame.columns:
+            v = frame[name].to_numpy(dtype=np.float64)
+            if not np.isfinite(v).all():
+                raise SchemaError(
+                    f"column {name!r} has NaN or infinite values; drop it to let the window "
+                    "builder compute it, or recompute it with forecast.windows.add_features"
+                )
+            cols[name] = dense(v)
+        else:
+            cols[name] = compute()
+    if "tod_sin" in config.past_features + config.future_features or "tod_cos" in (
+        config.past_features + config.future_features
+    ):
+        sec = _seconds_of_day(frame, time_ns, owner, sid[first] if n_subj else sid[:0])
+        tab_s, tab_c = _tod_table()
+        cols["tod_sin"] = tab_s[sec]
+        cols["tod_cos"] = tab_c[sec]
+
+    past = np.empty((d, len(config.past_features)), np.float32)  # [D, F_past]
+    for j, name in enumerate(config.past_features):
+        if name in cols:
+            past[:, j] = cols[name]
+        elif name in frame.columns:
+            past[:, j] = np.nan_to_num(dense(pd.to_numeric(frame[name]).to_numpy(np.float64)))
+        else:
+            raise SchemaError(
+                f"past feature {name!r} is neither computed by the window builder "
+                f"({sorted(_ENGINEERED_PAST)}) nor a column of the frame"
+            )
+    future = np.empty((d, len(config.future_features)), np.float32)  # [D, F_future]
+    for j, name in enumerate(config.future_features):
+        future[:, j] = cols[name]
+    return _Dense(
+        subjects=np.asarray(sid[first], dtype=str) if n_subj else np.zeros(0, str),
+        start=start,
+        span=span,
+        owner=owner,
+        time_ns=time_ns,
+        present=present,
+        glucose=glucose,
+        glucose_ff=glucose_ff,
+        run=run,
+        past=past,
+        future=future,
+        cols=cols,
+    )
+
+
+def _seconds_of_day(
+    frame: pd.DataFrame, time_ns: np.ndarray, owner: np.ndarray, subjects: np.ndarray
+) -> np.ndarray:
+    """Local seconds of day for every dense slot, in each subject's own time zone."""
+    meta = get_meta(frame)
+    per_subject = dict(meta.extra.get("subject_timezones", {}) or {})
+    tzs = np.array([str(per_subject.get(str(s), meta.timezone or "UTC")) for s in subjects])
+    if len(tzs) == 0:
+        return _local_seconds_of_day(time_ns, meta.timezone or "UTC")
+    sec = np.empty(len(time_ns), np.int64)
+    slot_tz = tzs[owner]
+    for tz in np.unique(tzs):
+        m = slot_tz == tz
+        sec[m] = _local_seconds_of_day(time_ns[m], str(tz))
+    return sec
+
+
+def _gather(dense_rows: np.ndarray, origins: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rows ``origin+lo … origin+hi-1`` of a ``[D, F]`` array for every origin → ``[N, hi-lo, F]``."""
+    width = hi - lo
+    view = sliding_window_view(dense_rows, width, axis=0)  # [D-width+1, F, width], no copy
+    out = view[origins + lo]  # [N, F, width]
+    return np.ascontiguousarray(out.transpose(0, 2, 1))  # [N, width, F]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def add_features(
+    frame: pd.DataFrame,
+    insulin: InsulinCurve = DEFAULT_INSULIN_CURVE,
+    carbs: CarbCurve = DEFAULT_CARB_CURVE,
+) -> pd.DataFrame:
+    """A sorted, validated copy of `frame` with ``observed``, ``iob_u``, ``cob_g``, ``tod_sin``,
+    ``tod_cos``.
+
+    IOB and COB run over each subject's whole record (exact, whatever its length); compute
+    them on the full record *before* splitting it so that the start of a split still sees the
+    insulin and meals given just before it. Existing feature columns are recomputed.
+    """
+    f = _prepare(frame)
+    cfg = WindowConfig(
+        insulin_peak_min=insulin.peak_min,
+        insulin_dia_min=insulin.dia_min,
+        carb_absorption_min=carbs.absorption_min,
+    )
+    dense = _build_dense(f, cfg, insulin=insulin, carbs=carbs, use_frame_features=False)
+    pos = _row_positions(f, dense)
+    out = f.copy()
+    for name in FEATURE_COLUMNS:
+        out[name] = dense.cols[name][pos]
+    out.attrs = dict(frame.attrs)
+    return out
+
+
+def _row_positions(frame: pd.DataFrame, dense: _Dense) -> np.ndarray:
+    """Dense position of every row of a validated, sorted frame."""
+    sid = frame["subject_id"].to_numpy(dtype=object)
+    n = len(frame)
+    if n == 0:
+        return np.zeros(0, np.intp)
+    first = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
+    codes = np.repeat(np.arange(len(first)), np.diff(np.r_[first, n]))
+    t_ns = _utc_ns(frame["time"])
+    return dense.start[codes] + (t_ns - t_ns[first][codes]) // _SLOT_NS
+
+
+def _valid_origins(dense: _Dense, config: WindowConfig, stride: int) -> np.ndarray:
+    """Dense positions of every origin that yields a window (rules in the module docstring)."""
+    L, H = config.past_slots, config.horizon_slots
+    d = len(dense.present)
+    idx = np.arange(d)
+    observed = np.isfinite(dense.glucose)
+    cum_present = np.r_[0, np.cumsum(dense.present)]  # [D+1]
+    cum_obs = np.r_[0, np.cumsum(observed)]  # [D+1]
+    cand = idx[(idx >= L - 1) & (idx + H < d)]
+    cand = cand[observed[cand]]  # rule 2: a reading at the origin
+    all_present = cum_present[cand + H + 1] - cum_present[cand - L + 1] == L + H  # rule 1
+    cand = cand[all_present]
+    runs = sliding_window_view(dense.run, L)  # [D-L+1, L], no copy
+    gap_ok = runs[cand - L + 1].max(axis=1) <= config.max_past_gap_slots  # rule 3
+    cand = cand[gap_ok]
+    has_target = cum_obs[cand + H + 1] - cum_obs[cand + 1] > 0  # rule 4
+    cand = cand[has_target]
+    if stride > 1:
+        cand = cand[(cand - dense.start[dense.owner[cand]]) % stride == 0]
+    return cand
+
+
+def make_windows(
+    frame: pd.DataFrame, config: WindowConfig = WindowConfig(), *, stride: int = 1
+) -> Windows:
+    """Every window of every subject of `frame` (see the module docstring for which exist).
+
+    Build windows per split frame (`split_chronological`, `split_subjects`): a window never
+    spans two frames. `stride` keeps origins whose slot index within the subject's record is a
+    multiple of it (aligned in time, so two frames of one subject thin the same way).
+    """
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise SchemaError(f"stride must be a positive integer, got {stride!r}")
+    f = _prepare(frame)
+    L, H = config.past_slots, config.horizon_slots
+    if len(f) == 0:
+        return _empty_windows(config)
+    dense = _build_dense(f, config)
+    origins = _valid_origins(dense, config, int(stride))
+    past = _gather(dense.past, origins, -L + 1, 1)  # [N, L, F_past]
+    future = _gather(dense.future, origins, 1, H + 1)  # [N, H, F_future]
+    target = _gather(dense.glucose[:, None], origins, 1, H + 1)[..., 0].astype(np.float32)  # [N, H]
+    return Windows(
+        past=past,
+        future=future,
+        target=target,
+        subject_id=dense.subjects[dense.owner[origins]],
+        origin=dense.time_ns[origins].astype("datetime64[ns]"),
+        config=config,
+    )
+
+
+def _empty_windows(config: WindowConfig) -> Windows:
+    L, H = config.past_slots, config.horizon_slots
+    return Windows(
+        past=np.zeros((0, L, len(config.past_features)), np.float32),
+        future=np.zeros((0, H, len(config.future_features)), np.float32),
+        target=np.zeros((0, H), np.float32),
+        subject_id=np.zeros(0, dtype=str),
+        origin=np.zeros(0, dtype="datetime64[ns]"),
+        config=config,
+    )
+
+
+def inputs_at(
+    frame: pd.DataFrame,
+    config: WindowConfig = WindowConfig(),
+    origin: pd.Timestamp | str | None = None,
+    *,
+    subject_id: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Serving: ``past [1, L, F_past]`` and ``future [1, H, F_future]`` at `origin`.
+
+    `frame` is the subject's recent record (give it at least DIA + L of history so that IOB is
+    complete). `origin` defaults to the frame's last slot. Future inputs come from rows after
+    the origin where the frame has them (scheduled basal, announced meals), zeros beyond; time
+    of day is always filled in. No validity rule is applied (serving decides what a stale
+    reading means) except that the past needs a reading to carry forward.
+    """
+    f = _prepare(frame)
+    if len(f) == 0:
+        raise SchemaError("inputs_at needs a frame with at least one row")
+    subjects = f["subject_id"].unique()
+    if subject_id is None:
+        if len(subjects) != 1:
+            raise SchemaError(
+                f"frame holds {len(subjects)} subjects; pass subject_id= to choose one"
+            )
+        subject_id = str(subjects[0])
+    sub = f[f["subject_id"] == subject_id]
+    if len(sub) == 0:
+        raise SchemaError(f"subject {subject_id!r} is not in the frame")
+    sub = sub.reset_index(drop=True)
+    sub.attrs = dict(f.attrs)
+    dense = _build_dense(sub, config)
+    t_first = int(dense.time_ns[dense.start[0]])
+    t_last = t_first + (int(dense.span[0]) - 1) * _SLOT_NS
+    if origin is None:
+        o_ns = t_last
+    else:
+        ts = pd.Timestamp(origin)
+        if ts.tzinfo is None:
+            raise SchemaError(f"origin {origin!r} is naive; pass a UTC (tz-aware) timestamp")
+        o_ns = int(ts.tz_convert("UTC").as_unit("ns").value)
+        if (o_ns - t_first) % _SLOT_NS:
+            raise SchemaError(f"origin {ts} is not on the {SLOT_MINUTES}-minute grid")
+        if not t_first <= o_ns <= t_last:
+            raise SchemaError(
+                f"origin {ts} is outside the frame's record for {subject_id!r} "
+                f"({pd.Timestamp(t_first, tz='UTC')} … {pd.Timestamp(t_last, tz='UTC')})"
+            )
+    o = int(dense.start[0] + (o_ns - t_first) // _SLOT_NS)
+    L, H = config.past_slots, config.horizon_slots
+    if not np.isfinite(dense.glucose_ff[o - L + 1]):
+        raise SchemaError(
+            f"no glucose reading at or before the start of the past window ({L} slots before "
+            f"{pd.Timestamp(o_ns, tz='UTC')}); serving needs a longer history or a reading"
+        )
+    origins = np.array([o])
+    past = _gather(dense.past, origins, -L + 1, 1)  # [1, L, F_past]
+    future = _gather(dense.future, origins, 1, H + 1)  # [1, H, F_future]
+    return past, future
+
+
+def split_chronological(
+    frame: pd.DataFrame,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    *,
+    config: WindowConfig | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Each subject's record cut by time into train/val/test (or train/test for 2 fractions).
+
+    Cuts fall at the fractions of the subject's time span. Each split is its own frame, so
+    windows built per split never span two. IOB/COB are computed (`add_features`) on the
+    whole record first when the frame does not have them, so a split's first hours still see
+    the insulin and meals given before it — only past inputs cross the cut, never targets.
+    With `config`, each subject needs at least L + H slots in every split (otherwise a clear
+    error: that subject cannot give windows to every split).
+    """
+    fr = [float(x) for x in fractions]
+    names = {3: ("train", "val", "test"), 2: ("train", "test")}.get(len(fr))
+    if names is None:
+        raise SchemaError(f"fractions must have 2 or 3 entries (train[, val], test), got {fr}")
+    if any(not np.isfinite(x) or x <= 0 for x in fr) or abs(sum(fr) - 1) > 1e-6:
+        raise SchemaError(f"fractions must be positive and sum to 1, got {fr}")
+    cfg = config or WindowConfig()
+    if "iob_u" in frame.columns and "cob_g" in frame.columns:
+        f = _prepare(frame)
+    else:
+        f = add_features(frame, cfg.insulin_curve, cfg.carb_curve)
+    if len(f) == 0:
+        raise SchemaError("cannot split an empty frame")
+    sid = f["subject_id"].to_numpy(dtype=object)
+    n = len(f)
+    first = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
+    counts = np.diff(np.r_[first, n])
+    codes = np.repeat(np.arange(len(first)), counts)
+    t_ns = _utc_ns(f["time"])
+    slot = (t_ns - t_ns[first][codes]) // _SLOT_NS  # [n]
+    span = np.r_[slot[first[1:] - 1], slot[-1]] + 1  # [S]
+    cuts = np.cumsum(fr)[:-1]  # [K-1] fraction at which each later split begins
+    bounds = np.floor(span[:, None] * cuts[None, :] + 1e-9).astype(np.int64)  # [S, K-1]
+    part = (slot[:, None] >= bounds[codes]).sum(axis=1)  # [n] split index of each row
+    need = (cfg.past_slots + cfg.horizon_slots) if config is not None else 1
+    per = np.zeros((len(first), len(names)), np.int64)  # [S, K] rows per subject per split
+    np.add.at(per, (codes, part), 1)
+    short = np.argwhere(per < need)
+    if len(short):
+        s, k = short[0]
+        raise SchemaError(
+            f"subject {sid[first[s]]!r} has {per[s, k]} slot(s) in split {names[k]!r} but "
+            f"needs {need}; too little data for a chronological split — use fewer/larger "
+            "fractions, a shorter window, or hold the subject out with split_subjects"
+        )
+    out: dict[str, pd.DataFrame] = {}
+    for k, name in enumerate(names):
+        part_frame = f[part == k].reset_index(drop=True)
+        part_frame.attrs = dict(frame.attrs)
+        out[name] = part_frame
+    return out
+
+
+def split_subjects(
+    frame: pd.DataFrame, test_subjects: Iterable[str] | str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(frame without the held-out subjects, frame of the held-out subjects)."""
+    held = [test_subjects] if isinstance(test_subjects, str) else [str(s) for s in test_subjects]
+    if not held:
+        raise SchemaError("split_subjects needs at least one held-out subject")
+    if "subject_id" not in frame.columns:
+        raise SchemaError("frame is missing required column 'subject_id'")
+    ids = frame["subject_id"].astype(str)
+    known = set(ids.unique())
+    unknown = [s for s in held if s not in known]
+    if unknown:
+        raise SchemaError(
+            f"held-out subject(s) {unknown} are not in the frame; it holds {sorted(known)[:20]}"
+        )
+    is_test = ids.isin(held).to_numpy()
+    if is_test.all():
+        raise SchemaError("every subject is held out; leave at least one for training")
+    train = frame[~is_test].reset_index(drop=True)
+    test = frame[is_test].reset_index(drop=True)
+    train.attrs = dict(frame.attrs)
+    test.attrs = dict(frame.attrs)
+    return train, test
