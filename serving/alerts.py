@@ -38,6 +38,7 @@ Imports: numpy, pandas, stdlib and `forecast` only.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
@@ -84,6 +85,7 @@ SEVERITY: Mapping[AlertKind, Severity] = {
 }
 
 _LOW_FAMILY = (AlertKind.URGENT_LOW, AlertKind.LOW)
+ESCALATION = "escalation"  # Alert.detail of an urgent low raised during an announced low
 
 
 class AlertConfigError(GlucastError, ValueError):
@@ -255,6 +257,7 @@ class _Episode:
     last_alert: pd.Timestamp | None = None
     repeats: int = 0
     detail: str = ""
+    escalated: bool = False  # an urgent low that follows an announced low
 
 
 AlertSink = Callable[[Alert], None]
@@ -266,9 +269,9 @@ AlertSink = Callable[[Alert], None]
 class AlertEngine:
     """Per-person alert state; call `update` once per cycle (see the module docstring).
 
-    ``sink`` receives every raised alert (the loop journals them); a sink that raises does
-    not lose the alert — the exception propagates after the alerts of the cycle are
-    returned to the state, so nothing is announced twice.
+    ``sink`` receives every raised alert (the loop journals them, `journal_sink`); a sink
+    that raises does not lose the alert: it is still returned, and the failure is kept in
+    `sink_errors` for the loop to retry.
     """
 
     def __init__(
@@ -296,6 +299,7 @@ class AlertEngine:
         self.warming_up = False
         self.last_trend = Trend(math.nan, None)
         self.last_glucose = math.nan
+        self.sink_errors: deque[tuple[Alert, Exception]] = deque(maxlen=1000)
 
     # -- user actions -------------------------------------------------------------------
 
@@ -373,10 +377,22 @@ class AlertEngine:
         raised = self._announce(now, info)
         if fresh:
             self._end(AlertKind.SIGNAL_LOSS)  # announced above if the hole was news
-        if self.sink is not None:
-            for a in raised:
-                self.sink(a)
+        self._deliver(raised)
         return raised
+
+    def _deliver(self, raised: list[Alert]) -> None:
+        """Hand alerts to the sink; a failing sink (journal unavailable) never eats an alarm.
+
+        The alerts are returned to the caller whatever the sink does; a failure is kept in
+        `sink_errors` (alert, exception) so the loop can retry journaling and report it.
+        """
+        if self.sink is None:
+            return
+        for a in raised:
+            try:
+                self.sink(a)
+            except Exception as e:  # noqa: BLE001 — any sink failure must not silence alarms
+                self.sink_errors.append((a, e))
 
     # -- input ---------------------------------------------------------------------------
 
@@ -565,9 +581,12 @@ class AlertEngine:
         # a more severe alert of the same family covers the milder one in the same cycle
         urgent = self.episodes.get((AlertKind.URGENT_LOW, ""))
         low = self.episodes.get((AlertKind.LOW, ""))
-        if urgent is not None and low is not None and not low.announced:
-            low.announced = True
-            low.last_alert = now
+        if urgent is not None and low is not None:
+            if not low.announced:
+                low.announced = True
+                low.last_alert = now
+            elif not urgent.announced:
+                urgent.escalated = True
         for key in sorted(self.episodes, key=lambda k: list(AlertKind).index(k[0])):
             ep = self.episodes[key]
             kind = ep.kind
@@ -636,7 +655,7 @@ class AlertEngine:
             source=src,
             repeat=ep.repeats,
             episode_start=ep.start,
-            detail=str(inf.get("detail", ep.detail)),
+            detail=ESCALATION if ep.escalated else str(inf.get("detail", ep.detail)),
             eta_min=eta,
         )
 
@@ -658,6 +677,7 @@ class AlertEngine:
                     "last_alert": ts(e.last_alert),
                     "repeats": e.repeats,
                     "detail": e.detail,
+                    "escalated": e.escalated,
                 }
                 for e in self.episodes.values()
             ],
@@ -684,6 +704,7 @@ class AlertEngine:
                 ts(e["last_alert"]),
                 int(e["repeats"]),
                 e["detail"],
+                bool(e.get("escalated", False)),
             )
             eng.episodes[(ep.kind, ep.detail)] = ep
         eng.snoozed_until = {AlertKind(k): ts(v) for k, v in state["snoozed_until"].items()}
@@ -699,6 +720,19 @@ class AlertEngine:
                 np.asarray(eng._hist_t), np.asarray(eng._hist_g), config=eng.trend_config
             )
         return eng
+
+
+def journal_sink(journal: Any, patient: str = "") -> AlertSink:
+    """A sink writing each alert as an ``alert`` event of a `serving.journal.Journal`.
+
+    Duck-typed on ``journal.event(kind, detail, patient=, time=)`` so this module does not
+    import the journal (and its pump protocol) just to describe alerts.
+    """
+
+    def sink(alert: Alert) -> None:
+        journal.event("alert", alert.to_dict(), patient=patient, time=alert.time)
+
+    return sink
 
 
 def with_thresholds(base: AlertThresholds, **changes: Any) -> AlertThresholds:

@@ -1,0 +1,456 @@
+"""How much earlier does a forecast warn than a threshold? Alert evaluation by replay.
+
+`evaluate_alerts` replays a canonical frame through the runtime's own `AlertEngine`, one
+cycle per slot, with a forecast at every reading (batched, from any forecaster with
+``predict(past, future) -> [B, H, Q]``: a baseline or an ONNX model via `serving.predictor`).
+It scores the alerts the person would have received against the glucose episodes that
+actually followed.
+
+Episodes (`EpisodeRule`, defaults follow the international consensus on CGM outcomes, with
+the shorter 10-minute minimum this evaluation is asked for):
+
+* a *low episode* is a run of at least ``min_readings`` (2) consecutive real readings below
+  70 mg/dL — consecutive meaning no more than ``max_gap_min`` (15) minutes between them;
+  a *high episode* the same above 250 mg/dL;
+* runs that start less than ``min_separation_min`` (30) minutes after the previous episode
+  ended belong to that episode (glucose wobbling around 70 is one low, not three);
+* the episode's *onset* is its first reading beyond the threshold.
+* Episodes whose onset falls before the replay could have warned (the first L slots of a
+  subject's record plus the alert horizon) are left out of every score, for both alerts alike.
+
+Scores (`AlertScore`), for each of ``predicted_low``, ``threshold_low``, ``predicted_high``,
+``threshold_high``:
+
+* ``sensitivity``: share of episodes with an alert at or before onset, no earlier than
+  ``window_min`` (the alert horizon, 30 min) before it;
+* ``lead_min``: median over warned episodes of onset minus the earliest such alert;
+* ``false_per_day``: alerts with no episode onset in the ``window_min`` after them (and not
+  raised during an episode), per day of CGM data (real readings × 5 min);
+* ``episodes``, ``warned``, ``alerts``, ``false_alerts``.
+
+The threshold alerts are the engine's ``low``/``urgent_low`` alerts and its ``high`` alert
+with the 30-minute persistence switched off, so they fire at the first reading past the
+threshold (lead 0 by construction) — the forecast's gain is the difference in lead at the
+cost of its false alerts.
+
+Forecasts only get what the runtime would know: by default (``future_inputs="known"``) the
+future insulin is the current basal carried forward and future boluses and carbs are zero —
+a meal eaten in 20 minutes is not an input at the origin (with ``"actual"`` the frame's
+future inputs are used, as in training windows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from forecast.schema import SLOT_MINUTES, GlucastError, validate_frame
+from forecast.windows import WindowConfig, Windows, make_windows
+from serving.alerts import ESCALATION, AlertEngine, AlertForecast, AlertKind, AlertThresholds
+from serving.types import Reading
+
+BASELINE_NAMES = ("persistence", "linear", "ridge", "physio")
+
+
+class AlertEvalError(GlucastError, ValueError):
+    """The evaluation cannot run as asked (no data in the split, unknown model...)."""
+
+
+# --------------------------------------------------------------------------- episodes
+
+
+@dataclass(frozen=True)
+class EpisodeRule:
+    """What counts as a low (``below=True``) or high episode; see the module docstring."""
+
+    threshold_mgdl: float = 70.0
+    below: bool = True
+    min_readings: int = 2
+    max_gap_min: float = 15.0
+    min_separation_min: float = 30.0
+
+
+LOW_EPISODE = EpisodeRule()
+HIGH_EPISODE = EpisodeRule(threshold_mgdl=250.0, below=False)
+
+
+def find_episodes(times_min: np.ndarray, glucose: np.ndarray, rule: EpisodeRule) -> np.ndarray:
+    """Episodes of one subject as an ``[E, 2]`` array of (onset, end) times in minutes.
+
+    ``times_min`` ascending; ``glucose`` NaN where there is no reading (NaN slots neither
+    start nor break a run; only the time between real readings does).
+    """
+    t = np.asarray(times_min, dtype=float)
+    g = np.asarray(glucose, dtype=float)
+    real = np.isfinite(g)
+    t, g = t[real], g[real]
+    if len(g) == 0:
+        return np.zeros((0, 2))
+    beyond = g < rule.threshold_mgdl if rule.below else g > rule.threshold_mgdl
+    # a run continues while readings stay beyond and arrive within max_gap_min of each other
+    joined = np.r_[False, beyond[1:] & beyond[:-1] & (np.diff(t) <= rule.max_gap_min + 1e-9)]
+    start = beyond & ~joined
+    run_id = np.cumsum(start) - 1  # [n] run index (meaningful where beyond)
+    n_runs = int(start.sum())
+    if n_runs == 0:
+        return np.zeros((0, 2))
+    counts = np.bincount(run_id[beyond], minlength=n_runs)
+    onset = t[start]
+    end = np.full(n_runs, -np.inf)
+    np.maximum.at(end, run_id[beyond], t[beyond])
+    keep = counts >= rule.min_readings
+    onset, end = onset[keep], end[keep]
+    out: list[list[float]] = []
+    for o, e in zip(onset, end):
+        if out and o - out[-1][1] < rule.min_separation_min - 1e-9:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([o, e])
+    return np.asarray(out, dtype=float).reshape(-1, 2)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class AlertScore:
+    """How one kind of alert did against one kind of episode (see the module docstring)."""
+
+    sensitivity: float
+    false_per_day: float
+    lead_min: float
+    episodes: int
+    warned: int
+    alerts: int
+    false_alerts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = None
+        return d
+
+
+def score_alerts(
+    alerts: Mapping[str, np.ndarray],
+    episodes: Mapping[str, np.ndarray],
+    *,
+    days: float,
+    window_min: float = 30.0,
+    scored_from: Mapping[str, float] | None = None,
+) -> AlertScore:
+    """Score alert times (minutes, per subject) against episodes ``[E, 2]`` (per subject).
+
+    An episode is warned by an alert in ``[onset - window_min, onset]``; its lead is onset
+    minus the earliest such alert. An alert is false when no onset lies in
+    ``[alert, alert + window_min]`` and it was not raised inside an episode. Episodes with
+    an onset before ``scored_from[subject]`` do not enter sensitivity or lead (nothing could
+    have warned of them) but still make the alerts before them true.
+    """
+    eps = 1e-9
+    leads: list[float] = []
+    n_ep = n_alert = n_false = 0
+    for sid in sorted(set(alerts) | set(episodes)):
+        a = np.sort(np.asarray(alerts.get(sid, np.zeros(0)), dtype=float))
+        ep = np.asarray(episodes.get(sid, np.zeros((0, 2))), dtype=float).reshape(-1, 2)
+        onset, end = ep[:, 0], ep[:, 1]
+        start = -np.inf if scored_from is None else scored_from.get(sid, -np.inf)
+        for o in onset[onset >= start - eps]:
+            n_ep += 1
+            i = int(np.searchsorted(a, o - window_min - eps, side="left"))
+            if i < len(a) and a[i] <= o + eps:
+                leads.append(float(o - a[i]))
+        n_alert += len(a)
+        if len(a) == 0:
+            continue
+        if len(onset) == 0:
+            n_false += len(a)
+            continue
+        j = np.searchsorted(onset, a - eps, side="left")  # first onset at or after each alert
+        followed = (j < len(onset)) & (onset[np.minimum(j, len(onset) - 1)] <= a + window_min + eps)
+        k = j - 1  # the last onset before the alert
+        inside = (k >= 0) & (end[np.maximum(k, 0)] >= a - eps)
+        n_false += int((~followed & ~inside).sum())
+    warned = len(leads)
+    return AlertScore(
+        sensitivity=warned / n_ep if n_ep else math.nan,
+        false_per_day=n_false / days if days > 0 else math.nan,
+        lead_min=float(np.median(leads)) if leads else math.nan,
+        episodes=n_ep,
+        warned=warned,
+        alerts=n_alert,
+        false_alerts=n_false,
+    )
+
+
+# --------------------------------------------------------------------------- forecasts
+
+
+Predict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class ForecastTable:
+    """Forecasts at the origins of a frame (one per window): what each cycle would have seen."""
+
+    subject_id: np.ndarray  # [N] str
+    origin: np.ndarray  # [N] datetime64[ns] UTC-naive
+    glucose: np.ndarray  # [N, H, Q] mg/dL
+    source: np.ndarray  # [N] "model" | "physio"
+    quantiles: tuple[float, ...]
+    slot_minutes: int = SLOT_MINUTES
+
+
+def known_future(windows: Windows) -> Windows:
+    """Windows whose future holds only what is known at the origin.
+
+    Future basal = the basal of the origin slot carried forward (the scheduled rate, as far
+    as the replay knows); future boluses and carbs = 0 (unannounced); time of day kept.
+    """
+    c = windows.config
+    fut = windows.future.copy()
+    if "basal_u" in c.future_features and "basal_u" in c.past_features:
+        fut[..., c.future_index("basal_u")] = windows.past[:, -1:, c.past_index("basal_u")]
+    for name in ("bolus_u", "carbs_g"):
+        if name in c.future_features:
+            fut[..., c.future_index(name)] = 0.0
+    return replace(windows, future=fut)
+
+
+def forecast_table(
+    frame: pd.DataFrame,
+    forecaster: Any,
+    *,
+    config: WindowConfig,
+    future_inputs: str = "known",
+    batch: int = 8192,
+) -> ForecastTable:
+    """Forecasts at every window origin of `frame`, batched.
+
+    A forecaster with ``forecast(past, future)`` returning an object with ``glucose`` and a
+    per-row ``fallback`` flag (`serving.predictor.FallbackPredictor`) reports which rows the
+    physiological fallback answered; any other forecaster is a single source.
+    """
+    if future_inputs not in ("known", "actual"):
+        raise AlertEvalError(f"future_inputs must be 'known' or 'actual', got {future_inputs!r}")
+    w = make_windows(frame, config)
+    if future_inputs == "known":
+        w = known_future(w)
+    q = tuple(float(x) for x in forecaster.quantiles)
+    h = config.horizon_slots
+    out = np.empty((len(w), h, len(q)), np.float32)
+    src = np.full(len(w), _source_name(forecaster), dtype=object)
+    for i in range(0, len(w), batch):
+        past, fut = w.past[i : i + batch], w.future[i : i + batch]
+        if hasattr(forecaster, "forecast"):
+            f = forecaster.forecast(past, fut)
+            out[i : i + batch] = f.glucose
+            src[i : i + batch] = np.where(np.asarray(f.fallback, bool), "physio", "model")
+        else:
+            out[i : i + batch] = np.asarray(forecaster.predict(past, fut), dtype=np.float32)
+    return ForecastTable(
+        subject_id=w.subject_id.astype(str),
+        origin=w.origin,
+        glucose=out,
+        source=src.astype(str),
+        quantiles=q,
+        slot_minutes=config.slot_minutes,
+    )
+
+
+def _source_name(forecaster: Any) -> str:
+    name = type(forecaster).__name__.lower()
+    return "physio" if "physio" in name else "model"
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def replay_alerts(
+    frame: pd.DataFrame,
+    table: ForecastTable | None,
+    thresholds: AlertThresholds,
+) -> pd.DataFrame:
+    """Run the `AlertEngine` over every slot of every subject; one row per raised alert.
+
+    Columns: subject_id, time (UTC), kind, repeat, value, source, eta_min, detail. Each slot row is
+    one cycle (its reading, or None when glucose is NaN; the forecast at that origin when the
+    table has one). A slot missing from the frame is a cycle the loop did not run.
+    """
+    f = validate_frame(frame)
+    rows: list[dict[str, Any]] = []
+    fc_index: dict[tuple[str, int], int] = {}
+    if table is not None:
+        org = table.origin.astype("datetime64[ns]").astype(np.int64)
+        fc_index = {(s, int(o)): i for i, (s, o) in enumerate(zip(table.subject_id, org))}
+    for sid, sub in f.groupby("subject_id", sort=True, observed=True):
+        sid = str(sid)
+        eng = AlertEngine(thresholds)
+        times = sub["time"]
+        t_ns = pd.DatetimeIndex(times).as_unit("ns").asi8
+        g = sub["glucose"].to_numpy(dtype=float)
+        for tn, gv, ts in zip(t_ns, g, times):
+            reading = Reading(ts, float(gv)) if math.isfinite(gv) else None
+            fc = None
+            if table is not None:
+                i = fc_index.get((sid, int(tn)))
+                if i is not None:
+                    fc = AlertForecast(
+                        ts,
+                        table.glucose[i],
+                        table.quantiles,
+                        source=str(table.source[i]),
+                        slot_minutes=table.slot_minutes,
+                    )
+            for a in eng.update(ts, reading, forecast=fc):
+                rows.append(
+                    {
+                        "subject_id": sid,
+                        "time": a.time,
+                        "kind": a.kind.value,
+                        "repeat": a.repeat,
+                        "value": a.value,
+                        "source": a.source,
+                        "eta_min": a.eta_min,
+                        "detail": a.detail,
+                    }
+                )
+    cols = ["subject_id", "time", "kind", "repeat", "value", "source", "eta_min", "detail"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluation_thresholds(base: AlertThresholds) -> AlertThresholds:
+    """The user's thresholds as scored: the high alert without its persistence (fires at onset)."""
+    return replace(base, high_sustain_min=0.0)
+
+
+def _minutes(times: pd.Series | np.ndarray) -> np.ndarray:
+    return pd.DatetimeIndex(times).as_unit("ns").asi8.astype(float) / 60e9
+
+
+def evaluate_alerts(
+    frame: pd.DataFrame,
+    forecaster: Any | None,
+    *,
+    config: WindowConfig | None = None,
+    thresholds: AlertThresholds | None = None,
+    low: EpisodeRule = LOW_EPISODE,
+    high: EpisodeRule = HIGH_EPISODE,
+    window_min: float | None = None,
+    future_inputs: str = "known",
+) -> dict[str, Any]:
+    """Replay `frame`, score predicted vs threshold alerts; the dict `--json` prints.
+
+    `forecaster=None` scores the threshold alerts only (the predicted ones are then empty).
+    """
+    cfg = config if config is not None else getattr(forecaster, "config", WindowConfig())
+    th = evaluation_thresholds(thresholds if thresholds is not None else AlertThresholds())
+    window = th.predicted_horizon_min if window_min is None else float(window_min)
+    f = validate_frame(frame)
+    if len(f) == 0 or not np.isfinite(f["glucose"].to_numpy(dtype=float)).any():
+        raise AlertEvalError("no CGM readings to replay")
+    table = None
+    if forecaster is not None:
+        table = forecast_table(f, forecaster, config=cfg, future_inputs=future_inputs)
+    alerts = replay_alerts(f, table, th)
+    eps_low: dict[str, np.ndarray] = {}
+    eps_high: dict[str, np.ndarray] = {}
+    scored_from: dict[str, float] = {}
+    n_real = 0
+    skip = cfg.past_slots * cfg.slot_minutes + window
+    for sid, sub in f.groupby("subject_id", sort=True, observed=True):
+        t = _minutes(sub["time"])
+        g = sub["glucose"].to_numpy(dtype=float)
+        n_real += int(np.isfinite(g).sum())
+        first = t[np.isfinite(g)][0] if np.isfinite(g).any() else t[0]
+        scored_from[str(sid)] = first + skip
+        eps_low[str(sid)] = find_episodes(t, g, low)
+        eps_high[str(sid)] = find_episodes(t, g, high)
+    days = n_real * SLOT_MINUTES / 1440.0
+    first_alerts = alerts[alerts["repeat"] == 0] if len(alerts) else alerts
+
+    def times_of(kinds: tuple[AlertKind, ...]) -> dict[str, np.ndarray]:
+        sel = first_alerts[first_alerts["kind"].isin([k.value for k in kinds])]
+        return {str(s): _minutes(x["time"]) for s, x in sel.groupby("subject_id")}
+
+    if len(first_alerts):  # an urgent low after a low is the same warning, escalated
+        first_alerts = first_alerts[first_alerts["detail"] != ESCALATION]
+    pred_low = times_of((AlertKind.PREDICTED_LOW,))
+    thr_low = times_of((AlertKind.URGENT_LOW, AlertKind.LOW))
+    pred_high = times_of((AlertKind.PREDICTED_HIGH,))
+    thr_high = times_of((AlertKind.HIGH,))
+    kw = {"days": days, "window_min": window, "scored_from": scored_from}
+    score = {
+        "predicted_low": score_alerts(pred_low, eps_low, **kw),
+        "threshold_low": score_alerts(thr_low, eps_low, **kw),
+        "predicted_high": score_alerts(pred_high, eps_high, **kw),
+        "threshold_high": score_alerts(thr_high, eps_high, **kw),
+    }
+    out: dict[str, Any] = {k: v.to_dict() for k, v in score.items()}
+    sources: dict[str, int] = {}
+    if table is not None:
+        vals, counts = np.unique(table.source, return_counts=True)
+        sources = {str(v): int(c) for v, c in zip(vals, counts)}
+    out.update(
+        days=round(days, 3),
+        subjects=int(f["subject_id"].nunique()),
+        readings=n_real,
+        forecasts=0 if table is None else len(table.origin),
+        forecast_sources=sources,
+        window_min=window,
+        future_inputs=future_inputs,
+        episode_rules={"low": asdict(low), "high": asdict(high)},
+        thresholds=th.to_dict(),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_forecaster(
+    spec: str,
+    train: pd.DataFrame | None,
+    *,
+    config: WindowConfig | None = None,
+    future_inputs: str = "known",
+) -> Any:
+    """A baseline fitted on `train` (``persistence|linear|ridge|physio``) or an ONNX model dir.
+
+    Baselines are fitted on the training split's windows, with the same future-input masking
+    the replay uses, so a model never learns from inputs it will not get. ONNX models come
+    through `serving.predictor.Predictor` (hash and signature checked, physiological fallback
+    for implausible rows).
+    """
+    if spec in BASELINE_NAMES:
+        from forecast.baselines import BASELINES
+
+        cfg = config or WindowConfig()
+        model = BASELINES[spec](config=cfg)
+        if train is not None:
+            w = make_windows(train, cfg)
+            if len(w) == 0:
+                raise AlertEvalError(f"the training split gives no windows to fit {spec!r}")
+            if future_inputs == "known":
+                w = known_future(w)
+            model = model.fit(w) or model
+        return model
+    path = Path(spec)
+    if not path.exists():
+        raise AlertEvalError(
+            f"--model {spec!r} is neither a baseline ({', '.join(BASELINE_NAMES)}) nor a model "
+            "directory"
+        )
+    from serving.predictor import Predictor
+
+    return Predictor(path, config=config)
