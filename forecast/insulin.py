@@ -26,9 +26,10 @@ the start of that slot, and the amount acting in slot ``k + m`` is
 ``iob_fraction(m * slot) - iob_fraction((m + 1) * slot)``. The per-slot activity therefore
 telescopes to the dose exactly and ``IOB[j + 1] = IOB[j] - activity[j] + dose[j + 1]`` holds
 slot by slot. The convolution with the dose history is a causal FIR filter along the last axis
-(`scipy.signal.lfilter`): exact for any history length (nothing is truncated except what the
-curve itself ends), vectorised over any leading axes, and — because every kernel tap and every
-dose is non-negative — never negative.
+(a shift-and-add over the kernel's taps): exact for any history length (nothing is truncated
+except what the curve itself ends), vectorised over any leading axes, bit-identical for a row
+alone or in a batch, and — because every kernel tap and every dose is non-negative — never
+negative.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy.signal import lfilter
 
 from forecast.schema import SLOT_MINUTES, GlucastError
 
@@ -212,13 +212,19 @@ def _doses(x: np.ndarray | list, what: str) -> np.ndarray:
 
 
 def _causal_filter(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """y[..., j] = sum_m kernel[m] * x[..., j - m] along the last axis (zeros before the start)."""
-    if x.shape[-1] == 0:
-        return np.zeros_like(x)
-    y = lfilter(kernel, [1.0], x, axis=-1)
-    # Non-negative inputs and taps give a non-negative sum; lfilter's arithmetic keeps that, but
-    # clamp -0.0 and the like so downstream "never negative" checks are exact.
-    return np.maximum(y, 0.0)
+    """y[..., j] = sum_m kernel[m] * x[..., j - m] along the last axis (zeros before the start).
+
+    A shift-and-add over the taps: vectorised over every leading axis, O(size × taps), and
+    the terms are summed in the same order whatever the array's shape, so a row gives the
+    same bits alone or inside a batch (training, evaluation and serving agree exactly). Taps
+    beyond the array's length cannot contribute and are skipped.
+    """
+    y = np.zeros_like(x)
+    n = x.shape[-1]
+    for m in range(min(len(kernel), n)):
+        if kernel[m] != 0.0:
+            y[..., m:] += kernel[m] * x[..., : n - m]
+    return y
 
 
 def insulin_on_board(
