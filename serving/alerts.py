@@ -587,6 +587,19 @@ class AlertEngine:
                 low.last_alert = now
             elif not urgent.announced:
                 urgent.escalated = True
+        # a fast fall into a low (rise into a high) is said by the low (high) alarm
+        for fast, covers in (
+            (AlertKind.RAPID_FALL, _LOW_FAMILY),
+            (AlertKind.RAPID_RISE, (AlertKind.HIGH,)),
+        ):
+            ep = self.episodes.get((fast, ""))
+            if (
+                ep is not None
+                and not ep.announced
+                and any((c, "") in self.episodes for c in covers)
+            ):
+                ep.announced = True
+                ep.last_alert = now
         for key in sorted(self.episodes, key=lambda k: list(AlertKind).index(k[0])):
             ep = self.episodes[key]
             kind = ep.kind
