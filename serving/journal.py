@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from forecast.schema import GlucastError
+from forecast.schema import DatasetMeta, GlucastError, set_meta
 from serving.hal.pump import Ack, Command, Delivery, Pump, resolve_command
 from serving.types import Proposal, Reading, Verdict
 
@@ -685,6 +685,8 @@ class Journal:
         if not len(cyc):
             return pd.DataFrame(columns=cols)
         frames = []
+        cyc["time"] = cyc["time"].dt.floor(f"{slot_minutes}min")  # the canonical grid
+        cyc = cyc.drop_duplicates(["patient", "time"], keep="last")
         for patient, g in cyc.groupby("patient", sort=True):
             g = g.sort_values("time")
             hist = self.insulin_history(str(patient))
@@ -708,6 +710,7 @@ class Journal:
         out = pd.concat(frames, ignore_index=True)
         out["time"] = pd.to_datetime(out["time"], utc=True)
         out["subject_id"] = out["subject_id"].astype("string")
+        set_meta(out, DatasetMeta(source="glucast-journal", device=self.meta("backend") or ""))
         return out
 
 

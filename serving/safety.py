@@ -169,15 +169,16 @@ def assess_cgm(readings: Sequence[Reading], now: pd.Timestamp) -> CGMCheck:
     """
     problem = CGMProblem.NONE
     details: list[str] = []
-    future = [r for r in readings if (r.time - now).total_seconds() / 60.0 > FUTURE_MIN]
+    now_ns = pd.Timestamp(now).value
+    ahead_min = [(r.time.value - now_ns) / 60e9 for r in readings]
+    future = [a for a in ahead_min if a > FUTURE_MIN]
     if future:
         problem |= CGMProblem.FUTURE
-        ahead = max((r.time - now).total_seconds() for r in future) / 60.0
-        details.append(f"{len(future)} reading(s) up to {ahead:.0f} min in the future")
-    present = [r for r in readings if r not in future]
-    by_time: dict[pd.Timestamp, Reading] = {}
-    for r in present:  # last reported wins for a repeated timestamp
-        by_time[r.time] = r
+        details.append(f"{len(future)} reading(s) up to {max(future):.0f} min in the future")
+    by_time: dict[int, Reading] = {}
+    for r, a in zip(readings, ahead_min):  # last reported wins for a repeated timestamp
+        if a <= FUTURE_MIN:
+            by_time[r.time.value] = r
     ordered = [by_time[t] for t in sorted(by_time)]
     valid = [r for r in ordered if r.status == CGMStatus.OK and _in_range(r.glucose_mgdl)]
     if not ordered:
@@ -199,13 +200,13 @@ def assess_cgm(readings: Sequence[Reading], now: pd.Timestamp) -> CGMCheck:
             problem |= CGMProblem.NO_DATA
         return CGMCheck(problem, math.nan, math.nan, math.inf, (), "; ".join(details))
     last = valid[-1]
-    age = (now - last.time).total_seconds() / 60.0
+    age = (now_ns - last.time.value) / 60e9
     if age > STALE_MIN:
         problem |= CGMProblem.STALE
         details.append(f"newest valid reading {age:.0f} min old")
     if len(valid) >= 2:
         prev = valid[-2]
-        gap = (last.time - prev.time).total_seconds() / 60.0
+        gap = (last.time.value - prev.time.value) / 60e9
         if 0 < gap <= JUMP_MAX_GAP_MIN:
             rate = abs(last.glucose_mgdl - prev.glucose_mgdl) / max(gap, SLOT_MIN) * SLOT_MIN
             if rate > JUMP_MGDL_PER_5MIN:
