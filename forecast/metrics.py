@@ -324,37 +324,100 @@ def _ns(times: Any) -> np.ndarray:
 
 def _slot_positions(
     n: int,
-    origins: np.ndarray | None,
-    subject_ids: np.ndarray | None,
-    slot_minutes: int,
-    gap: int,
+    origins: Any = None,
+    subject_ids: Any = None,
+    slot_minutes: int = 5,
+    gap: int = 1,
 ) -> np.ndarray:
     """Positions on one regular slot axis for each row; subjects are separated by `gap` slots."""
     if origins is None:
         pos = np.arange(n, dtype=np.int64)
         if subject_ids is not None:
             sid = np.asarray(subject_ids)
+            if sid.shape != (n,):
+                raise MetricError(f"subject_ids has shape {sid.shape}, expected ({n},)")
             # new block at each change of subject: push later blocks `gap` further on
             change = np.r_[False, sid[1:] != sid[:-1]]
             pos = pos + np.cumsum(change) * gap
         return pos
+    import pandas as pd
+
     o = _ns(origins)
     if o.shape[0] != n:
         raise MetricError(f"origins has {o.shape[0]} rows, the forecasts {n}")
+    if subject_ids is None:
+        codes, n_groups = np.zeros(n, dtype=np.int64), 1
+    else:
+        sid = np.asarray(subject_ids)
+        if sid.shape != (n,):
+            raise MetricError(f"subject_ids has shape {sid.shape}, expected ({n},)")
+        codes_, uniq = pd.factorize(pd.Series(sid.astype(str)))
+        codes, n_groups = np.asarray(codes_, dtype=np.int64), len(uniq)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
     slot_ns = int(slot_minutes) * 60 * 10**9
-    sid = (
-        np.zeros(n, dtype=np.int64)
-        if subject_ids is None
-        else np.unique(np.asarray(subject_ids).astype(str), return_inverse=True)[1].astype(np.int64)
-    )
-    pos = np.empty(n, dtype=np.int64)
-    offset = 0
-    for s in np.unique(sid):
-        m = sid == s
-        rel = (o[m] - o[m].min()) // slot_ns
-        pos[m] = rel + offset
-        offset += int(rel.max()) + 1 + gap
-    return pos
+    first = np.full(n_groups, np.iinfo(np.int64).max)
+    np.minimum.at(first, codes, o)
+    rel = (o - first[codes]) // slot_ns
+    span = np.zeros(n_groups, dtype=np.int64)
+    np.maximum.at(span, codes, rel)
+    offset = np.r_[0, np.cumsum(span + 1 + gap)[:-1]]
+    return rel + offset[codes]
+
+
+def _dot(x: np.ndarray, y: np.ndarray) -> float:
+    # einsum's own loop, not BLAS: a threaded BLAS is slow on busy shared cores
+    return float(np.einsum("i,i->", x, y))
+
+
+def _best_shift(ty: np.ndarray, py: np.ndarray, k_max: int, min_pairs: int) -> int | None:
+    """The shift k maximising corr(ty[i], py[i + k]) over pairs where both are finite.
+
+    Exact pairwise-complete Pearson correlation for every shift from six dot products of
+    zero-filled arrays and their masks (no per-shift masking or copying).
+    """
+    length = ty.size
+    k_max = min(k_max, length - 1)
+    ma = np.isfinite(ty).astype(np.float64)
+    mb = np.isfinite(py).astype(np.float64)
+    if not ma.any() or not mb.any():
+        return None
+    # centre on the global means: correlation is shift-invariant, cancellation is smaller
+    a = np.where(ma > 0, ty - np.nanmean(ty), 0.0)
+    b = np.where(mb > 0, py - np.nanmean(py), 0.0)
+    a2, b2 = a * a, b * b
+    best_k, best_c = None, -math.inf
+    for k in sorted(range(-k_max, k_max + 1), key=lambda v: (abs(v), v)):
+        sa = slice(0, length - k) if k >= 0 else slice(-k, length)
+        sb = slice(k, length) if k >= 0 else slice(0, length + k)
+        n = _dot(ma[sa], mb[sb])
+        if n < max(min_pairs, 2):
+            continue
+        s_a, s_b = _dot(a[sa], mb[sb]), _dot(ma[sa], b[sb])
+        s_aa, s_bb = _dot(a2[sa], mb[sb]), _dot(ma[sa], b2[sb])
+        s_ab = _dot(a[sa], b[sb])
+        cov = s_ab - s_a * s_b / n
+        var_a, var_b = s_aa - s_a * s_a / n, s_bb - s_b * s_b / n
+        if var_a <= 1e-9 * max(s_aa, 1e-300) or var_b <= 1e-9 * max(s_bb, 1e-300):
+            continue
+        c = cov / math.sqrt(var_a * var_b)
+        if c > best_c + 1e-12:
+            best_k, best_c = k, c
+    return best_k
+
+
+def _lag_on_grid(
+    t: np.ndarray, p: np.ndarray, pos: np.ndarray, k_max: int, min_pairs: int
+) -> int | None:
+    if pos.size == 0:
+        return None
+    length = int(pos.max()) + 1
+    ty = np.full(length, np.nan)
+    py = np.full(length, np.nan)
+    ty[pos] = t
+    py[pos] = p  # forecasts exist even where no reading does
+    py[~np.isfinite(py)] = np.nan
+    return _best_shift(ty, py, k_max, min_pairs)
 
 
 def time_lag_min(
@@ -371,10 +434,11 @@ def time_lag_min(
 
     Definition: with ``y[i]`` the reference and ``yhat[i]`` the forecast for one horizon at
     consecutive forecast origins i (one slot apart), the lag is ``k x slot_minutes`` for the
-    shift ``k`` in ``[-max_lag_slots, max_lag_slots]`` that maximises the Pearson correlation
-    of ``y[i]`` with ``yhat[i + k]`` over the i where both exist. A perfect forecast has lag 0;
-    the persistence forecast at horizon h has lag h (it repeats the reading h minutes late).
-    Ties go to the smallest |k|. NaN when no shift has `min_pairs` finite pairs.
+    shift ``k`` in ``[-max_lag_slots, max_lag_slots]`` (default 24 slots) that maximises the
+    Pearson correlation of ``y[i]`` with ``yhat[i + k]`` over the i where both exist. A
+    perfect forecast has lag 0; the persistence forecast at horizon h has lag h (it repeats
+    the reading h minutes late). Ties go to the smallest |k|. NaN when no shift has
+    `min_pairs` finite pairs.
 
     Without `origins`, rows are taken to be consecutive slots (stride-1 windows); with
     `origins` (datetime64, the forecast origins) rows are placed on the slot grid, so skipped
@@ -385,47 +449,20 @@ def time_lag_min(
     if t.shape != p.shape:
         raise MetricError(f"target and pred shapes differ: {t.shape} vs {p.shape}")
     _pairs(t, p)
-    if max_lag_slots is None:
-        max_lag_slots = 24
-    k_max = int(max_lag_slots)
+    k_max = 24 if max_lag_slots is None else int(max_lag_slots)
     if k_max < 0:
         raise MetricError(f"max_lag_slots must be >= 0, got {max_lag_slots}")
-    pos = _slot_positions(
-        t.size,
-        None if origins is None else np.asarray(origins),
-        None if subject_ids is None else np.asarray(subject_ids),
-        slot_minutes,
-        gap=k_max + 1,
-    )
-    if pos.size == 0:
-        return math.nan
-    length = int(pos.max()) + 1
-    k_max = min(k_max, length - 1)
-    ty = np.full(length, np.nan)
-    py = np.full(length, np.nan)
-    ty[pos] = t
-    py[pos] = p  # forecasts exist even where no reading does
-    py[~np.isfinite(py)] = np.nan
-    best_k, best_c = None, -math.inf
-    for k in sorted(range(-k_max, k_max + 1), key=lambda v: (abs(v), v)):
-        if k >= 0:
-            a, b = ty[: length - k], py[k:]
-        else:
-            a, b = ty[-k:], py[: length + k]
-        m = np.isfinite(a) & np.isfinite(b)
-        if m.sum() < max(min_pairs, 2):
-            continue
-        aa, bb = a[m] - a[m].mean(), b[m] - b[m].mean()
-        den = math.sqrt(float(aa @ aa) * float(bb @ bb))
-        if den == 0.0:
-            continue
-        c = float(aa @ bb) / den
-        if c > best_c + 1e-12:
-            best_k, best_c = k, c
-    return math.nan if best_k is None else float(best_k * slot_minutes)
+    pos = _slot_positions(t.size, origins, subject_ids, slot_minutes, gap=k_max + 1)
+    k = _lag_on_grid(t, p, pos, k_max, min_pairs)
+    return math.nan if k is None else float(k * slot_minutes)
 
 
 # --------------------------------------------------------------------------- the report
+
+
+def _lag_minutes(t: np.ndarray, p: np.ndarray, pos: np.ndarray, k_max: int, slot: int) -> float:
+    k = _lag_on_grid(t, p, pos, k_max, 3)
+    return math.nan if k is None else float(k * slot)
 
 
 def median_index(quantiles: Sequence[float]) -> int:
@@ -506,7 +543,14 @@ def evaluate_forecast(
     lo_i, hi_i = int(np.argmin(q)), int(np.argmax(q))
     has_interval = lo_i != hi_i
     out: dict[str, Any] = {}
-    for j in _horizon_slots(horizons, n_h, slot_minutes):
+    slots = _horizon_slots(horizons, n_h, slot_minutes)
+
+    def lag_slots(j: int) -> int:  # search up to twice the horizon, at least an hour
+        return max(60 // slot_minutes, 2 * (j + 1))
+
+    gap = max(lag_slots(j) for j in slots) + 1 if slots else 1
+    pos = _slot_positions(t.shape[0], origins, subject_ids, slot_minutes, gap=gap)
+    for j in slots:
         tj, pj = t[:, j], p[:, j, mi]
         r, pp = _pairs(tj, pj)
         entry: dict[str, Any] = {
@@ -521,14 +565,7 @@ def evaluate_forecast(
             if has_interval
             else math.nan,
             "width": interval_width(tj, p[:, j, lo_i], p[:, j, hi_i]) if has_interval else math.nan,
-            "lag_min": time_lag_min(
-                tj,
-                pj,
-                slot_minutes,
-                max_lag_slots=max(12, 2 * (j + 1)),
-                origins=origins,
-                subject_ids=subject_ids,
-            ),
+            "lag_min": _lag_minutes(tj, pj, pos, lag_slots(j), slot_minutes),
             "by_range": errors_by_range(r, pp),
         }
         out[str((j + 1) * slot_minutes)] = entry

@@ -167,7 +167,7 @@ def test_perfect_predictions_are_all_zone_a(ref):
     assert M.rmse(ref, ref) == 0.0
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     st.integers(2, 40).flatmap(
         lambda n: st.tuples(
@@ -318,3 +318,27 @@ def test_json_safe_replaces_nan():
         "a": None,
         "b": [2, 1.5],
     }
+
+
+def _naive_lag(t: np.ndarray, p: np.ndarray, k_max: int) -> int:
+    best, best_c = 0, -np.inf
+    for k in sorted(range(-k_max, k_max + 1), key=lambda v: (abs(v), v)):
+        a, b = (t[: len(t) - k], p[k:]) if k >= 0 else (t[-k:], p[: len(p) + k])
+        m = np.isfinite(a) & np.isfinite(b)
+        c = np.corrcoef(a[m], b[m])[0, 1]
+        if c > best_c + 1e-12:
+            best, best_c = k, c
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_time_lag_matches_naive_pairwise_correlation(seed):
+    rng = np.random.default_rng(seed)
+    y = np.cumsum(rng.normal(0, 3, 500)) + 150
+    shift = int(rng.integers(-6, 10))
+    p = np.roll(y, shift) + rng.normal(0, 4, 500)
+    t = y.copy()
+    t[rng.random(500) < 0.2] = np.nan
+    p[rng.random(500) < 0.1] = np.nan
+    p[np.isfinite(t) & ~np.isfinite(p)] = 150.0  # a forecast wherever a reading exists
+    assert M.time_lag_min(t, p, 5, max_lag_slots=12) == 5.0 * _naive_lag(t, p, 12)
