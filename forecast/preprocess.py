@@ -144,6 +144,9 @@ EXTRA_COLUMNS: tuple[str, ...] = (
 )
 
 
+_EMPTY: dict[str, pd.DataFrame] = {}
+
+
 def table(kind: str, **columns: Any) -> pd.DataFrame:
     """Build one IR table with the canonical dtypes (scalars broadcast to the column length).
 
@@ -155,7 +158,9 @@ def table(kind: str, **columns: Any) -> pd.DataFrame:
     if unknown:
         raise TypeError(f"{kind} has no column(s) {sorted(unknown)}; columns: {list(spec)}")
     if not columns:
-        return pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in spec.items()})
+        if kind not in _EMPTY:
+            _EMPTY[kind] = pd.DataFrame({n: pd.Series([], dtype=d) for n, d in spec.items()})
+        return _EMPTY[kind].copy(deep=False)
     n = max((len(v) for v in columns.values() if _is_array(v)), default=0)
     if "end" in spec and "end" not in columns:
         columns["end"] = columns.get("start", [])  # instantaneous events
@@ -370,10 +375,15 @@ def to_grid(events: Events, report: DataReport, meta: DatasetMeta | None = None)
     if not subjects:
         report.readings_kept = 0
         return set_meta(empty_frame(), meta)
-    code = {s: i for i, s in enumerate(subjects)}
+    subject_arr = np.array(subjects, dtype=object)
 
     def codes(df: pd.DataFrame) -> np.ndarray:
-        return df["subject_id"].map(code).to_numpy(dtype=np.int64)
+        ids = df["subject_id"].to_numpy(dtype=object)
+        return (
+            np.searchsorted(subject_arr, ids).astype(np.int64)
+            if ids.size
+            else np.zeros(0, np.int64)
+        )
 
     # ---- slot indices of everything
     r_sid = codes(events.readings)
