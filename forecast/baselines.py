@@ -166,9 +166,8 @@ def _effects(p: np.ndarray, f: np.ndarray, config: WindowConfig, recent_slots: i
     future doses, plus the mean action per slot over the last `recent_slots` slots before the
     origin (what the recent glucose slope already reflects).
 
-    Insulin older than the window is known only through ``iob_u`` at the origin: the remainder
-    IOB(origin) − IOB(window doses) is treated as one dose given just before the window, an
-    approximation that only shapes how fast old insulin finishes acting.
+    Insulin older than the window is known only through the ``iob_u`` series (and carbs
+    through ``cob_g``); see `_old_dose` for how its remaining action is extrapolated.
     """
     L, H = config.past_slots, config.horizon_slots
     slot = config.slot_minutes
@@ -186,27 +185,58 @@ def _effects(p: np.ndarray, f: np.ndarray, config: WindowConfig, recent_slots: i
             ob_kernel, act_kernel = curve.cob_kernel(slot), curve.absorption_kernel(slot)
         # On board at the origin from the window's own doses (dose at t0-m has age m slots).
         window_ob = (dose_p[:, ::-1] * _padded(ob_kernel, L)[None, :]).sum(1)  # [B]
-        # Old remainder as one dose at age L slots at the origin.
-        if on_board_name in config.past_features:
-            rem = np.maximum(_past_col(p, config, on_board_name)[:, -1] - window_ob, 0.0)
-        else:
-            rem = np.zeros(len(p))
-        ob_at_l = _padded(ob_kernel, L + 1)[L]
-        old_dose = rem / ob_at_l if ob_at_l > 0 else np.zeros_like(rem)  # [B]
-        act_k = _padded(act_kernel, 2 * L + H + 1)
+        old_dose, old_age = _old_dose(p, config, on_board_name, dose_p, window_ob, ob_kernel)
+        n_tab = len(ob_kernel) + 2 * L + H + 2
+        act_k = _padded(act_kernel, n_tab)
         # Action from window doses in slots t0-L+1 … t0+H-1.
         act_p = action_fn(np.concatenate([dose_p, np.zeros((len(p), H))], axis=1), slot, curve)
-        # Old dose (given at slot t0-L): action in slot t0+j is act_k[L + j].
-        old_future = old_dose[:, None] * act_k[None, L : L + H]  # [B, H] slots t0 … t0+H-1
-        past_future = act_p[:, L - 1 : L - 1 + H] + old_future  # [B, H]
+        # The old dose is `old_age` slots old at the window's first slot, so old_age + L - 1 + j
+        # at slot t0+j.
+        j = np.arange(-L, H)[None, :]  # [1, L+H] slots t0-L … t0+H-1
+        old_act = old_dose[:, None] * act_k[np.clip(old_age[:, None] + L - 1 + j, 0, n_tab - 1)]
+        past_future = act_p[:, L - 1 : L - 1 + H] + old_act[:, L:]  # [B, H] slots t0 … t0+H-1
         out[f"{key}_past"] = np.cumsum(past_future, axis=1)  # [B, H]
         act_f = action_fn(dose_f, slot, curve)  # [B, H] slots t0+1 … t0+H
         cum_f = np.cumsum(act_f, axis=1)
         out[f"{key}_future"] = np.concatenate([np.zeros((len(p), 1)), cum_f[:, :-1]], axis=1)
         r = max(1, min(recent_slots, L - 1))
-        recent = act_p[:, L - 1 - r : L - 1] + old_dose[:, None] * act_k[None, L - r : L]  # [B, r]
+        recent = act_p[:, L - 1 - r : L - 1] + old_act[:, L - r : L]  # [B, r] slots t0-r … t0-1
         out[f"{key}_recent"] = recent.mean(axis=1)  # [B] per slot
     return out
+
+
+def _old_dose(
+    p: np.ndarray,
+    config: WindowConfig,
+    on_board_name: str,
+    dose_p: np.ndarray,
+    window_ob: np.ndarray,
+    ob_kernel: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Doses given before the window, summarised as one dose of an effective age.
+
+    The on-board series tells how much of the pre-window doses remained at the window's first
+    slot (R0) and at the origin (R). One dose whose on-board fraction falls from F(a) to
+    F(a + L − 1) over the window reproduces both when F(a + L − 1) / F(a) = R / R0: pick the
+    age `a` (slots, at the first window slot) closest to that, and the dose R0 / F(a). Its
+    action after the origin then continues the observed decay instead of guessing it.
+    Returns (dose ``[B]``, age ``[B]`` int); zeros when the config has no on-board feature.
+    """
+    b, L = len(p), config.past_slots
+    if on_board_name not in config.past_features:
+        return np.zeros(b), np.ones(b, dtype=np.intp)
+    ob = _past_col(p, config, on_board_name)  # [B, L]
+    r0 = np.maximum(ob[:, 0] - dose_p[:, 0] * ob_kernel[0], 0.0)  # pre-window, at t0-L+1
+    r = np.maximum(ob[:, -1] - window_ob, 0.0)  # pre-window, at t0
+    f = _padded(ob_kernel, len(ob_kernel) + L + 1)
+    ages = np.arange(1, len(ob_kernel))  # [A] a dose before the window is >= 1 slot old
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio_tab = np.where(f[ages] > 0, f[ages + L - 1] / f[ages], 0.0)  # [A]
+        ratio = np.where(r0 > 0, r / r0, 0.0)  # [B]
+    best = np.abs(ratio_tab[None, :] - np.minimum(ratio, 1.0)[:, None]).argmin(axis=1)  # [B]
+    age = ages[best]
+    dose = np.where(r0 > 0, r0 / f[age], 0.0)
+    return dose, age
 
 
 def _padded(kernel: np.ndarray, n: int) -> np.ndarray:
