@@ -44,6 +44,7 @@ from forecast.schema import (
     SLOT,
     DataReport,
     DatasetMeta,
+    SchemaError,
     UnitsError,
     empty_frame,
     set_meta,
@@ -53,6 +54,8 @@ from forecast.schema import (
 SLOT_NS = int(SLOT.value)
 HALF_SLOT_NS = SLOT_NS // 2
 NS_PER_HOUR = 3_600_000_000_000
+#: No subject's grid may exceed ten years: beyond that a timestamp is wrong, not data.
+MAX_GRID_SLOTS = 10 * 366 * 288
 
 # --------------------------------------------------------------------------- the IR
 
@@ -417,6 +420,15 @@ def to_grid(events: Events, report: DataReport, meta: DatasetMeta | None = None)
     np.maximum.at(kmax, all_sid, all_k)
     present = kmax >= kmin
     lengths = np.where(present, kmax - kmin + 1, 0)
+    too_long = np.flatnonzero(lengths > MAX_GRID_SLOTS)
+    if too_long.size:
+        i = int(too_long[0])
+        raise SchemaError(
+            f"subject {subjects[i]!r} would span {lengths[i] * SLOT_NS / 8.64e13:.0f} days "
+            f"({pd.Timestamp(kmin[i] * SLOT_NS, tz='UTC')} to "
+            f"{pd.Timestamp(kmax[i] * SLOT_NS, tz='UTC')}); a reader let an implausible "
+            "timestamp through"
+        )
     offset = np.cumsum(lengths) - lengths
     n_rows = int(lengths.sum())
 

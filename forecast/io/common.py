@@ -207,6 +207,19 @@ def _strs(x: Any, n: int) -> np.ndarray:
     return np.asarray(pd.Series(x).astype("string").fillna(""), dtype=object)
 
 
+def record_end(times: pd.Series, now: pd.Timestamp | None = None, allow_future: bool = False):
+    """Latest plausible timestamp of a record (what a held basal rate lasts until).
+
+    Timestamps that the screen would reject (unset clocks, the future) are ignored, so one
+    bad date cannot stretch a basal rate over decades.
+    """
+    t = pd.Series(times).dropna()
+    t = t[t >= EARLIEST]
+    if not allow_future:
+        t = t[t <= (now if now is not None else pd.Timestamp.now(tz="UTC")) + FUTURE_TOLERANCE]
+    return t.max() if len(t) else pd.NaT
+
+
 def check_times(
     screen: Screen,
     time: pd.Series,

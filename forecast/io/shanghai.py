@@ -54,6 +54,7 @@ from forecast.io.common import (
     numbers,
     parse_local,
     present,
+    record_end,
     screen_amounts,
     screen_readings,
     text_codes,
@@ -300,7 +301,7 @@ def _read_file(
     report.counts["meals"] += int(ok.sum())
 
     # ---- CSII bolus and basal (numbers; "suspend" text = basal rate 0)
-    end = t.max()
+    end = record_end(t, now)
     for key, field, maximum in (("csii_bolus", "bolus_u", 50.0), ("csii_basal", "basal_u", 35.0)):
         raw = col(key)
         m = present(raw)
