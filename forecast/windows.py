@@ -154,9 +154,9 @@ class WindowConfig:
             raise SchemaError(
                 f"unknown future feature(s) {bad}; known future inputs are {sorted(_ALLOWED_FUTURE)}"
             )
-        # Validates the curve parameters (raises KineticsError, a ValueError).
-        self.insulin_curve  # noqa: B018
-        self.carb_curve  # noqa: B018
+        # The curves validate their own parameters (KineticsError, a ValueError).
+        InsulinCurve(self.insulin_peak_min, self.insulin_dia_min)
+        CarbCurve(self.carb_absorption_min)
 
     @classmethod
     def from_minutes(
@@ -315,7 +315,7 @@ def _local_seconds_of_day(utc_ns: np.ndarray, tz: str) -> np.ndarray:
         try:
             idx = pd.DatetimeIndex(utc_ns.astype("datetime64[ns]")).tz_localize("UTC")
             wall = idx.tz_convert(tz).tz_localize(None).as_unit("ns").asi8
-        except Exception as e:  # noqa: BLE001 — pytz/zoneinfo raise various types
+        except Exception as e:  # zoneinfo/pytz raise several unrelated types
             raise SchemaError(
                 f"time zone {tz!r} in the dataset metadata is not a known IANA zone ({e}); "
                 "set DatasetMeta.timezone to e.g. 'Europe/London' or 'UTC'"
@@ -378,31 +378,30 @@ def _build_dense(
     carbs: CarbCurve | None = None,
     use_frame_features: bool = True,
 ) -> _Dense:
-    """The dense grid and all per-slot features of a validated, sorted frame."""
+    """The dense grid and all per-slot features of a validated, sorted, non-empty frame."""
+    if len(frame) == 0:
+        raise SchemaError("the frame has no rows")
     insulin = insulin or config.insulin_curve
     carbs = carbs or config.carb_curve
     L, H = config.past_slots, config.horizon_slots
     n = len(frame)
     sid = frame["subject_id"].to_numpy(dtype=object)
     t_ns = _utc_ns(frame["time"])
-    first = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]]) if n else np.zeros(0, np.intp)
-    last = np.r_[first[1:] - 1, n - 1] if n else np.zeros(0, np.intp)
-    n_subj = len(first)
-    codes = np.repeat(np.arange(n_subj), np.diff(np.r_[first, n]))  # [n]
+    first = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])  # [S] first row of each subject
+    last = np.r_[first[1:] - 1, n - 1]  # [S]
+    codes = np.repeat(np.arange(len(first)), np.diff(np.r_[first, n]))  # [n] subject of row
     slot = (t_ns - t_ns[first][codes]) // _SLOT_NS  # [n] slot within subject
     span = (t_ns[last] - t_ns[first]) // _SLOT_NS + 1  # [S]
     k_ins = len(insulin.iob_kernel(config.slot_minutes))
     k_carb = len(carbs.cob_kernel(config.slot_minutes))
     pad = max(k_ins, k_carb, L, H) + 1
     start = pad + np.r_[0, np.cumsum(span + pad)[:-1]].astype(np.int64)  # [S]
-    d = int(start[-1] + span[-1] + pad) if n_subj else pad
+    d = int(start[-1] + span[-1] + pad)
     pos = start[codes] + slot  # [n]
 
     idx = np.arange(d)
-    owner = np.maximum(np.searchsorted(start, idx, side="right") - 1, 0) if n_subj else idx * 0
-    t0 = t_ns[first] if n_subj else np.zeros(1, np.int64)
-    start_or0 = start if n_subj else np.zeros(1, np.int64)
-    time_ns = t0[owner] + (idx - start_or0[owner]) * _SLOT_NS  # [D]
+    owner = np.maximum(np.searchsorted(start, idx, side="right") - 1, 0)  # [D]
+    time_ns = t_ns[first][owner] + (idx - start[owner]) * _SLOT_NS  # [D]
 
     present = np.zeros(d, bool)
     present[pos] = True
@@ -410,7 +409,7 @@ def _build_dense(
     glucose[pos] = frame["glucose"].to_numpy(dtype=np.float64)
     observed = np.isfinite(glucose)
     last_obs = np.maximum.accumulate(np.where(observed, idx, -1))
-    own_subject = (last_obs >= start_or0[owner]) & (last_obs >= 0)
+    own_subject = last_obs >= start[owner]
     glucose_ff = np.where(own_subject, glucose[np.maximum(last_obs, 0)], np.nan)
     big = np.int64(1) << 40  # a leading gap (no reading yet in this subject) is "infinitely" stale
     run = np.where(own_subject, idx - last_obs, big)
@@ -448,7 +447,7 @@ def _build_dense(
     if "tod_sin" in config.past_features + config.future_features or "tod_cos" in (
         config.past_features + config.future_features
     ):
-        sec = _seconds_of_day(frame, time_ns, owner, sid[first] if n_subj else sid[:0])
+        sec = _seconds_of_day(frame, time_ns, owner, sid[first])
         tab_s, tab_c = _tod_table()
         cols["tod_sin"] = tab_s[sec]
         cols["tod_cos"] = tab_c[sec]
@@ -468,7 +467,7 @@ def _build_dense(
     for j, name in enumerate(config.future_features):
         future[:, j] = cols[name]
     return _Dense(
-        subjects=np.asarray(sid[first], dtype=str) if n_subj else np.zeros(0, str),
+        subjects=np.asarray(sid[first], dtype=str),
         start=start,
         span=span,
         owner=owner,
@@ -490,8 +489,6 @@ def _seconds_of_day(
     meta = get_meta(frame)
     per_subject = dict(meta.extra.get("subject_timezones", {}) or {})
     tzs = np.array([str(per_subject.get(str(s), meta.timezone or "UTC")) for s in subjects])
-    if len(tzs) == 0:
-        return _local_seconds_of_day(time_ns, meta.timezone or "UTC")
     sec = np.empty(len(time_ns), np.int64)
     slot_tz = tzs[owner]
     for tz in np.unique(tzs):
@@ -524,6 +521,12 @@ def add_features(
     insulin and meals given just before it. Existing feature columns are recomputed.
     """
     f = _prepare(frame)
+    if len(f) == 0:
+        out = f.copy()
+        for name in FEATURE_COLUMNS:
+            out[name] = pd.Series([], dtype="float64")
+        out.attrs = dict(frame.attrs)
+        return out
     cfg = WindowConfig(
         insulin_peak_min=insulin.peak_min,
         insulin_dia_min=insulin.dia_min,

@@ -380,3 +380,26 @@ def test_windows_subset_and_concat():
     )
     with pytest.raises(SchemaError):
         Windows.concat([a, make_windows(frame, WindowConfig(horizon_slots=6))])
+
+
+def test_subject_time_zones_and_extra_past_columns():
+    frame = toy_frame(2, 120, seed=10)
+    frame["heart_rate"] = np.where(np.arange(len(frame)) % 7 == 0, np.nan, 70.0)
+    set_meta(
+        frame,
+        DatasetMeta(timezone="UTC", extra={"subject_timezones": {"p1": "Asia/Kolkata"}}),
+    )
+    f = add_features(frame)
+    for sid, tz in (("p0", "UTC"), ("p1", "Asia/Kolkata")):
+        rows = f[f["subject_id"] == sid]
+        local = rows["time"].dt.tz_convert(tz)
+        minutes = local.dt.hour * 60 + local.dt.minute
+        np.testing.assert_allclose(rows["tod_cos"], np.cos(2 * np.pi * minutes / 1440), atol=1e-12)
+    cfg = WindowConfig(
+        past_features=("glucose", "heart_rate", "iob_u"), future_features=("bolus_u",)
+    )
+    w = make_windows(frame, cfg)
+    assert w.past.shape[2] == 3 and w.future.shape[2] == 1
+    assert set(np.unique(w.past[:, :, 1])) <= {0.0, 70.0}  # NaN → 0
+    with pytest.raises(SchemaError, match="neither computed"):
+        make_windows(frame, WindowConfig(past_features=("glucose", "steps")))
