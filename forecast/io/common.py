@@ -136,6 +136,12 @@ def parse_local(raw: pd.Series, fmt: str | None, tz: str) -> pd.Series:
 # --------------------------------------------------------------------------- reporting
 
 
+def count(report: DataReport, key: str, n: int) -> None:
+    """Add to a report counter, leaving zero counts out of the report."""
+    if n:
+        report.counts[key] += int(n)
+
+
 class Sink:
     """Where bad records go: raised (strict) or listed in the report."""
 

@@ -49,6 +49,7 @@ from forecast.io.common import (
     PathLike,
     Sink,
     check_timezone,
+    count,
     expand_paths,
     finish,
     numbers,
@@ -298,7 +299,7 @@ def _read_file(
         now=now,
     )
     ev.add("carbs", table("carbs", subject_id=sid, time=t[meal][ok], grams=g[ok]))
-    report.counts["meals"] += int(ok.sum())
+    count(report, "meals", ok.sum())
 
     # ---- CSII bolus and basal (numbers; "suspend" text = basal rate 0)
     end = record_end(t, now)
@@ -338,7 +339,7 @@ def _read_file(
                 rate_u_h=np.where(susp, 0.0, v)[rate],
             ),
         )
-        report.counts["pump_suspensions"] += int((ok & susp).sum())
+        count(report, "pump_suspensions", (ok & susp).sum())
 
     # ---- injections (free text)
     _injections(ev, path, sink, sid, t, date_raw, rows, col("sc"), header("sc"), insulins, now)
