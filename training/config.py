@@ -87,8 +87,6 @@ class HeadConfig:
     # Prior insulin sensitivity (mg/dL per U) scaling the insulin-effect head; the model
     # learns a context-dependent factor around it. Only the starting point, not a constraint.
     isf_prior: float = 40.0
-    insulin_peak_min: float = 75.0
-    insulin_dia_min: float = 360.0
 
 
 @dataclass
@@ -109,6 +107,12 @@ class TrainerConfig:
 
 
 @dataclass
+class ExportConfig:
+    exporter: str = "torchscript"  # or "dynamo" (see training/export.py for why)
+    parity_tol_mgdl: float = 1e-3
+
+
+@dataclass
 class TrainConfig:
     model: str = "lstm"
     data: DataConfig = field(default_factory=DataConfig)
@@ -116,6 +120,7 @@ class TrainConfig:
     lstm: LSTMOptions = field(default_factory=LSTMOptions)
     transformer: TransformerOptions = field(default_factory=TransformerOptions)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> TrainConfig:
         if self.model not in ALL_MODELS:
@@ -142,6 +147,10 @@ class TrainConfig:
         t = self.trainer
         if t.max_epochs < 1 or t.batch_size < 1 or t.lr <= 0:
             raise ConfigError("trainer.max_epochs, batch_size and lr must be positive")
+        if self.export.exporter not in ("torchscript", "dynamo"):
+            raise ConfigError(
+                f"export.exporter {self.export.exporter!r}: use torchscript or dynamo"
+            )
         if self.transformer.d_model % self.transformer.heads:
             raise ConfigError("transformer.d_model must be a multiple of transformer.heads")
         return self

@@ -1,0 +1,122 @@
+"""`glucast evaluate`: score an exported model or a baseline on the test split."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score an exported model (DIR) or a baseline on the test split",
+        description="RMSE, MAE, MARD, bias, Clarke and Parkes zones, time lag, errors by "
+        "glucose range and interval coverage per horizon, on the test split the model "
+        "directory's manifest describes (or a baseline fitted on the train split). "
+        "--bglp adds the OhioT1DM challenge scores, --interventional re-simulates held-out "
+        "windows (simulator data) to check the response to planned insulin.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (model.onnx + manifest.json) or persistence|linear|ridge|physio",
+    )
+    p.add_argument("--data", required=True, help="canonical frame (.parquet)")
+    p.add_argument("--config", help="YAML config for baselines (split, window)")
+    p.add_argument(
+        "--split",
+        choices=("auto", "all"),
+        default="auto",
+        help="auto: the model's own test split; all: every window of the frame",
+    )
+    p.add_argument("--bglp", action="store_true", help="add OhioT1DM BGLP challenge scores")
+    p.add_argument(
+        "--interventional",
+        action="store_true",
+        help="re-simulate held-out windows with changed insulin (simulator data only)",
+    )
+    p.add_argument("--max-windows", type=int, default=300, help="windows for --interventional")
+    p.add_argument("--plots", metavar="DIR", help="write Clarke/Parkes/overlay PNGs here")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    from forecast.cli import emit_json
+    from forecast.schema import read_parquet
+    from training.evaluate import public, resolve, save_plots, score
+
+    frame = read_parquet(args.data)
+    fc, windows, info = resolve(args.model, frame, config_path=args.config, split=args.split)
+    report = score(fc, windows, bglp=args.bglp)
+    pred = report.pop("_pred")
+    out = {**info, **public(report)}
+    if args.interventional:
+        from training.interventional import interventional_accuracy
+
+        out["interventional"] = interventional_accuracy(
+            fc.predict, frame, windows, max_windows=args.max_windows, quantiles=fc.quantiles
+        )
+    if args.plots:
+        paths = save_plots(windows, pred, tuple(fc.quantiles), args.plots, str(info["model"]))
+        out["plots"] = [str(p) for p in paths]
+    if args.json:
+        emit_json(out)
+    else:
+        _table(out)
+    return 0
+
+
+def _table(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{out['model']} on test data {out['dataset_hash'][:12]}")
+    for c in (
+        "horizon",
+        "n",
+        "RMSE",
+        "MAE",
+        "MARD %",
+        "Clarke A %",
+        "Parkes A %",
+        "cover %",
+        "lag",
+    ):
+        t.add_column(c, justify="right")
+
+    def f(v, d=1):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    for h, m in out["horizons"].items():
+        t.add_row(
+            f"{h} min",
+            str(m["n"]),
+            f(m["rmse"], 2),
+            f(m["mae"], 2),
+            f(m["mard"]),
+            f(m["clarke"].get("A")),
+            f(m["parkes"].get("A")),
+            f(m["coverage"]),
+            f(m["lag_min"], 0),
+        )
+    Console().print(t)
+    if "bglp" in out:
+        b = out["bglp"]
+        print(
+            "BGLP (mean of per-subject scores): "
+            + ", ".join(
+                f"{k} min RMSE {b[k]['rmse']:.2f} MAE {b[k]['mae']:.2f}"
+                for k in ("30", "60")
+                if k in b
+            )
+        )
+    if "interventional" in out:
+        iv = out["interventional"]
+        print(
+            f"interventional: relative error at 60 min {iv['relative_error_60']}, "
+            f"monotonicity violations {iv['monotonicity_violation_pct']}%"
+        )
+    for p in out.get("plots", []):
+        print(f"plot: {p}")
