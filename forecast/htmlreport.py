@@ -172,13 +172,23 @@ class HtmlReport:
             )
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-        data = base64.b64encode(buf.getvalue()).decode("ascii")
         if close:
             import sys
 
             plt = sys.modules.get("matplotlib.pyplot")
             if plt is not None:
                 plt.close(fig)
+        return self._embed_png(buf.getvalue(), caption)
+
+    def add_image(self, png: str | Path | bytes, caption: str | None = None) -> HtmlReport:
+        """A PNG file (or its bytes) another step wrote, embedded like a figure."""
+        data = png if isinstance(png, bytes) else Path(png).read_bytes()
+        if not data.startswith(b"\x89PNG"):
+            raise ReportError(f"add_image takes PNG images; {png!s:.80} is not one")
+        return self._embed_png(data, caption)
+
+    def _embed_png(self, png: bytes, caption: str | None) -> HtmlReport:
+        data = base64.b64encode(png).decode("ascii")
         self.n_figures += 1
         alt = html.escape(caption or f"figure {self.n_figures}", quote=True)
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""

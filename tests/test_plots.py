@@ -135,3 +135,23 @@ def test_html_report_is_self_contained(tmp_path, pairs):
         rep.add_figure("not a figure")  # type: ignore[arg-type]
     with pytest.raises(ReportError):
         rep.add_heading("x", level=1)
+
+
+def test_html_report_embeds_png_files(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from forecast.htmlreport import HtmlReport, ReportError
+
+    fig = Figure()
+    fig.add_subplot().plot([1, 2, 3])
+    png = tmp_path / "a.png"
+    fig.savefig(png)
+    rep = HtmlReport("t").add_image(png, "from a file")
+    out = rep.write(tmp_path / "index.html").read_text()
+    assert out.count("data:image/png;base64,") == 1 and "from a file" in out
+    (tmp_path / "b.png").write_text("not a png")
+    with pytest.raises(ReportError):
+        rep.add_image(tmp_path / "b.png")
