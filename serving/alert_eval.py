@@ -12,8 +12,10 @@ the shorter 10-minute minimum this evaluation is asked for):
 * a *low episode* is a run of at least ``min_readings`` (2) consecutive real readings below
   70 mg/dL — consecutive meaning no more than ``max_gap_min`` (15) minutes between them;
   a *high episode* the same above 250 mg/dL;
-* runs that start less than ``min_separation_min`` (30) minutes after the previous episode
-  ended belong to that episode (glucose wobbling around 70 is one low, not three);
+* a run belongs to the previous episode unless it starts at least ``min_separation_min``
+  (30) minutes after it ended *and* glucose recovered past the threshold by
+  ``recovery_mgdl`` (10: to 80 mg/dL, resp. 240) in between — the alert engine's own
+  hysteresis, so glucose wobbling around 70 is one low, not three;
 * the episode's *onset* is its first reading beyond the threshold.
 * Episodes whose onset falls before the replay could have warned (the first L slots of a
   subject's record plus the alert horizon) are left out of every score, for both alerts alike.
@@ -74,6 +76,7 @@ class EpisodeRule:
     min_readings: int = 2
     max_gap_min: float = 15.0
     min_separation_min: float = 30.0
+    recovery_mgdl: float = 10.0
 
 
 LOW_EPISODE = EpisodeRule()
@@ -92,7 +95,9 @@ def find_episodes(times_min: np.ndarray, glucose: np.ndarray, rule: EpisodeRule)
     t, g = t[real], g[real]
     if len(g) == 0:
         return np.zeros((0, 2))
-    beyond = g < rule.threshold_mgdl if rule.below else g > rule.threshold_mgdl
+    sign = 1.0 if rule.below else -1.0  # lows as they are, highs mirrored
+    beyond = sign * g < sign * rule.threshold_mgdl
+    recovered = sign * g >= sign * (rule.threshold_mgdl + sign * rule.recovery_mgdl)
     # a run continues while readings stay beyond and arrive within max_gap_min of each other
     joined = np.r_[False, beyond[1:] & beyond[:-1] & (np.diff(t) <= rule.max_gap_min + 1e-9)]
     start = beyond & ~joined
@@ -101,17 +106,24 @@ def find_episodes(times_min: np.ndarray, glucose: np.ndarray, rule: EpisodeRule)
     if n_runs == 0:
         return np.zeros((0, 2))
     counts = np.bincount(run_id[beyond], minlength=n_runs)
-    onset = t[start]
-    end = np.full(n_runs, -np.inf)
-    np.maximum.at(end, run_id[beyond], t[beyond])
+    first = np.flatnonzero(start)
+    last = np.zeros(n_runs, dtype=np.intp)
+    np.maximum.at(last, run_id[beyond], np.flatnonzero(beyond))
     keep = counts >= rule.min_readings
-    onset, end = onset[keep], end[keep]
+    first, last = first[keep], last[keep]
+    cum_rec = np.r_[0, np.cumsum(recovered)]
     out: list[list[float]] = []
-    for o, e in zip(onset, end):
-        if out and o - out[-1][1] < rule.min_separation_min - 1e-9:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([o, e])
+    prev_last = -1
+    for i0, i1 in zip(first, last):
+        if out:
+            soon = t[i0] - out[-1][1] < rule.min_separation_min - 1e-9
+            no_recovery = cum_rec[i0] - cum_rec[prev_last + 1] == 0
+            if soon or no_recovery:
+                out[-1][1] = t[i1]
+                prev_last = i1
+                continue
+        out.append([t[i0], t[i1]])
+        prev_last = i1
     return np.asarray(out, dtype=float).reshape(-1, 2)
 
 
@@ -353,21 +365,46 @@ def evaluate_alerts(
 
     `forecaster=None` scores the threshold alerts only (the predicted ones are then empty).
     """
-    cfg = config if config is not None else getattr(forecaster, "config", WindowConfig())
+    cfg = config if config is not None else getattr(forecaster, "config", None) or WindowConfig()
+    f = validate_frame(frame)
+    table = None
+    if forecaster is not None:
+        table = forecast_table(f, forecaster, config=cfg, future_inputs=future_inputs)
+    out = evaluate_table(
+        f,
+        table,
+        past_slots=cfg.past_slots,
+        thresholds=thresholds,
+        low=low,
+        high=high,
+        window_min=window_min,
+    )
+    out["future_inputs"] = future_inputs
+    return out
+
+
+def evaluate_table(
+    frame: pd.DataFrame,
+    table: ForecastTable | None,
+    *,
+    past_slots: int = WindowConfig().past_slots,
+    thresholds: AlertThresholds | None = None,
+    low: EpisodeRule = LOW_EPISODE,
+    high: EpisodeRule = HIGH_EPISODE,
+    window_min: float | None = None,
+) -> dict[str, Any]:
+    """`evaluate_alerts` on forecasts already made (compare alert rules on one forecast run)."""
     th = evaluation_thresholds(thresholds if thresholds is not None else AlertThresholds())
     window = th.predicted_horizon_min if window_min is None else float(window_min)
     f = validate_frame(frame)
     if len(f) == 0 or not np.isfinite(f["glucose"].to_numpy(dtype=float)).any():
         raise AlertEvalError("no CGM readings to replay")
-    table = None
-    if forecaster is not None:
-        table = forecast_table(f, forecaster, config=cfg, future_inputs=future_inputs)
     alerts = replay_alerts(f, table, th)
     eps_low: dict[str, np.ndarray] = {}
     eps_high: dict[str, np.ndarray] = {}
     scored_from: dict[str, float] = {}
     n_real = 0
-    skip = cfg.past_slots * cfg.slot_minutes + window
+    skip = past_slots * SLOT_MINUTES + window
     for sid, sub in f.groupby("subject_id", sort=True, observed=True):
         t = _minutes(sub["time"])
         g = sub["glucose"].to_numpy(dtype=float)
@@ -377,14 +414,14 @@ def evaluate_alerts(
         eps_low[str(sid)] = find_episodes(t, g, low)
         eps_high[str(sid)] = find_episodes(t, g, high)
     days = n_real * SLOT_MINUTES / 1440.0
-    first_alerts = alerts[alerts["repeat"] == 0] if len(alerts) else alerts
+    heard = alerts  # every alarm the person hears counts, re-alerts included
 
     def times_of(kinds: tuple[AlertKind, ...]) -> dict[str, np.ndarray]:
-        sel = first_alerts[first_alerts["kind"].isin([k.value for k in kinds])]
+        sel = heard[heard["kind"].isin([k.value for k in kinds])]
         return {str(s): _minutes(x["time"]) for s, x in sel.groupby("subject_id")}
 
-    if len(first_alerts):  # an urgent low after a low is the same warning, escalated
-        first_alerts = first_alerts[first_alerts["detail"] != ESCALATION]
+    if len(heard):  # an urgent low after a low is the same warning, escalated
+        heard = heard[heard["detail"] != ESCALATION]
     pred_low = times_of((AlertKind.PREDICTED_LOW,))
     thr_low = times_of((AlertKind.URGENT_LOW, AlertKind.LOW))
     pred_high = times_of((AlertKind.PREDICTED_HIGH,))
@@ -408,7 +445,6 @@ def evaluate_alerts(
         forecasts=0 if table is None else len(table.origin),
         forecast_sources=sources,
         window_min=window,
-        future_inputs=future_inputs,
         episode_rules={"low": asdict(low), "high": asdict(high)},
         thresholds=th.to_dict(),
     )
@@ -436,7 +472,7 @@ def load_forecaster(
         from forecast.baselines import BASELINES
 
         cfg = config or WindowConfig()
-        model = BASELINES[spec](config=cfg)
+        model = BASELINES[spec]()
         if train is not None:
             w = make_windows(train, cfg)
             if len(w) == 0:

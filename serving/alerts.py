@@ -239,9 +239,13 @@ class AlertForecast:
 
     def column(self, quantile: float | None) -> np.ndarray:
         """The forecast at the quantile nearest `quantile` (None = the lowest)."""
+        return self.glucose[:, self.quantile_index(quantile)]
+
+    def quantile_index(self, quantile: float | None) -> int:
+        q = self.quantiles
         if quantile is None:
-            return self.glucose[:, int(np.argmin(self.quantiles))]
-        return self.glucose[:, int(np.argmin(np.abs(np.asarray(self.quantiles) - quantile)))]
+            return min(range(len(q)), key=q.__getitem__)
+        return min(range(len(q)), key=lambda i: abs(q[i] - quantile))
 
     def within(self, horizon_min: float) -> int:
         """How many steps lie within `horizon_min` of the origin."""
@@ -511,7 +515,7 @@ class AlertEngine:
         if th.predicted_low_mgdl is not None:
             lo = fc.column(th.predicted_low_quantile)[:k]
             bar = th.predicted_low_mgdl + th.predicted_low_margin_mgdl
-            vmin = float(np.min(lo))
+            vmin = float(lo.min())
             if vmin < bar:
                 self._pred_low_count += 1
             else:
@@ -522,11 +526,7 @@ class AlertEngine:
             if self._pred_low_count >= th.predicted_cycles and not low_now:
                 self._begin(AlertKind.PREDICTED_LOW, now)
                 eta = (int(np.flatnonzero(lo < bar)[0]) + 1) * fc.slot_minutes
-                q = (
-                    fc.quantiles[int(np.argmin(fc.quantiles))]
-                    if th.predicted_low_quantile is None
-                    else th.predicted_low_quantile
-                )
+                q = fc.quantiles[fc.quantile_index(th.predicted_low_quantile)]
                 info[AlertKind.PREDICTED_LOW] = {
                     "value": vmin,
                     "source": src,
@@ -535,7 +535,7 @@ class AlertEngine:
                 }
         if th.predicted_high_mgdl is not None:
             hi = fc.column(th.predicted_high_quantile)[:k]
-            vmax = float(np.max(hi))
+            vmax = float(hi.max())
             if vmax > th.predicted_high_mgdl:
                 self._pred_high_count += 1
             else:
@@ -753,7 +753,12 @@ def with_thresholds(base: AlertThresholds, **changes: Any) -> AlertThresholds:
     return replace(base, **changes)
 
 
+_UTC = pd.Timestamp(0, tz="UTC").tzinfo
+
+
 def _utc(t: Any) -> pd.Timestamp:
+    if type(t) is pd.Timestamp and t.tzinfo is _UTC:
+        return t  # the common case, once per cycle: skip the conversions
     ts = pd.Timestamp(t)
     if ts.tzinfo is None:
         return ts.tz_localize("UTC")
