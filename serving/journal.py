@@ -374,6 +374,18 @@ class Journal:
         stmts += [self._event_stmt(k, d, patient, time) for k, d in events]
         self._write("record cycle", stmts)
 
+    def carbs_history(self, patient: str, since: pd.Timestamp) -> pd.DataFrame:
+        """Announced carbs per cycle (time, carbs_g) from `since` on: what COB is made of."""
+        df = pd.DataFrame(
+            self._read(
+                "SELECT time, carbs_g FROM cycles WHERE patient = ? AND time >= ? AND carbs_g > 0 ORDER BY time",
+                (patient, iso(since)),
+            ),
+            columns=["time", "carbs_g"],
+        )
+        df["time"] = pd.to_datetime(df["time"], utc=True, format="ISO8601")
+        return df
+
     def has_cycle(self, patient: str, time: pd.Timestamp) -> bool:
         return bool(
             self._read("SELECT 1 FROM cycles WHERE patient = ? AND time = ?", (patient, iso(time)))
@@ -738,9 +750,8 @@ def bin_insulin(
         idx = np.searchsorted(s_ns, t0[point], side="right") - 1
         ok = (idx >= 0) & (t0[point] < s_ns[np.clip(idx, 0, None)] + slot_ns)
         np.add.at(out, idx[ok], units[point][ok])
-    if (~point).any():
+    if (~point).any():  # overlap of every interval with every slot, [slots, deliveries]
         a, b, u = t0[~point], t0[~point] + dur[~point], units[~point]
-        for j, s in enumerate(s_ns):  # overlap of each interval with each slot
-            ov = np.clip(np.minimum(b, s + slot_ns) - np.maximum(a, s), 0, None)
-            out[j] += float((u * ov / (b - a)).sum())
+        ov = np.minimum(b[None, :], s_ns[:, None] + slot_ns) - np.maximum(a[None, :], s_ns[:, None])
+        out += (np.clip(ov, 0, None) / (b - a)[None, :]) @ u
     return out

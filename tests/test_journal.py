@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from forecast.cli import main as cli_main
-from serving.hal.pump import Command, CommandKind, Delivery, PumpFirmware
+from serving.hal.pump import Command, CommandKind, Delivery
+from serving.hal.simulated import ManualClock, VirtualPump
 from serving.journal import (
     DuplicateCommand,
     Journal,
@@ -26,45 +27,9 @@ FIVE = pd.Timedelta(minutes=5)
 P = "adult#001"
 
 
-class FirmwarePump:
-    """A pump over `PumpFirmware` whose clock the test holds (the simulated pumps add a patient)."""
-
-    def __init__(self, now=T0):
-        self.fw = PumpFirmware(1.0)
-        self.now = now
-
-    def status(self):
-        return self.fw.status(self.now)
-
-    def _do(self, kind, key, amount=0.0, duration=0):
-        return self.fw.command(Command(key, kind, amount, duration), self.now)
-
-    def temp_basal(self, rate, duration_min, key):
-        return self._do(CommandKind.TEMP_BASAL, key, rate, duration_min)
-
-    def cancel_temp_basal(self, key):
-        return self._do(CommandKind.CANCEL_TEMP, key)
-
-    def bolus(self, units, key):
-        return self._do(CommandKind.BOLUS, key, units)
-
-    def suspend(self, key):
-        return self._do(CommandKind.SUSPEND, key)
-
-    def resume(self, key):
-        return self._do(CommandKind.RESUME, key)
-
-    def ack_for(self, key):
-        return self.fw.acks.get(key)
-
-    def deliveries(self, after_seq=0):
-        return self.fw.deliveries(after_seq)
-
-    def deliver(self, minutes=5):
-        rate = self.fw.rate_at(self.now)
-        out = self.fw.record(self.now, minutes, rate * minutes / 60, self.fw.pending_bolus_u)
-        self.now += pd.Timedelta(minutes=minutes)
-        return out
+def virtual_pump() -> VirtualPump:
+    """A real pump (the firmware the simulated pumps run) on a clock the test holds."""
+    return VirtualPump(1.0, ManualClock(T0))
 
 
 def settings() -> PatientSettings:
@@ -123,7 +88,7 @@ def test_write_ahead_intent_and_duplicate_key(tmp_path):
     assert j.unconfirmed_bolus_u(P) == 2.0
     with pytest.raises(DuplicateCommand):
         j.begin_command(cmd, patient=P, cycle_time=T0)
-    pump = FirmwarePump()
+    pump = virtual_pump()
     ack = pump.bolus(2.0, cmd.key)
     j.finish_command(cmd.key, "acked", ack)
     rec = j.command(cmd.key)
@@ -133,13 +98,13 @@ def test_write_ahead_intent_and_duplicate_key(tmp_path):
 
 def test_reconcile_resolves_pending_by_key_never_resends(tmp_path):
     j = Journal(tmp_path / "j.db")
-    pump = FirmwarePump()
+    pump = virtual_pump()
     got = Command(command_key(P, T0, "bolus"), CommandKind.BOLUS, 1.5)
     lost = Command(command_key(P, T0 - FIVE, "bolus"), CommandKind.BOLUS, 1.0)
     for c in (got, lost):
         j.begin_command(c, patient=P, cycle_time=T0)
     pump.bolus(1.5, got.key)  # reached the pump; the process died before recording the ack
-    pump.deliver()
+    pump.advance()
     recs = {r.key: r for r in j.reconcile(pump, P)}
     assert recs[got.key].status == "acked" and recs[got.key].ack.amount == 1.5
     assert recs[lost.key].status == "failed" and recs[lost.key].ack is None
@@ -150,12 +115,12 @@ def test_reconcile_resolves_pending_by_key_never_resends(tmp_path):
     res = sup.apply(Verdict(1.0, 30, 1.5), T0)
     bolus = [r for r in res if r.command.kind == CommandKind.BOLUS][0]
     assert bolus.status == "acked" and "already resolved" in bolus.detail
-    assert len(pump.fw.acks) == 1
+    assert len(pump.firmware.acks) == 1
 
 
 def test_supervisor_apply_journals_intent_before_the_pump(tmp_path):
     j = Journal(tmp_path / "j.db")
-    pump = FirmwarePump()
+    pump = virtual_pump()
     seen = []
     real_bolus = pump.bolus
 
@@ -172,7 +137,7 @@ def test_supervisor_apply_journals_intent_before_the_pump(tmp_path):
     assert all(j.command(r.command.key).status == "acked" for r in res)
     # the same verdict again (a restarted cycle) sends nothing new
     sup.apply(v, T0)
-    assert len(pump.fw.acks) == 2
+    assert len(pump.firmware.acks) == 2
 
 
 def _state(iob=0.0):
@@ -183,11 +148,11 @@ def _state(iob=0.0):
 
 def test_insulin_history_and_binning(tmp_path):
     j = Journal(tmp_path / "j.db")
-    pump = FirmwarePump()
+    pump = virtual_pump()
     j.begin_command(Command("b1", CommandKind.BOLUS, 2.0), patient=P, cycle_time=T0)
     j.finish_command("b1", "acked", pump.bolus(2.0, "b1"))
     for _ in range(3):
-        pump.deliver()
+        pump.advance()
     n = j.record_deliveries(P, pump.deliveries())
     assert n == 4 and j.record_deliveries(P, pump.deliveries()) == 4  # idempotent
     assert j.last_delivery_seq(P) == 4
@@ -238,26 +203,26 @@ def test_supervisor_with_unwritable_journal_sends_only_reductions(tmp_path):
     path = tmp_path / "j.db"
     Journal(path).close()
     ro = Journal(path, readonly=True)
-    pump = FirmwarePump()
+    pump = virtual_pump()
     sup = Supervisor(settings(), pump, journal=ro)
     res = sup.apply(Verdict(2.5, 30, 1.0), T0)  # a raise and a bolus: neither may go
-    assert [r.status for r in res] == ["skipped", "skipped"] and not pump.fw.acks
+    assert [r.status for r in res] == ["skipped", "skipped"] and not pump.firmware.acks
     res = sup.apply(Verdict(0.0, 30, 0.0, suspend=True, fallback="suspend"), T0 + FIVE)
-    assert [r.status for r in res] == ["acked"] and pump.fw.temp_rate == 0.0
+    assert [r.status for r in res] == ["acked"] and pump.firmware.temp_rate == 0.0
     assert any("journal unavailable" in m for m in sup.log)
 
 
 def test_cli_show_and_export(tmp_path, capsys):
     path = tmp_path / "j.db"
     j = Journal(path)
-    pump = FirmwarePump()
+    pump = virtual_pump()
     for k in range(3):
         t = T0 + k * FIVE
         j.record_cycle(
             patient=P, time=t, readings=[Reading(t, 120.0 + k)], glucose=120.0 + k, iob_u=0.1,
             verdict=Verdict(1.0, 30, 0.0), mode="closed", carbs_g=10.0 * (k == 1),
         )  # fmt: skip
-        pump.deliver()
+        pump.advance()
     j.record_deliveries(P, pump.deliveries())
     j.close()
     assert cli_main(["journal", "show", str(path), "--json", "--last", "2"]) == 0

@@ -227,9 +227,12 @@ def round_down(x: float, step: float) -> float:
 class PumpFirmware:
     """The state machine of one pump, without I/O: commands in, rates and boluses out.
 
-    The owner (a simulated pump) calls `command` for each command and `take` to learn what to
-    infuse over an interval, then `record` what actually went in. Everything here is plain data
-    so it can be checkpointed as JSON (`to_dict`/`from_dict`), never pickled.
+    The owner (a simulated pump) calls `command` for each command; to infuse, it asks
+    `rate_at` for the basal rate and `take_bolus` for an acknowledged bolus to start, then
+    books what went in with `record`. A bolus is *queued* when acknowledged, *infusing* once
+    taken, and done when `record` has booked all of it (possibly over several intervals, at
+    the pump's speed). Everything here is plain data, checkpointed as JSON
+    (`state_dict`/`from_state`), never pickled.
     """
 
     scheduled_basal_u_per_h: float
@@ -241,8 +244,9 @@ class PumpFirmware:
     temp_rate: float | None = None
     temp_start: pd.Timestamp | None = None
     temp_end: pd.Timestamp | None = None
-    pending_bolus_u: float = 0.0
-    pending_bolus_key: str = ""
+    bolus_queued_u: float = 0.0  # acknowledged, not yet started
+    bolus_left_u: float = 0.0  # started, not yet booked as delivered
+    bolus_key: str = ""
     missed_u: float = 0.0
     fault: PumpFault = PumpFault.NONE
     acks: dict[str, Ack] = field(default_factory=dict)
@@ -284,7 +288,7 @@ class PumpFirmware:
             case CommandKind.BOLUS:
                 if self.suspended:
                     return self._refuse(cmd, now, "pump suspended")
-                if self.pending_bolus_u > 0:
+                if self.bolus_in_progress:
                     return self._refuse(cmd, now, "a bolus is already in progress")
                 if cmd.amount > self.max_bolus_u:
                     return self._refuse(cmd, now, f"bolus above pump maximum {self.max_bolus_u}")
@@ -294,13 +298,13 @@ class PumpFirmware:
                 )
                 if units <= 0:
                     return self._refuse(cmd, now, "bolus rounds to zero or reservoir empty")
-                self.pending_bolus_u = units
-                self.pending_bolus_key = cmd.key
+                self.bolus_queued_u = units
+                self.bolus_key = cmd.key
                 return Ack(cmd.key, cmd.kind, True, units, now)
             case CommandKind.SUSPEND:
                 self.suspended = True
                 self.temp_rate = self.temp_start = self.temp_end = None
-                self.pending_bolus_u, self.pending_bolus_key = 0.0, ""  # a suspend stops a bolus
+                self.stop_bolus()
                 return Ack(cmd.key, cmd.kind, True, 0.0, now)
             case CommandKind.RESUME:
                 self.suspended = False
@@ -308,6 +312,26 @@ class PumpFirmware:
         return self._refuse(cmd, now, "unknown command")
 
     # ---- delivery
+    @property
+    def bolus_in_progress(self) -> bool:
+        return self.bolus_queued_u > 0 or self.bolus_left_u > 0
+
+    @property
+    def pending_bolus_u(self) -> float:
+        """Acknowledged bolus insulin not yet delivered."""
+        return self.bolus_queued_u + self.bolus_left_u
+
+    def stop_bolus(self) -> None:
+        """A suspend or an alarm stops a bolus; what was not delivered never will be."""
+        self.bolus_queued_u = self.bolus_left_u = 0.0
+        self.bolus_key = ""
+
+    def take_bolus(self) -> float:
+        """Start the queued bolus: the units the infusion mechanism should now deliver."""
+        u, self.bolus_queued_u = self.bolus_queued_u, 0.0
+        self.bolus_left_u += u
+        return u
+
     def rate_at(self, t: pd.Timestamp) -> float:
         """The basal rate the pump would run at instant t (U/h)."""
         if self.suspended or self.fault:
@@ -330,19 +354,22 @@ class PumpFirmware:
         bolus_u: float,
         missed_u: float = 0.0,
     ) -> list[Delivery]:
-        """Book what went in over [t0, t0+minutes] and clear the bolus it carried.
+        """Book what the pump pushed over [t0, t0+minutes] (basal, and bolus of the infusing key).
 
-        `missed_u` is insulin the pump pushed that did not reach the patient (an occlusion);
-        enough of it raises the occlusion alarm, as a real pump's pressure sensor would. The
-        reservoir is drawn down by everything pushed, and empties into a fault.
+        `basal_u` and `bolus_u` are what the pump believes it delivered — its history, like a
+        real pump's, is its own view. `missed_u` is the part that did not reach the patient
+        (an occlusion); enough of it raises the occlusion alarm, as a real pump's pressure
+        sensor would. The reservoir is drawn down by what was pushed and empties into a fault.
         """
         out: list[Delivery] = []
         if basal_u > 0 or minutes > 0:
             out.append(self._book(t0, "basal", basal_u, "", minutes))
-        if self.pending_bolus_u > 0:
-            out.append(self._book(t0, "bolus", bolus_u, self.pending_bolus_key, 0.0))
-            self.pending_bolus_u, self.pending_bolus_key = 0.0, ""
-        self.reservoir_u = max(0.0, self.reservoir_u - basal_u - bolus_u - missed_u)
+        if bolus_u > 0:
+            out.append(self._book(t0, "bolus", bolus_u, self.bolus_key, 0.0))
+            self.bolus_left_u = max(0.0, self.bolus_left_u - bolus_u)
+            if self.bolus_left_u <= 1e-9 and self.bolus_queued_u <= 0:
+                self.bolus_left_u, self.bolus_key = 0.0, ""
+        self.reservoir_u = max(0.0, self.reservoir_u - basal_u - bolus_u)
         self.missed_u += max(0.0, missed_u)
         if self.reservoir_u <= 1e-9:
             self.fault = PumpFault.RESERVOIR_EMPTY
@@ -350,6 +377,7 @@ class PumpFirmware:
             self.fault = PumpFault.OCCLUSION
         if self.fault:
             self.temp_rate = self.temp_start = self.temp_end = None
+            self.stop_bolus()
         return out
 
     def _book(
@@ -389,8 +417,8 @@ class PumpFirmware:
     # ---- checkpoint (JSON, never pickle)
     _SCALARS = (
         "scheduled_basal_u_per_h", "reservoir_u", "max_bolus_u", "max_basal_u_per_h",
-        "occlusion_alarm_u", "suspended", "temp_rate", "pending_bolus_u", "pending_bolus_key",
-        "missed_u", "next_seq",
+        "occlusion_alarm_u", "suspended", "temp_rate", "bolus_queued_u", "bolus_left_u",
+        "bolus_key", "missed_u", "next_seq",
     )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
@@ -429,3 +457,50 @@ def resolve_command(pump: Pump, key: str) -> tuple[str, Ack | None, str]:
     if ack is None:
         return "failed", None, "pump has no record of the key (never received)"
     return ("acked" if ack.accepted else "failed"), ack, ack.detail
+
+
+class FirmwarePump:
+    """A `Pump` driven by a `PumpFirmware`: the command surface every simulated pump shares.
+
+    Subclasses say what time it is (`_now`) and how an acknowledgement is made durable
+    (`_persist`, called once per new key before the acknowledgement is returned).
+    """
+
+    firmware: PumpFirmware
+
+    def _now(self) -> pd.Timestamp:
+        raise NotImplementedError
+
+    def _persist(self, ack: Ack) -> None:
+        """Make a new acknowledgement (and the firmware state it changed) durable."""
+
+    def _command(self, cmd: Command) -> Ack:
+        known = cmd.key in self.firmware.acks
+        ack = self.firmware.command(cmd, self._now())
+        if not known:
+            self._persist(ack)
+        return ack
+
+    def status(self) -> PumpStatus:
+        return self.firmware.status(self._now())
+
+    def temp_basal(self, rate_u_per_h: float, duration_min: int, key: str) -> Ack:
+        return self._command(Command(key, CommandKind.TEMP_BASAL, rate_u_per_h, duration_min))
+
+    def cancel_temp_basal(self, key: str) -> Ack:
+        return self._command(Command(key, CommandKind.CANCEL_TEMP))
+
+    def bolus(self, units: float, key: str) -> Ack:
+        return self._command(Command(key, CommandKind.BOLUS, units))
+
+    def suspend(self, key: str) -> Ack:
+        return self._command(Command(key, CommandKind.SUSPEND))
+
+    def resume(self, key: str) -> Ack:
+        return self._command(Command(key, CommandKind.RESUME))
+
+    def ack_for(self, key: str) -> Ack | None:
+        return self.firmware.acks.get(key)
+
+    def deliveries(self, after_seq: int = 0) -> list[Delivery]:
+        return self.firmware.deliveries(after_seq)

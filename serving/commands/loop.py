@@ -1,0 +1,196 @@
+"""`glucast loop`: run the closed loop on simulated or replayed devices (stdlib imports only here).
+
+    glucast loop --backend sim --patient adult#001 --journal run.db --speed fast --hours 24
+    glucast loop --model DIR --backend sim --patient adult#001 --journal run.db --speed realtime
+    glucast loop --backend replay --replay frame.parquet --patient ohio-559 --journal r.db
+
+Restarting the same command continues the same run: the journal and the simulated devices'
+state file (``--device-state``, default ``<journal>.device.db``) carry everything over, and
+``--hours`` counts from the run's first start. Also runnable as
+``python -m serving.commands.loop ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+CONTROLLERS = ("mpc", "physio-mpc", "basal-bolus", "pid")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("loop", help="run the closed loop (simulated or replayed devices)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", metavar="DIR", help="exported forecaster (model.onnx + manifest.json)"
+    )
+    p.add_argument("--backend", choices=("sim", "replay"), default="sim")
+    p.add_argument(
+        "--patient",
+        default="adult#001",
+        help="sim: patient(s) e.g. adult#001 or adults; replay: subject id",
+    )
+    p.add_argument("--journal", required=True, metavar="F.db", help="the loop's SQLite journal")
+    p.add_argument(
+        "--device-state",
+        metavar="F.db",
+        help="sim: simulated devices' state file (default <journal>.device.db)",
+    )
+    p.add_argument("--replay", metavar="FRAME", help="replay: canonical frame (.parquet or .csv)")
+    p.add_argument("--speed", choices=("realtime", "fast"), default="realtime")
+    p.add_argument(
+        "--hours", type=float, help="stop when the run (from its first start) reaches N hours"
+    )
+    p.add_argument(
+        "--controller", choices=CONTROLLERS, help="default: mpc with --model, else physio-mpc"
+    )
+    p.add_argument(
+        "--mode", choices=("closed", "open"), default="closed", help="open: journal advice only"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sim: meals, sensor noise")
+    p.add_argument(
+        "--sensor", default="dexcom", help="sim: dexcom | dexcom-noise | none | simglucose"
+    )
+    p.add_argument(
+        "--carb-error", type=float, default=0.0, help="sim: SD of the announced-carb error"
+    )
+    p.add_argument("--start", default=None, help="sim: start time (UTC, on the 5-min grid)")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a device fault, e.g. dropout:start=60,minutes=30 (repeatable)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no per-cycle lines on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+
+
+def build_controller(name: str | None, model_dir: str | None):
+    """(controller, predictor): the CLI's controller over the checked predictor.
+
+    A model that cannot be trusted (missing, tampered, mismatched) is not fatal: the
+    predictor falls back to the physiological forecaster and says why (journaled).
+    """
+    from serving.controllers import make_controller
+    from serving.predictor import load_predictor
+
+    name = name or ("mpc" if model_dir else "physio-mpc")
+    predictor = load_predictor(model_dir, strict=False)
+    if name == "mpc":
+        return make_controller("mpc", predictor=predictor), predictor
+    if name == "physio-mpc":
+        from serving.controllers.mpc import physio_predictor
+
+        physio = physio_predictor(predictor.config)
+        return make_controller("physio-mpc", physio=physio), physio
+    return make_controller(name), predictor
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from serving.journal import Journal
+    from serving.loop import ControlLoop, LoopError, ReplayBackend, SimBackend, StopFlag, run_loop
+
+    journal_path = Path(args.journal)
+    controller, predictor = build_controller(args.controller, args.model)
+    if args.backend == "sim":
+        from serving.hal.simulated import DEFAULT_START, SimulatedCohort, WorldConfig
+
+        cfg = WorldConfig(
+            patients=args.patient,
+            seed=args.seed,
+            start=args.start or DEFAULT_START,
+            sensor=args.sensor,
+            carb_error=args.carb_error,
+        )
+        state = (
+            Path(args.device_state)
+            if args.device_state
+            else journal_path.with_name(journal_path.name + ".device.db")
+        )
+        backend = SimBackend(SimulatedCohort(cfg, state_path=state), faults=args.fault)
+    else:
+        if not args.replay:
+            raise LoopError("--backend replay needs --replay FRAME")
+        from forecast.schema import read_parquet
+
+        src = Path(args.replay)
+        frame = (
+            read_parquet(src)
+            if src.suffix == ".parquet"
+            else pd.read_csv(src, parse_dates=["time"])
+        )
+        backend = ReplayBackend(frame, args.patient, window=predictor.config, faults=args.fault)
+    journal = Journal(journal_path)
+    loop = ControlLoop(backend, journal, controller, predictor, mode=args.mode)
+    loop.start(describe=backend.describe())
+    until = None
+    if args.hours is not None:
+        until = loop.run_start + pd.Timedelta(hours=args.hours)
+    if args.backend == "replay":
+        end = backend.end
+        until = end if until is None else min(until, end)
+    stop = StopFlag()
+    print(f"glucast loop: {', '.join(backend.names)} from {backend.now()} ({args.speed}, {args.mode})",
+          file=sys.stderr, flush=True)  # fmt: skip
+    on_cycle = None if args.quiet else _printer()
+    summary = run_loop(loop, until=until, speed=args.speed, stop=stop, on_cycle=on_cycle)
+    info = journal.summary()
+    journal.close()
+    if hasattr(backend, "world"):
+        backend.world.close()
+    if args.json:
+        from forecast.cli import emit_json
+
+        emit_json(
+            {
+                "cycles_this_run": summary.cycles,
+                "start": summary.start.isoformat(),
+                "end": summary.end.isoformat(),
+                "stopped_by": summary.stopped_by,
+                "wall_s": summary.wall_s,
+                "journal": info,
+            }
+        )
+    print(f"glucast loop: stopped ({summary.stopped_by}) at {summary.end} after {summary.cycles} cycles",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return 0 if not info["problems"] else 1
+
+
+def _printer():
+    def show(recs) -> None:
+        for r in recs:
+            v = r.verdict
+            g = "---" if r.glucose != r.glucose else f"{r.glucose:3.0f}"
+            sent = ",".join(f"{c.command.kind}:{c.status}" for c in r.results) or "-"
+            print(
+                f"{r.time:%Y-%m-%d %H:%M} {r.patient} g={g} iob={r.iob_u:5.2f} → "
+                f"{v.temp_basal_u_per_h:5.2f} U/h {v.duration_min}m +{v.bolus_u:4.2f} U "
+                f"{v.fallback or ''} [{sent}]",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m serving.commands.loop ...`: the same command without the plugin scan."""
+    from forecast.schema import GlucastError
+
+    p = argparse.ArgumentParser(prog="glucast loop")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except GlucastError as e:
+        print(f"glucast loop: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
