@@ -1,0 +1,578 @@
+"""Nightscout exports: ``entries.json``, ``treatments.json`` and (optionally) ``profile.json``.
+
+Files are recognised by content, not name, and all files of one directory are one person
+(``nightscout-<directory>``, or ``subject_id=``). What is read:
+
+* **entries** (``/api/v1/entries.json``): ``type`` "sgv" -> ``glucose`` (``sgv`` is always
+  mg/dL in Nightscout, whatever the display units); ``date`` (epoch ms) or ``dateString``.
+  Values below 39 are Dexcom error codes (1 ?SN sensor not active, 3 ?NA no antenna,
+  5 ?NC not calibrated, 9 ?AD absolute deviation, 10 ??? power deviation, 12 ?RF bad RF)
+  and 39 is Dexcom's "LOW" (below 40 mg/dL): these are rejected as ``sensor error code``,
+  never kept as glucose. ``mbg`` (meter) entries -> ``finger_stick``; ``cal`` entries are
+  counted and not used.
+* **treatments**: ``created_at`` (ISO; ``date``/``mills`` epoch ms as fallback).
+  "Temp Basal" with ``absolute``/``rate`` (U/h) or ``percent`` (change relative to the
+  scheduled basal: -100 = suspension) for ``duration`` minutes; a new temp cancels the
+  previous one, a temp of duration 0 cancels without replacing. Any treatment with
+  ``insulin`` (Bolus, Correction Bolus, Meal Bolus, Snack Bolus, SMB...) -> ``bolus_u``;
+  "Combo Bolus" adds its extended part (``relative`` U/h for ``duration``). Any treatment
+  with ``carbs`` (Carb Correction, Meal Bolus...) -> ``carbs_g``. "BG Check" (``glucose``,
+  ``units`` "mg/dl" or "mmol") -> ``finger_stick``. "Exercise" -> ``exercise`` = 1 for
+  its duration. "Suspend Pump" -> basal 0 until "Resume Pump" (or its duration). Other
+  event types (notes, site changes, targets...) are counted in the report.
+* **profile** (``/api/v1/profile.json``): the basal schedule (``store[defaultProfile].basal``,
+  local times in the profile's ``timezone``) gives the scheduled basal that temp basals
+  override and percent temps scale; without a profile pass ``basal=`` (U/h, flat).
+  Without either, only temp basals are known and the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from forecast.io.common import (
+    PathLike,
+    Sink,
+    check_timezone,
+    count,
+    expand_paths,
+    finish,
+    localize,
+    numbers,
+    read_bytes,
+    record_end,
+    screen_amounts,
+    screen_readings,
+    screen_spans,
+)
+from forecast.preprocess import MGDL, Events, detect_units, table
+from forecast.schema import MGDL_PER_MMOLL, DataReport, DatasetMeta, EmptyInputError, InputError
+
+SOURCE = "Nightscout"
+DEXCOM_CODES = {
+    0: "NONE",
+    1: "?SN sensor not active",
+    2: "?MD minimal deviation",
+    3: "?NA no antenna",
+    5: "?NC not calibrated",
+    6: "?CD counts deviation",
+    9: "?AD absolute deviation",
+    10: "??? power deviation",
+    12: "?RF bad RF",
+    39: "LOW",
+}
+IGNORED_EVENTS_NOTE = "treatments without insulin, carbs, glucose or basal (notes, site changes...)"
+
+
+def read_nightscout(
+    paths: PathLike | Iterable[PathLike],
+    *,
+    strict: bool = False,
+    subject_id: str | None = None,
+    basal: float | None = None,
+    timezone: str | None = None,
+    now: pd.Timestamp | None = None,
+) -> tuple[pd.DataFrame, DataReport]:
+    """Read Nightscout JSON exports (files or directories) into a canonical frame.
+
+    `basal`: scheduled basal rate (U/h) when no profile.json is given. `timezone`: the
+    person's zone, for time-of-day features (default: the profile's, else UTC); the
+    exported timestamps are absolute and need no zone.
+    """
+    files = expand_paths(paths, (".json",))
+    report = DataReport(source=SOURCE)
+    sink = Sink(report, strict)
+    groups: dict[Path, list[Path]] = defaultdict(list)
+    for f in files:
+        groups[f.parent].append(f)
+    parts, zones, units = [], set(), set()
+    for folder, members in sorted(groups.items()):
+        sid = subject_id or f"nightscout-{folder.resolve().name}"
+        ev, tz, u = _read_person(members, sid, sink, basal, now)
+        parts.append(ev)
+        zones |= {tz} if tz else set()
+        units |= u
+    tz = check_timezone(timezone or (sorted(zones)[0] if len(zones) == 1 else "UTC"))
+    if len(zones) > 1 and not timezone:
+        report.notes.append(f"profiles in several time zones {sorted(zones)}; metadata says UTC")
+    meta = DatasetMeta(
+        source=SOURCE,
+        device="Nightscout (CGM and pump uploads)",
+        sampling_minutes=5.0,
+        timezone=tz,
+        units_seen=sorted(units | {MGDL}),
+        licence="personal data of the exporting user",
+        extra={"files": [str(f) for f in files]},
+    )
+    return finish(Events.concat(parts), report, meta), report
+
+
+def load_json(path: Path, sink: Sink) -> Any:
+    """Parsed JSON, or None after reporting an empty or malformed file."""
+    data = read_bytes(path, sink)
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        record = f"line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        sink.fail(
+            InputError(
+                "malformed JSON",
+                file=path,
+                record=record,
+                field="json",
+                value=getattr(e, "msg", str(e)),
+            )
+        )
+        return None
+    if doc in ([], {}):
+        sink.fail(EmptyInputError("no records", file=path, record="", field="file", value=str(doc)))
+        return None
+    return doc
+
+
+def kind_of(doc: Any) -> str:
+    """'entries', 'treatments', 'profile', 'devicestatus' or 'unknown' from the content."""
+    items = doc if isinstance(doc, list) else [doc]
+    first = next((d for d in items if isinstance(d, dict)), {})
+    if "store" in first or "defaultProfile" in first:
+        return "profile"
+    if "eventType" in first:
+        return "treatments"
+    if "sgv" in first or first.get("type") in ("sgv", "mbg", "cal"):
+        return "entries"
+    if any(k in first for k in ("openaps", "loop", "pump", "uploader", "device")):
+        return "devicestatus"
+    return "unknown"
+
+
+def _times(
+    df: pd.DataFrame, iso: tuple[str, ...], epoch: tuple[str, ...]
+) -> tuple[pd.Series, pd.Series]:
+    """Absolute times from ISO strings (with zone) or epoch ms, and the raw value used."""
+    n = len(df)
+    t = pd.Series(pd.NaT, index=range(n), dtype="datetime64[ns, UTC]")
+    raw = pd.Series([None] * n, dtype=object)
+    for col in epoch:
+        if col in df:
+            v = numbers(df[col])
+            use = t.isna().to_numpy() & np.isfinite(v)
+            t[use] = pd.to_datetime(v[use], unit="ms", utc=True)
+            # epoch ms read as float when some records lack it: show them as integers
+            raw[use] = [int(x) if float(x).is_integer() else x for x in v[use]]
+    for col in iso:
+        if col in df:
+            s = df[col].astype("string")
+            parsed = pd.to_datetime(s, errors="coerce", utc=True, format="ISO8601")
+            use = t.isna().to_numpy() & parsed.notna().to_numpy()
+            t[use] = parsed[use].astype("datetime64[ns, UTC]")
+            miss = raw.isna().to_numpy() & df[col].notna().to_numpy()
+            raw[miss] = df[col].to_numpy(dtype=object)[miss]
+    return t.astype("datetime64[ns, UTC]"), raw
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df else pd.Series([None] * len(df), dtype=object)
+
+
+def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, now):
+    report = sink.report
+    ev = Events()
+    docs: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
+    for f in files:
+        report.files.append(str(f))
+        doc = load_json(f, sink)
+        if doc is None:
+            continue
+        k = kind_of(doc)
+        if k in ("devicestatus", "unknown"):
+            n = len(doc) if isinstance(doc, list) else 1
+            count(report, f"ignored:{k}", n)
+            report.notes.append(f"{f.name}: {k} records ({n}) are not used")
+            continue
+        docs[k].append((f, doc))
+    units: set[str] = set()
+    all_times: list[pd.Series] = []
+
+    # ---- entries
+    for f, doc in docs["entries"]:
+        df = pd.DataFrame.from_records([d if isinstance(d, dict) else {"_bad": d} for d in doc])
+        rec = pd.Series([f"entries[{i}]" for i in range(len(df))])
+        t, traw = _times(df, ("dateString", "sysTime"), ("date", "mills"))
+        typ = _col(df, "type").astype("string").fillna("sgv").to_numpy()
+        sgv = typ == "sgv"
+        report.readings_in += int(sgv.sum())
+        raw = _col(df, "sgv")[sgv]
+        v = numbers(raw)
+        if np.isfinite(v).sum() >= 10:
+            detect_units(v, declared=MGDL, file=str(f), field="sgv")
+        code = pd.Series(
+            [
+                DEXCOM_CODES.get(int(x), f"code {int(x)}") if np.isfinite(x) and x <= 39 else None
+                for x in v
+            ],
+            dtype="string",
+        )
+        ev.add(
+            "readings",
+            screen_readings(
+                sink,
+                file=f,
+                subject_id=sid,
+                time=t[sgv],
+                time_raw=traw[sgv],
+                glucose=v,
+                value_raw=raw,
+                record=rec[sgv],
+                time_field="date",
+                value_field="sgv",
+                code=code,
+                now=now,
+            ),
+        )
+        mbg = typ == "mbg"
+        if mbg.any():
+            raw = _col(df, "mbg")[mbg]
+            ok = screen_amounts(
+                sink,
+                file=f,
+                field="finger_stick",
+                time=t[mbg],
+                time_raw=traw[mbg],
+                amount=numbers(raw),
+                amount_raw=raw,
+                record=rec[mbg],
+                time_field="date",
+                value_field="mbg",
+                minimum=20.0,
+                maximum=600.0,
+                now=now,
+            )
+            ev.add(
+                "values",
+                table(
+                    "values",
+                    subject_id=sid,
+                    start=t[mbg][ok],
+                    column="finger_stick",
+                    value=numbers(raw)[ok],
+                ),
+            )
+        other = ~(sgv | mbg)
+        for k, n in pd.Series(typ[other]).value_counts().items():
+            count(report, f"ignored:entries:{k}", n)
+        all_times.append(t)
+
+    # ---- treatments
+    temps: list[pd.DataFrame] = []
+    for f, doc in docs["treatments"]:
+        df = pd.DataFrame.from_records([d if isinstance(d, dict) else {"_bad": d} for d in doc])
+        rec = pd.Series([f"treatments[{i}]" for i in range(len(df))])
+        t, traw = _times(df, ("created_at", "timestamp"), ("date", "mills"))
+        all_times.append(t)
+        et = _col(df, "eventType").astype("string").fillna("").to_numpy()
+        used = np.zeros(len(df), bool)
+
+        def amounts(mask, field, col, *, maximum, minimum=0.0, f=f, t=t, traw=traw, rec=rec, df=df):
+            raw = _col(df, col)[mask]
+            v = numbers(raw)
+            ok = screen_amounts(
+                sink,
+                file=f,
+                field=field,
+                time=t[mask],
+                time_raw=traw[mask],
+                amount=v,
+                amount_raw=raw,
+                record=rec[mask],
+                time_field="created_at",
+                value_field=col,
+                maximum=maximum,
+                minimum=minimum,
+                now=now,
+            )
+            return ok, t[mask][ok], v[ok]
+
+        present = lambda c, df=df: _col(df, c).notna().to_numpy()  # noqa: E731
+
+        # boluses: any treatment with insulin
+        m = present("insulin") & (et != "Temp Basal")
+        ok, tt, u = amounts(m, "bolus_u", "insulin", maximum=100.0)
+        ev.add("doses", table("doses", subject_id=sid, start=tt, units=u, column="bolus_u"))
+        used |= m
+        # combo bolus: extended part
+        m = (et == "Combo Bolus") & present("relative") & present("duration")
+        if m.any():
+            ok, tt, rate = amounts(m, "bolus_u", "relative", maximum=35.0)
+            dur = numbers(_col(df, "duration")[m])[ok]
+            e = tt + pd.to_timedelta(np.nan_to_num(dur), unit="min")
+            ev.add(
+                "doses",
+                table(
+                    "doses",
+                    subject_id=sid,
+                    start=tt,
+                    end=e,
+                    units=rate * np.nan_to_num(dur) / 60,
+                    column="bolus_u",
+                ),
+            )
+        # carbs
+        m = present("carbs")
+        ok, tt, g = amounts(m, "carbs_g", "carbs", maximum=1000.0)
+        keep = g > 0
+        ev.add("carbs", table("carbs", subject_id=sid, time=tt[keep], grams=g[keep]))
+        used |= m
+        # finger sticks (treatment glucose may be mmol/L)
+        m = present("glucose") & np.isin(
+            et,
+            [
+                "BG Check",
+                "Meal Bolus",
+                "Correction Bolus",
+                "Snack Bolus",
+                "Carb Correction",
+                "Note",
+                "Bolus",
+            ],
+        )
+        if m.any():
+            u_col = _col(df, "units").astype("string").str.lower().fillna("")[m]
+            raw = _col(df, "glucose")[m]
+            v = numbers(raw)
+            mmol = u_col.str.contains("mmol").to_numpy()
+            mg = np.where(mmol, v * MGDL_PER_MMOLL, v)
+            units |= {"mmol/L"} if mmol.any() else set()
+            ok = screen_amounts(
+                sink,
+                file=f,
+                field="finger_stick",
+                time=t[m],
+                time_raw=traw[m],
+                amount=mg,
+                amount_raw=raw,
+                record=rec[m],
+                time_field="created_at",
+                value_field="glucose",
+                minimum=20.0,
+                maximum=600.0,
+                now=now,
+            )
+            ev.add(
+                "values",
+                table(
+                    "values", subject_id=sid, start=t[m][ok], column="finger_stick", value=mg[ok]
+                ),
+            )
+            used |= m
+        # temp basals
+        m = et == "Temp Basal"
+        if m.any():
+            sub = df[m].reset_index(drop=True)
+            has_abs = sub.get("absolute", pd.Series([None] * len(sub))).notna()
+            rate_col = np.where(has_abs, "absolute", "rate")
+            rate_raw = pd.Series(
+                [sub.at[i, c] if c in sub else None for i, c in enumerate(rate_col)], dtype=object
+            )
+            rate = numbers(rate_raw)
+            pct = numbers(_col(sub, "percent"))
+            dur = numbers(_col(sub, "duration"))
+            tt = t[m].reset_index(drop=True)
+            # duration 0 cancels the running temp: its rate does not matter
+            cancel = np.isfinite(dur) & (dur == 0)
+            rate = np.where(cancel & ~np.isfinite(rate) & ~np.isfinite(pct), 0.0, rate)
+            bad_rate = ~np.isfinite(rate) & ~np.isfinite(pct)
+            amount = np.where(np.isfinite(rate), rate, np.where(np.isfinite(pct), 0.0, np.nan))
+            ok = screen_amounts(
+                sink,
+                file=f,
+                field="basal_u",
+                time=tt,
+                time_raw=traw[m],
+                amount=np.where(bad_rate, np.nan, amount),
+                amount_raw=np.where(np.isfinite(rate), rate_raw, _col(sub, "percent")),
+                record=rec[m],
+                time_field="created_at",
+                value_field="absolute/rate/percent",
+                maximum=35.0,
+                now=now,
+            )
+            ok &= ~(np.isfinite(pct) & (pct < -100))
+            e = tt + pd.to_timedelta(np.nan_to_num(dur), unit="min")
+            ok2 = screen_spans(
+                sink,
+                file=f,
+                field="basal_u",
+                start=tt[ok],
+                end=e[ok],
+                end_raw=_col(sub, "duration")[ok],
+                record=rec[m][ok],
+                end_field="duration",
+                max_hours=24,
+            )
+            idx = np.flatnonzero(ok)[ok2]
+            temps.append(
+                table(
+                    "rates",
+                    subject_id=sid,
+                    start=tt[idx],
+                    end=e[idx],
+                    rate_u_h=rate[idx],
+                    percent=np.where(np.isfinite(rate[idx]), np.nan, pct[idx]),
+                    temp=True,
+                )
+            )
+            used |= m
+        # pump suspensions
+        m = np.isin(et, ["Suspend Pump", "Resume Pump"])
+        if m.any():
+            temps.append(
+                _suspensions(df[m].reset_index(drop=True), t[m].reset_index(drop=True), sid)
+            )
+            used |= m
+        # exercise
+        m = et == "Exercise"
+        if m.any():
+            dur = numbers(_col(df, "duration")[m])
+            tt = t[m].reset_index(drop=True)
+            e = tt + pd.to_timedelta(np.nan_to_num(dur), unit="min")
+            okt = tt.notna().to_numpy()
+            ev.add(
+                "values",
+                table(
+                    "values",
+                    subject_id=sid,
+                    start=tt[okt],
+                    end=e[okt],
+                    column="exercise",
+                    value=1.0,
+                ),
+            )
+            used |= m
+        for k, n in pd.Series(et[~used]).value_counts().items():
+            count(report, f"ignored:treatments:{k or '(no eventType)'}", n)
+
+    # ---- scheduled basal: profile, or a flat rate, or unknown
+    times = (
+        pd.concat(all_times, ignore_index=True)
+        if all_times
+        else pd.Series([], dtype="datetime64[ns, UTC]")
+    )
+    start, end = times.dropna().min(), record_end(times, now)
+    tz = None
+    sched = None
+    if docs["profile"]:
+        f, doc = docs["profile"][-1]
+        sched, tz = _profile_schedule(doc, f, sid, start, end, sink)
+        if len(docs["profile"]) > 1:
+            report.notes.append(f"several profile files for {sid}; used {f.name}")
+    elif basal is not None:
+        if not (0 <= basal <= 35):
+            raise InputError("implausible scheduled basal rate (U/h)", field="basal", value=basal)
+        if pd.notna(start):
+            sched = table(
+                "rates", subject_id=sid, start=[start], end=[end], rate_u_h=[float(basal)]
+            )
+    elif temps:
+        report.notes.append(
+            f"{sid}: no profile.json and no --basal: basal_u holds temp basals only; "
+            "scheduled basal between them is unknown (0)"
+        )
+    if sched is not None:
+        ev.add("rates", sched)
+    for tb in temps:
+        ev.add("rates", tb)
+    return ev, tz, units
+
+
+def _suspensions(df: pd.DataFrame, t: pd.Series, sid: str) -> pd.DataFrame:
+    """'Suspend Pump' -> a 0 U/h temp until the next 'Resume Pump' (or its duration)."""
+    et = _col(df, "eventType").astype("string").to_numpy()
+    order = np.argsort(pd.DatetimeIndex(t).asi8, kind="stable")
+    starts, ends = [], []
+    for j, i in enumerate(order):
+        if et[i] != "Suspend Pump" or pd.isna(t.iloc[i]):
+            continue
+        dur = numbers(_col(df, "duration"))[i]
+        end = t.iloc[i] + pd.Timedelta(minutes=float(dur)) if np.isfinite(dur) and dur > 0 else None
+        if end is None:
+            resume = [t.iloc[k] for k in order[j + 1 :] if et[k] == "Resume Pump"]
+            end = resume[0] if resume else t.iloc[i] + pd.Timedelta(hours=24)
+        starts.append(t.iloc[i])
+        ends.append(end)
+    return table(
+        "rates", subject_id=sid, start=starts, end=ends, rate_u_h=[0.0] * len(starts), temp=True
+    )
+
+
+def _profile_schedule(doc: Any, path: Path, sid: str, start, end, sink: Sink):
+    """Scheduled-basal segments over [start, end] from a Nightscout profile document."""
+    docs = doc if isinstance(doc, list) else [doc]
+    docs = [d for d in docs if isinstance(d, dict) and "store" in d]
+    if not docs:
+        sink.fail(
+            InputError(
+                "profile without a 'store'", file=path, record="profile", field="store", value=""
+            )
+        )
+        return None, None
+    docs.sort(key=lambda d: str(d.get("startDate", "")))
+    d = docs[-1]
+    name = d.get("defaultProfile") or next(iter(d["store"]))
+    prof = d["store"].get(name)
+    if not isinstance(prof, dict) or not prof.get("basal"):
+        sink.fail(
+            InputError(
+                "profile has no basal schedule",
+                file=path,
+                record=f"store[{name!r}]",
+                field="basal",
+                value="",
+            )
+        )
+        return None, None
+    tz = check_timezone(prof.get("timezone") or "UTC")
+    entries = []
+    for i, b in enumerate(prof["basal"]):
+        secs = b.get("timeAsSeconds")
+        if secs is None:
+            hh, _, mm = str(b.get("time", "")).partition(":")
+            secs = int(hh) * 3600 + int(mm or 0) * 60 if hh.isdigit() else None
+        rate = numbers([b.get("value")])[0]
+        if secs is None or not np.isfinite(rate) or not 0 <= rate <= 35:
+            sink.fail(
+                InputError(
+                    "bad basal schedule entry",
+                    file=path,
+                    record=f"store[{name!r}].basal[{i}]",
+                    field="basal_u",
+                    value=json.dumps(b),
+                )
+            )
+            continue
+        entries.append((int(secs), float(rate)))
+    if not entries or pd.isna(start):
+        return None, tz
+    entries.sort()
+    local0 = start.tz_convert(tz).tz_localize(None).normalize()
+    local1 = end.tz_convert(tz).tz_localize(None).normalize()
+    days = pd.date_range(local0, local1, freq="D")
+    naive = pd.Series([day + pd.Timedelta(seconds=s) for day in days for s, _ in entries])
+    st = localize(naive, tz).astype("datetime64[ns, UTC]")
+    rates = np.array([r for _ in days for _, r in entries])
+    # keep the segments that overlap the data, the first one clipped to its start
+    nxt = st.shift(-1).fillna(end)
+    keep = ((nxt > start) & (st <= end)).to_numpy()
+    st = st.where(st >= start, start)[keep]
+    sched = table(
+        "rates", subject_id=sid, start=st, end=[end] * int(keep.sum()), rate_u_h=rates[keep]
+    )
+    return sched, tz

@@ -1,0 +1,166 @@
+"""Nightscout reader: entries, treatments, profile; synthetic exports in the API's format."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from forecast.io.nightscout import read_nightscout
+from forecast.schema import EmptyInputError, InputError, UnitsError, get_meta
+
+HERE = Path(__file__).parent / "fixtures" / "nightscout"
+A = HERE / "person_a"
+B = HERE / "person_b"
+H = 3600.0
+
+
+@pytest.fixture(scope="module")
+def a():
+    return read_nightscout(A)
+
+
+def _at(frame, hhmm: str, day="2024-03-10"):
+    return frame[frame["time"] == pd.Timestamp(f"{day} {hhmm}", tz="UTC")].iloc[0]
+
+
+def test_entries_newest_first_with_a_double_upload(a):
+    frame, report = a
+    entries = json.loads((A / "entries.json").read_text())
+    sgv = [e for e in entries if e.get("type") == "sgv"]
+    assert list(frame["subject_id"].unique()) == ["nightscout-person_a"]
+    assert report.readings_in == len(sgv) == 97
+    assert report.readings_kept == 96 == frame["glucose"].notna().sum()
+    assert [(r.record, r.reason, r.field) for r in report.rejected] == [
+        ("entries[11]", "duplicate", "glucose")
+    ]
+    assert report.counts["ignored:entries:cal"] == 1
+    assert _at(frame, "07:00")["finger_stick"] == 131.0  # the meter (mbg) entry at 06:58
+    assert get_meta(frame).timezone == "Europe/London"
+
+
+def test_profile_basal_with_absolute_percent_and_cancelled_temps(a):
+    frame, _ = a
+    first = pd.Timestamp("2024-03-10 00:02:13", tz="UTC")
+    last = pd.Timestamp("2024-03-10 07:57:13", tz="UTC")
+    six = pd.Timestamp("2024-03-10 06:00", tz="UTC")
+    scheduled = 0.8 * (six - first).total_seconds() / H + 1.0 * (last - six).total_seconds() / H
+    # 01:00-01:30 at 0.5 instead of 0.8; 03:00 -50 % for 60 min, cancelled at 03:30
+    want = scheduled - 0.5 * (0.8 - 0.5) - 0.5 * 0.8 * 0.5
+    assert frame["basal_u"].sum() == pytest.approx(want)
+    assert _at(frame, "03:15")["basal_u"] == pytest.approx(0.4 / 12)
+    assert _at(frame, "03:45")["basal_u"] == pytest.approx(0.8 / 12)
+
+
+def test_boluses_carbs_and_other_treatments(a):
+    frame, report = a
+    # Combo Bolus: 1.0 U now + 1.2 U/h for 60 min; Correction 1.5; Meal Bolus 4.0
+    assert frame["bolus_u"].sum() == pytest.approx(1.0 + 1.2 + 1.5 + 4.0)
+    assert _at(frame, "04:30")["bolus_u"] == pytest.approx(1.2 / 12)
+    assert frame["carbs_g"].sum() == 55
+    assert _at(frame, "07:00")["carbs_g"] == 40 and _at(frame, "07:00")["meal_announced"] == 1
+    assert _at(frame, "06:30")["finger_stick"] == 120.0
+    assert _at(frame, "02:15")["exercise"] == 1.0
+    assert report.counts["ignored:treatments:Note"] == 1
+    assert report.counts["ignored:treatments:Site Change"] == 1
+
+
+def test_mmol_treatments_and_a_flat_basal_without_profile():
+    frame, report = read_nightscout(B, basal=0.9)
+    assert frame["finger_stick"].dropna().tolist() == [pytest.approx(6.5 * 18.0182)]
+    assert "mmol/L" in get_meta(frame).units_seen
+    span = (
+        pd.Timestamp("2024-06-01 15:55:40", tz="UTC")
+        - pd.Timestamp("2024-06-01 12:00:40", tz="UTC")
+    ).total_seconds() / H
+    assert frame["basal_u"].sum() == pytest.approx(0.9 * span + 0.5 * (1.2 - 0.9))
+    frame, report = read_nightscout(B)
+    assert frame["basal_u"].sum() == pytest.approx(0.6)  # the temp basal only
+    assert any("no profile.json and no --basal" in n for n in report.notes)
+    frame, _ = read_nightscout(B, subject_id="me")
+    assert list(frame["subject_id"].unique()) == ["me"]
+
+
+def test_percent_temp_without_scheduled_basal_is_reported(tmp_path):
+    for name in ("entries.json", "treatments.json"):
+        shutil.copy(A / name, tmp_path / name)
+    frame, report = read_nightscout(tmp_path)
+    assert any("30 min of percent temp basal" in n for n in report.notes)
+    assert frame["basal_u"].sum() == pytest.approx(0.5 * 0.5)  # the absolute temp only
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _entry(i: int, sgv, when: str | None = None, **kw) -> dict:
+    t = (
+        pd.Timestamp(when)
+        if when
+        else pd.Timestamp("2024-01-01", tz="UTC") + pd.Timedelta(minutes=5 * i)
+    )
+    return {
+        "type": "sgv",
+        "sgv": sgv,
+        "date": int(t.value // 10**6),
+        "dateString": t.isoformat(),
+        **kw,
+    }
+
+
+def test_error_codes_ranges_times_and_order(tmp_path):
+    entries = [
+        _entry(0, 120),
+        _entry(1, 5),  # ?NC sensor not calibrated
+        _entry(2, 39),  # Dexcom LOW
+        _entry(3, 700),
+        {"type": "sgv", "sgv": 110, "dateString": "not a date"},
+        _entry(5, 100, when="2099-01-01T00:00:00Z"),
+        _entry(6, 130),
+        _entry(4, 125),  # earlier than the record before it
+        _entry(7, "abc"),
+    ] + [_entry(10 + i, 150 + i) for i in range(10)]
+    (tmp_path / "entries.json").write_text(json.dumps(entries))
+    frame, report = read_nightscout(tmp_path)
+    got = {r.record: (r.reason, r.value) for r in report.rejected}
+    assert got["entries[1], sgv"] == ("sensor error code", 5)
+    assert got["entries[2], sgv"] == ("sensor error code", 39)
+    assert got["entries[3], sgv"] == ("glucose outside 20-600 mg/dL", 700)
+    assert got["entries[4], date"] == ("unparseable timestamp", "not a date")
+    assert got["entries[5], date"][0] == "timestamp in the future"
+    assert got["entries[7], date"][0] == "timestamp out of order"
+    assert got["entries[8], sgv"] == ("unparseable glucose", "abc")
+    assert all(
+        r.field == "glucose" and r.file == str(tmp_path / "entries.json") for r in report.rejected
+    )
+    assert report.readings_in == 19 and report.readings_kept == 12
+    assert report.readings_kept + report.readings_rejected == report.readings_in
+    with pytest.raises(InputError) as e:
+        read_nightscout(tmp_path, strict=True)
+    assert (e.value.record, e.value.field, e.value.value) == ("entries[1], sgv", "glucose", 5)
+
+
+def test_malformed_empty_and_mmol_entries(tmp_path):
+    bad = tmp_path / "a" / "entries.json"
+    bad.parent.mkdir()
+    bad.write_text('[{"type": "sgv", "sgv": 100,\n "date": 17}\n')
+    with pytest.raises(InputError, match="malformed JSON") as e:
+        read_nightscout(bad, strict=True)
+    assert e.value.record.startswith("line ") and e.value.field == "json"
+    frame, report = read_nightscout(bad)
+    assert len(frame) == 0 and report.rejected[0].reason == "malformed JSON"
+
+    empty = tmp_path / "b" / "treatments.json"
+    empty.parent.mkdir()
+    empty.write_text("[]")
+    with pytest.raises(EmptyInputError):
+        read_nightscout(empty, strict=True)
+    empty.write_text("")
+    with pytest.raises(EmptyInputError):
+        read_nightscout(empty, strict=True)
+
+    mmol = tmp_path / "c" / "entries.json"
+    mmol.parent.mkdir()
+    mmol.write_text(json.dumps([_entry(i, 5.5 + i / 10) for i in range(12)]))
+    with pytest.raises(UnitsError, match="mmol/L"):
+        read_nightscout(mmol)
