@@ -29,13 +29,19 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from forecast.schema import SLOT_MINUTES, DatasetMeta, set_meta, validate_frame
+from forecast.schema import SLOT_MINUTES, DatasetMeta, set_meta, sort_frame, validate_frame
 from forecast.sim.controller import BasalBolusController, ExcitationPolicy
 from forecast.sim.errors import SimInputError
 from forecast.sim.model import ModelConfig
 from forecast.sim.patient import Patients, load_patients
 from forecast.sim.pump import PumpConfig
-from forecast.sim.scenario import AnnouncementConfig, FixedScenario, RandomScenario, Scenario
+from forecast.sim.scenario import (
+    AnnouncementConfig,
+    FixedScenario,
+    MealPlan,
+    RandomScenario,
+    Scenario,
+)
 from forecast.sim.sensor import SensorConfig
 from forecast.sim.simulator import Simulator
 
@@ -125,8 +131,12 @@ def simulate_cohort(
     announced = np.zeros(shape, dtype=bool)
 
     every = max(1, n_slots // 200)
+    end = n_slots * SLOT_MINUTES
+    plans = []
     for s in range(n_slots):
         m = s * SLOT_MINUTES
+        if m % 1440 == 0:  # the simulator forgets meals older than a day: collect daily
+            plans.append(sim.meals(m, min(m + 1440, end)))
         cgm = sim.read_cgm()
         ann = sim.announced_carbs(m, m + SLOT_MINUTES)
         basal, bolus = pol.act(m, cgm, ann)
@@ -140,7 +150,7 @@ def simulate_cohort(
         if progress is not None and (s % every == 0 or s == n_slots - 1):
             progress(s + 1, n_slots)
 
-    plan = sim.meals(0, n_slots * SLOT_MINUTES)
+    plan = MealPlan.concat(plans)
     slot = plan.minute // SLOT_MINUTES
     np.add.at(eaten, (plan.patient, slot), plan.carbs_g)
     ann_slot = plan.announce_minute // SLOT_MINUTES
@@ -190,7 +200,7 @@ def simulate_cohort(
             "carbs_g": "announced grams in the announcement slot; truth in carbs_eaten_g",
         },
     )
-    frame = validate_frame(frame)
+    frame = sort_frame(validate_frame(frame))
     return set_meta(frame, meta)
 
 

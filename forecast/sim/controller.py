@@ -31,21 +31,25 @@ class BasalBolusController:
     target_mgdl: float = 140.0
     correction_above_mgdl: float = 150.0
 
+    def __post_init__(self) -> None:
+        self._basal = self.patients.basal_u_per_h
+        self._zeros = np.zeros(len(self.patients))
+
     def basal_u_per_h(self) -> np.ndarray:
-        """[N] the basal that holds each patient at steady state."""
-        return self.patients.basal_u_per_h
+        """[N] the basal that holds each patient at steady state (u2ss·BW/6000 U/min, as U/h)."""
+        return self._basal
 
     def bolus_u(self, cgm: np.ndarray, announced_carbs_g: np.ndarray) -> np.ndarray:
         """[N] bolus for the meals announced now: carbs/CR + correction above 150 mg/dL."""
         carbs = np.asarray(announced_carbs_g, dtype=np.float64)
+        meal = carbs > 0
+        if not meal.any():
+            return self._zeros
         g = np.asarray(cgm, dtype=np.float64)
-        with np.errstate(invalid="ignore"):
-            corr = np.where(
-                np.isfinite(g) & (g > self.correction_above_mgdl),
-                (g - self.target_mgdl) / self.patients.cf,
-                0.0,
-            )
-        return np.where(carbs > 0, carbs / self.patients.cr + corr, 0.0)
+        corr = np.where(
+            g > self.correction_above_mgdl, (g - self.target_mgdl) / self.patients.cf, 0.0
+        )
+        return np.where(meal, carbs / self.patients.cr + corr, 0.0)
 
     def act(
         self, minute: int, cgm: np.ndarray, announced_carbs_g: np.ndarray
@@ -114,9 +118,8 @@ class ExcitationPolicy:
             lo, hi = c.temp_basal_range
             self._multiplier = np.where(u[:, 0] < c.temp_basal_prob, lo + (hi - lo) * u[:, 1], 1.0)
         g = np.asarray(cgm, dtype=np.float64)
-        with np.errstate(invalid="ignore"):
-            ok = np.isfinite(g) & (g >= c.low_mgdl)
-            suspend = np.isfinite(g) & (g < c.suspend_below_mgdl)
+        ok = g >= c.low_mgdl  # False for NaN (no reading)
+        suspend = g < c.suspend_below_mgdl
         mult = np.where(ok, self._multiplier, np.minimum(self._multiplier, 1.0))
         mult = np.where(suspend, 0.0, mult)
         basal = self.base.basal_u_per_h() * mult

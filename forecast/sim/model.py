@@ -121,14 +121,15 @@ def _rk4(x, q, cho_mg, ins, dbar, h, k1, k2, k3, k4, xt):  # pragma: no cover - 
 @njit(cache=True)
 def run_minutes(
     x, meal, params, food, insulin, eat_rate, substeps, meal_substeps, stomach_fraction,
-    bg, gsub, eaten, states,
+    bg, gsub, eaten, states, bg_range,
 ):  # fmt: skip  # pragma: no cover - compiled
     """Advance N patients T minutes in place.
 
     x [N,13] and meal [N,4] are updated in place. food [N,T]: grams put on the plate at the
     start of each minute (eaten at ≤ eat_rate g/min; eat_rate=inf means "already eaten").
     insulin [N,T]: delivered U/min. Outputs: bg, gsub [N,T+1] mg/dL (plasma, subcutaneous),
-    eaten [N,T] g/min, states [N,T+1,13] (or an empty [0,0,13] array to skip).
+    eaten [N,T] g/min, states [N,T+1,13] (or an empty [0,0,13] array to skip). bg_range
+    [N,2] (running min, max of BG) is updated in place; a NaN BG makes both NaN.
     """
     n, t_len = food.shape
     record = states.shape[0] == n
@@ -174,8 +175,13 @@ def run_minutes(
             ins = insulin[i, t] * to_pmol
             for _ in range(nsub):
                 _rk4(xi, q, cho_mg, ins, dbar, h, k1, k2, k3, k4, xt)
-            bg[i, t + 1] = xi[3] / vg
+            g = xi[3] / vg
+            bg[i, t + 1] = g
             gsub[i, t + 1] = xi[12] / vg
+            if g < bg_range[i, 0] or not g == g:
+                bg_range[i, 0] = g
+            if g > bg_range[i, 1] or not g == g:
+                bg_range[i, 1] = g
             eaten[i, t] = to_eat
             if record:
                 states[i, t + 1, :] = xi

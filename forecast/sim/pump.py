@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
+from numba import njit
 
 from forecast.sim.errors import SimInputError
 from forecast.sim.patient import data_dir
@@ -90,18 +91,42 @@ def _pump_table(folder: str) -> dict[str, dict]:
     }
 
 
-def _round_down(x: np.ndarray, inc: float) -> np.ndarray:
-    """Boluses round down: a pump never gives more than it was asked for."""
-    if inc <= 0:
-        return x
-    return np.floor(x / inc + 1e-9) * inc
+@njit(cache=True)
+def _deliver(
+    k, want_basal, want_bolus, inc_basal, inc_bolus, max_basal, max_bolus, bolus_rate,
+    occlusion, pending, insulin, out,
+):  # fmt: skip  # pragma: no cover - compiled
+    """Commands → per-minute insulin for N pumps over k minutes (in place).
 
-
-def _round_nearest(x: np.ndarray, inc: float) -> np.ndarray:
-    """Basal rates round to the nearest programmable rate (unbiased over a day)."""
-    if inc <= 0:
-        return x
-    return np.round(x / inc) * inc
+    want_basal U/h and want_bolus U [N] are cut at the limits, then quantised: boluses
+    round down (a pump never gives more than asked), basal rates to the nearest programmable
+    rate (unbiased over a day). pending [N] (U of bolus not yet delivered) is updated.
+    insulin [N, k] U/min that reach the patient (occlusion applied); out [N, 5]: delivered
+    basal U, delivered bolus U, commanded basal U, accepted bolus U, limited (1/0).
+    """
+    for i in range(want_basal.shape[0]):
+        wb = want_basal[i]
+        rate = min(wb, max_basal)
+        if inc_basal > 0:
+            rate = np.round(rate / inc_basal) * inc_basal
+        bol = min(want_bolus[i], max_bolus)
+        if inc_bolus > 0:
+            bol = np.floor(bol / inc_bolus + 1e-9) * inc_bolus
+        p = pending[i] + bol
+        per_min = rate / 60.0
+        occ = occlusion[i]
+        given = 0.0
+        for j in range(k):
+            b = min(p, bolus_rate)
+            p -= b
+            given += b
+            insulin[i, j] = (per_min + b) * occ
+        pending[i] = p if p > 1e-12 else 0.0
+        out[i, 0] = per_min * k * occ
+        out[i, 1] = given * occ
+        out[i, 2] = per_min * k
+        out[i, 3] = bol
+        out[i, 4] = 1.0 if (wb > max_basal or want_bolus[i] > max_bolus) else 0.0
 
 
 @dataclass
@@ -164,31 +189,21 @@ class Pump:
     def deliver(self, k: int, basal_u_per_h: np.ndarray, bolus_u: np.ndarray) -> Delivery:
         """Accept commands (validated [N] arrays) and deliver them over the next k minutes."""
         c = self.config
-        self._random_occlusions(k)
-        want_basal = np.asarray(basal_u_per_h, dtype=np.float64)
-        want_bolus = np.asarray(bolus_u, dtype=np.float64)
-        basal_rate = _round_nearest(
-            np.minimum(want_basal, c.max_basal_u_per_h), c.basal_increment_u_per_h
-        )
-        bolus = _round_down(np.minimum(want_bolus, c.max_bolus_u), c.bolus_increment_u)
-        limited = (want_basal > c.max_basal_u_per_h) | (want_bolus > c.max_bolus_u)
-        self.pending_bolus_u = self.pending_bolus_u + bolus
-        # Bolus minute by minute at the pump's speed: [N, k]
-        rate = c.bolus_rate_u_per_min
-        cum = np.minimum(self.pending_bolus_u[:, None], rate * np.arange(1, k + 1)[None, :])
-        bolus_per_min = np.diff(cum, axis=1, prepend=0.0)
-        delivered_bolus_cmd = cum[:, -1]
-        self.pending_bolus_u = self.pending_bolus_u - delivered_bolus_cmd
-        self.pending_bolus_u[self.pending_bolus_u < 1e-12] = 0.0
-        per_min = (basal_rate / 60.0)[:, None] + bolus_per_min
-        frac = self.occlusion[:, None]
-        insulin = per_min * frac
+        if self._occlusion_until.max() >= 0 or c.occlusion_prob_per_day > 0:
+            self._random_occlusions(k)
+        insulin = np.empty((self.n, k))
+        out = np.empty((self.n, 5))
+        _deliver(
+            k, basal_u_per_h, bolus_u, c.basal_increment_u_per_h, c.bolus_increment_u,
+            c.max_basal_u_per_h, c.max_bolus_u, c.bolus_rate_u_per_min, self.occlusion,
+            self.pending_bolus_u, insulin, out,
+        )  # fmt: skip
         self.minute += k
         return Delivery(
             insulin_u_per_min=insulin,
-            basal_u=basal_rate / 60.0 * k * self.occlusion,
-            bolus_u=delivered_bolus_cmd * self.occlusion,
-            commanded_basal_u=basal_rate / 60.0 * k,
-            commanded_bolus_u=bolus,
-            limited=limited,
+            basal_u=out[:, 0],
+            bolus_u=out[:, 1],
+            commanded_basal_u=out[:, 2],
+            commanded_bolus_u=out[:, 3],
+            limited=out[:, 4] > 0,
         )

@@ -36,6 +36,11 @@ def check_inputs(name: str, values: np.ndarray | float, n: int, t: int | None = 
     """Validate a per-patient input (finite, ≥ 0) and broadcast it to [N] or [N, T]."""
     a = np.asarray(values, dtype=np.float64)
     want = (n,) if t is None else (n, t)
+    # Fast paths (a closed-loop step validates two [N] commands): all good, nothing to report.
+    if a.ndim == 0 and 0.0 <= float(a) < np.inf:
+        return np.full(want, float(a))
+    if a.shape == want and bool(np.all((a >= 0.0) & (a < np.inf))):
+        return a
     try:
         a = np.broadcast_to(a, want)
     except ValueError:
@@ -107,9 +112,10 @@ def replay(
     gsub = np.empty((n, t + 1))
     eaten = np.empty((n, t))
     states = np.empty((n, t + 1, 13) if return_states else (0, 0, 13))
+    bg_range = np.repeat((x[:, 3] / patients.vg)[:, None], 2, axis=1)
     model.run_minutes(
         x, meal, patients.params, cho, ins, np.inf, cfg.substeps, cfg.meal_substeps,
-        cfg.stomach_fraction, bg, gsub, eaten, states,
+        cfg.stomach_fraction, bg, gsub, eaten, states, bg_range,
     )  # fmt: skip
     oor = flag_out_of_range(patients.names, bg, "replay: ")
     return ReplayResult(

@@ -396,6 +396,9 @@ class MealPlanner:
                     ann_g = np.concatenate([ann_g, np.zeros(n_snack)])
                     ann_min = np.concatenate([ann_min, s_min])
             ann_g = np.where(announced, ann_g, 0.0)
+            keep = grams > 0  # a 0 g "meal" is not eaten and not announced (as in simglucose)
+            mins, grams, announced = mins[keep], grams[keep], announced[keep]
+            ann_g, ann_min = ann_g[keep], ann_min[keep]
             offset = day * MINUTES_PER_DAY - self.sod
             plans.append(
                 MealPlan(

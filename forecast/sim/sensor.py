@@ -303,7 +303,7 @@ class CGM:
             self._gain, self._offset = np.ones(n), np.zeros(n)
         self._last_drift_minute = 0
         self._nights_planned = -2  # compression nights drawn so far (night -1 precedes day 0)
-        self._comp_events: list[np.ndarray] = []  # per night: [N, 3] start, duration, depth
+        self._comp_events: list[tuple] = []  # last two nights: (patients, start, dur, depth)
         self.last = np.full(n, np.nan)  # most recent reading
         self.last_minute = -1
 
@@ -311,6 +311,7 @@ class CGM:
         return copy.deepcopy(self)
 
     def _update_drift(self, minute: int) -> None:
+        """Advance the calibration gain/offset (exact OU transition over the elapsed time)."""
         dt_days = (minute - self._last_drift_minute) / 1440.0
         if dt_days <= 0:
             return
@@ -322,30 +323,35 @@ class CGM:
         self._offset = a * self._offset + s * c.drift_offset_sd_mgdl * z[:, 1]
         self._last_drift_minute = minute
 
-    def _compression(self, minute: int) -> np.ndarray:
-        """Dip (mg/dL, >= 0) from compression lows; night k runs 23:00 day k to 06:00 day k+1."""
+    def _compression(self, minute: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(patients, dip mg/dL) of compression lows under way, or None.
+
+        Night k runs 23:00 on day k to 06:00 on day k+1 (night -1 ends on the first morning);
+        each patient has at most one event per night, drawn when the night is first reached.
+        """
         c = self.config
         night = int(math.floor((minute + self.start_minute_of_day - 23 * 60) / 1440.0))
         while self._nights_planned < night:
             self._nights_planned += 1
-            u = self._comp.next()  # [N, 4]
+            u = self._comp.next()  # [N, 4] one row per night, whether an event happens or not
             k = self._nights_planned
-            ev = np.column_stack(
-                [
-                    k * 1440.0 + 23 * 60 - self.start_minute_of_day + u[:, 1] * 7 * 60,
-                    c.compression_minutes * (0.5 + u[:, 2]),
-                    c.compression_depth_mgdl * (0.7 + 0.6 * u[:, 3]),
-                ]
-            )
-            ev[u[:, 0] >= c.compression_prob_per_night] = np.nan
-            self._comp_events = [*self._comp_events[-1:], ev]
-        dip = np.zeros(self.n)
-        for ev in self._comp_events:
-            with np.errstate(invalid="ignore"):
-                rel = (minute - ev[:, 0]) / ev[:, 1]
-                on = (rel >= 0) & (rel <= 1)
-            dip[on] += ev[on, 2] * np.sin(np.pi * rel[on]) ** 2
-        return dip
+            who = np.flatnonzero(u[:, 0] < c.compression_prob_per_night)
+            start = k * 1440.0 + 23 * 60 - self.start_minute_of_day + u[who, 1] * 7 * 60
+            dur = c.compression_minutes * (0.5 + u[who, 2])
+            depth = c.compression_depth_mgdl * (0.7 + 0.6 * u[who, 3])
+            self._comp_events = [*self._comp_events[-1:], (who, start, dur, depth)]
+        pats, dips = [], []
+        for who, start, dur, depth in self._comp_events:
+            if len(who) == 0:
+                continue
+            rel = (minute - start) / dur
+            on = (rel >= 0) & (rel <= 1)
+            if on.any():
+                pats.append(who[on])
+                dips.append(depth[on] * np.sin(np.pi * rel[on]) ** 2)
+        if not pats:
+            return None
+        return np.concatenate(pats), np.concatenate(dips)
 
     def read(self, minute: int, gsub: np.ndarray) -> np.ndarray:
         """Take the readings due at `minute` (a multiple of sample_minutes); [N] mg/dL or NaN."""
@@ -357,15 +363,18 @@ class CGM:
         if self._noise is not None:
             g = g + self._noise.take(1)[:, 0]
         if c.compression:
-            g = g - self._compression(minute)
-        reading = np.clip(g, c.min_mgdl, c.max_mgdl)
+            comp = self._compression(minute)
+            if comp is not None:
+                g = g.copy()
+                np.subtract.at(g, comp[0], comp[1])
+        reading = np.clip(g, c.min_mgdl, c.max_mgdl)  # NaN stays NaN
         if c.dropout:
             u = self._drop.next()[:, 0]
             self._in_gap = np.where(
                 self._in_gap, u >= 1.0 / c.dropout_mean_readings, u < c.dropout_prob
             )
-            reading = np.where(self._in_gap, np.nan, reading)
-        reading[~np.isfinite(g)] = np.nan
+            if self._in_gap.any():
+                reading[self._in_gap] = np.nan
         self.last = reading
         self.last_minute = minute
         return reading

@@ -32,6 +32,7 @@ from forecast.sim.scenario import MealPlan, RandomScenario, Scenario, minute_of_
 from forecast.sim.sensor import CGM, SensorConfig
 
 PLAN_AHEAD_MIN = 1440  # meals are planned this far beyond the current step
+_NO_STATES = np.empty((0, 0, 13))
 
 
 class Simulator:
@@ -104,11 +105,11 @@ class Simulator:
         self.delivered_bolus_u = np.zeros(self.n)
         self.last_delivery: Delivery | None = None
         self.eaten_g = np.zeros(self.n)  # g eaten in the last step
+        self.last_eaten = np.zeros((self.n, 0))  # [N, k] g/min eaten in the last step
         self.last_bg = self.bg[:, None].copy()  # [N, k+1] per-minute BG of the last step
         self.last_gsub = self.gsub[:, None].copy()
         self.out_of_range = np.zeros(self.n, dtype=bool)  # cumulative flag per patient
-        self.bg_min = self.bg.copy()
-        self.bg_max = self.bg.copy()
+        self._bg_range = np.column_stack([self.bg, self.bg])  # [N, 2] running min, max
         self._readings: list[tuple[int, np.ndarray]] = []
         self._reading = np.full(self.n, np.nan)
         self._reading_minute = -1
@@ -231,10 +232,10 @@ class Simulator:
         t0, t1 = self.minute, self.minute + k
         self._ensure_planned(t1)
         m = self._meals
-        sel = (m.minute >= t0) & (m.minute < t1)
+        i0, i1 = np.searchsorted(m.minute, (t0, t1))  # meals are sorted by minute
         food = np.zeros((self.n, k))
-        if sel.any():
-            np.add.at(food, (m.patient[sel], m.minute[sel] - t0), m.carbs_g[sel])
+        if i1 > i0:
+            np.add.at(food, (m.patient[i0:i1], m.minute[i0:i1] - t0), m.carbs_g[i0:i1])
         d = self.pump.deliver(k, basal, bolus)
         bg = np.empty((self.n, k + 1))
         gsub = np.empty((self.n, k + 1))
@@ -243,17 +244,18 @@ class Simulator:
         model.run_minutes(
             self.state, self.meal_state, self.patients.params, food, d.insulin_u_per_min,
             cfg.eat_rate_g_per_min, cfg.substeps, cfg.meal_substeps, cfg.stomach_fraction,
-            bg, gsub, eaten, np.empty((0, 0, 13)),
+            bg, gsub, eaten, _NO_STATES, self._bg_range,
         )  # fmt: skip
         self.minute = t1
         self.bg = bg[:, -1].copy()
         self.gsub = gsub[:, -1].copy()
         self.last_bg, self.last_gsub = bg, gsub
+        self.last_eaten = eaten
         self.eaten_g = eaten.sum(axis=1)
         self.last_delivery = d
         self.delivered_basal_u = d.basal_u
         self.delivered_bolus_u = d.bolus_u
-        self._check_range(bg)
+        self._check_range()
         if self.cgm is not None:
             st = self.cgm.config.sample_minutes
             first = -(-(t0 + 1) // st) * st
@@ -262,18 +264,26 @@ class Simulator:
             if len(self._readings) > 1440:
                 self._readings = self._readings[-720:]
 
-    def _check_range(self, bg: np.ndarray) -> None:
-        with np.errstate(invalid="ignore"):
-            lo = np.min(bg, axis=1)
-            hi = np.max(bg, axis=1)
-            bad = ~((lo >= BG_LOW_LIMIT) & (hi <= BG_HIGH_LIMIT))
-        self.bg_min = np.fmin(self.bg_min, lo)
-        self.bg_max = np.fmax(self.bg_max, hi)
+    @property
+    def bg_min(self) -> np.ndarray:
+        """[N] lowest plasma BG so far (per minute), mg/dL."""
+        return self._bg_range[:, 0].copy()
+
+    @property
+    def bg_max(self) -> np.ndarray:
+        """[N] highest plasma BG so far (per minute), mg/dL."""
+        return self._bg_range[:, 1].copy()
+
+    def _check_range(self) -> None:
+        lo, hi = self._bg_range[:, 0], self._bg_range[:, 1]
+        bad = ~((lo >= BG_LOW_LIMIT) & (hi <= BG_HIGH_LIMIT))
+        if not bad.any():
+            return
         new = bad & ~self.out_of_range
         if new.any():
             self.out_of_range |= bad
             names = ", ".join(
-                f"{n} (BG {a:.1f}..{b:.1f})"
+                f"{n} (BG {a:.1f}..{b:.1f} so far)"
                 for n, a, b in zip(self.patients.names[new], lo[new], hi[new], strict=True)
             )
             warnings.warn(

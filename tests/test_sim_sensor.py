@@ -1,0 +1,148 @@
+"""CGM sensor: simglucose's noise exactly, and the switchable real-sensor effects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.interpolate import interp1d
+
+from forecast.sim import CGM, SensorConfig, SimInputError, noise_sequence
+from forecast.sim.sensor import NoiseStream, noise_params, spline_weights
+
+
+def test_dexcom_seed1_noise_equals_the_oracle(fixtures):
+    o = np.load(fixtures / "sim_oracle/oracle_001.npz")
+    noise = noise_sequence("Dexcom", 1, 600)
+    for gsub, cgm in zip(o["noisy_gsub"], o["noisy_cgm"], strict=True):
+        # simglucose's env reads twice at t=0: minute 0 shows element 0, minute 3k element k+1.
+        assert np.clip(gsub[0] + noise[0], 39, 600) == pytest.approx(cgm[0], abs=1e-6)
+        g = gsub[3::3]
+        want = cgm[3::3]
+        got = np.clip(g + noise[2 : 2 + len(g)], 39, 600)
+        # the CSVs hold 10 significant digits
+        assert np.abs(got - want).max() < 1e-6
+
+
+def test_noise_is_simglucose_recipe_with_interp1d():
+    """Independent slow re-statement of UVA_PADOVA_MODEL.md §9 with scipy's interp1d."""
+    p = noise_params("GuardianRT")
+    rs = np.random.RandomState(5)
+    e = [rs.randn()]
+    for _ in range(40):
+        e.append(p.pacf * (e[-1] + rs.randn()))
+    eta = p.xi + p.lam * np.sinh((np.array(e) - p.gamma) / p.delta)
+    out, carry = [], eta[0]
+    for c in range(4):
+        knots = np.r_[carry, eta[1 + 10 * c : 11 + 10 * c]]
+        carry = knots[-1]
+        f = interp1d(np.arange(11) * 15, knots, kind="cubic")
+        out.extend(f(np.arange(31) * 5)[1:])
+    np.testing.assert_allclose(noise_sequence("GuardianRT", 5, 120), out, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("name", "n_out"), [("Dexcom", 50), ("GuardianRT", 30), ("Navigator", 150)]
+)
+def test_spline_weights_shape_and_partition_of_unity(name, n_out):
+    w = spline_weights(noise_params(name).sample_time)
+    assert w.shape == (n_out, 11)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)  # constants are reproduced
+    np.testing.assert_allclose(w[-1], np.eye(11)[-1], atol=1e-12)  # last point is the last knot
+
+
+@settings(max_examples=20, deadline=None)
+@given(pieces=st.lists(st.integers(1, 140), min_size=1, max_size=6), seed=st.integers(0, 2**31))
+def test_noise_stream_does_not_depend_on_how_it_is_read(pieces, seed):
+    whole = noise_sequence("Dexcom", seed, sum(pieces))
+    s = NoiseStream(noise_params("Dexcom"), np.array([seed]))
+    parts = np.concatenate([s.take(k)[0] for k in pieces])
+    np.testing.assert_array_equal(parts, whole)
+
+
+def test_noise_statistics_match_the_spec():
+    # UVA_PADOVA_MODEL.md §9: mean +0.76, SD 11.6 mg/dL over 500 000 samples; the Johnson-S_U
+    # mean for the stationary latent variance 0.49/0.51 is 0.72.
+    x = noise_sequence("Dexcom", 0, 500_000)
+    assert x.mean() == pytest.approx(0.72, abs=0.25)
+    assert x.std() == pytest.approx(11.6, rel=0.03)
+    assert np.percentile(x, 1) == pytest.approx(-24.5, abs=1.5)
+    assert np.percentile(x, 99) == pytest.approx(35.6, abs=2.0)
+
+
+def test_unknown_sensor_and_bad_config():
+    with pytest.raises(SimInputError, match="unknown sensor"):
+        noise_sequence("Libre", 1, 10)
+    with pytest.raises(SimInputError):
+        SensorConfig(sample_minutes=0)
+    with pytest.raises(SimInputError):
+        SensorConfig(dropout_prob=1.5)
+    with pytest.raises(SimInputError):
+        SensorConfig.named("fancy")
+
+
+def _read_days(cfg, n=20, days=2, seed=0, ids=None, level=120.0):
+    c = CGM(cfg, np.arange(n) if ids is None else ids, seed)
+    st_ = cfg.sample_minutes
+    mins = np.arange(0, days * 1440, st_)
+    return mins, np.array([c.read(int(m), np.full(c.n, level)) for m in mins]).T
+
+
+def test_perfect_sensor_reads_gsub():
+    mins, r = _read_days(SensorConfig.perfect(), n=3, days=1)
+    assert r.shape == (3, 288)
+    np.testing.assert_array_equal(r, 120.0)
+
+
+def test_dropouts_come_in_bursts_and_only_when_switched_on():
+    cfg = SensorConfig(noise=False, dropout=True, dropout_prob=0.01, dropout_mean_readings=6)
+    _, r = _read_days(cfg, n=50, days=4)
+    miss = np.isnan(r)
+    assert 0.01 < miss.mean() < 0.15
+    starts = (miss[:, 1:] & ~miss[:, :-1]).sum()
+    assert miss.sum() / max(starts, 1) > 3  # mean gap length in readings
+    _, r2 = _read_days(SensorConfig(noise=False), n=50, days=1)
+    assert not np.isnan(r2).any()
+
+
+def test_compression_lows_only_at_night_and_only_downwards():
+    cfg = SensorConfig(noise=False, compression=True, compression_prob_per_night=1.0)
+    mins, r = _read_days(cfg, n=30, days=3)
+    hour = (mins // 60) % 24
+    night = (hour >= 23) | (hour < 8)  # events start 23:00-06:00 and last <= 90 min
+    assert (r <= 120.0 + 1e-9).all()
+    assert (r[:, ~night] == 120.0).all()
+    assert (r[:, night] < 110).any(axis=1).mean() > 0.9
+
+
+def test_drift_is_slow_and_bounded():
+    cfg = SensorConfig(noise=False, drift=True)
+    _, r = _read_days(cfg, n=40, days=6)
+    step = np.abs(np.diff(r, axis=1))
+    assert step.max() < 2.0  # mg/dL per 5 min at 120 mg/dL
+    assert 0.01 < (r / 120.0 - 1).std() < 0.15
+
+
+def test_range_clipping_like_a_g6():
+    c = CGM(SensorConfig.dexcom(dropout=False), np.arange(3), 0)
+    r = c.read(0, np.array([15.0, 120.0, 700.0]))
+    assert r[0] == 40.0 and r[2] == 400.0
+
+
+def test_patient_streams_do_not_depend_on_the_cohort():
+    cfg = SensorConfig.dexcom()
+    _, all3 = _read_days(cfg, ids=np.array([4, 10, 27]), days=1, seed=9)
+    _, one = _read_days(cfg, ids=np.array([10]), days=1, seed=9)
+    np.testing.assert_array_equal(all3[1], one[0])
+    _, other_seed = _read_days(cfg, ids=np.array([10]), days=1, seed=10)
+    assert not np.allclose(np.nan_to_num(other_seed), np.nan_to_num(one))
+
+
+def test_effects_have_their_own_streams():
+    base = SensorConfig(dropout=False)
+    _, noisy = _read_days(base, n=5, days=1, seed=3)
+    _, noisy_drop = _read_days(SensorConfig(dropout=True, dropout_prob=0.05), n=5, days=1, seed=3)
+    ok = ~np.isnan(noisy_drop)
+    assert ok.mean() < 1.0
+    np.testing.assert_array_equal(noisy[ok], noisy_drop[ok])
