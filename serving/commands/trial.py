@@ -1,0 +1,162 @@
+"""`glucast trial`: an in-silico trial of one controller over a virtual cohort.
+
+    glucast trial --controller mpc --model artifacts/lstm --patients all --days 7 \
+        --scenario random --seed 1 --carb-error 0.2 --json --report reports/trial-mpc
+
+Standard-library imports only at the top (the CLI must start fast and never load torch);
+the simulator, onnxruntime and matplotlib load inside `run`. MLflow is imported only when
+`--mlflow` is given, through `training.tracking` when that package is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+CONTROLLERS = ("mpc", "physio-mpc", "basal-bolus", "pid")
+GROUPS = ("all", "adults", "adolescents", "children")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "trial",
+        help="in-silico trial of a controller over a virtual cohort",
+        description="Run all selected virtual patients together in closed loop (5-minute "
+        "cycles, every dose through the safety supervisor) and report glycaemic outcomes "
+        "per patient and for the cohort.",
+    )
+    p.add_argument("--controller", required=True, choices=CONTROLLERS)
+    p.add_argument("--model", metavar="DIR", help="exported forecaster (model.onnx + manifest)")
+    p.add_argument(
+        "--patients",
+        default="all",
+        help=f"{' | '.join(GROUPS)} or names like adult#001,child#002 (default: all)",
+    )
+    p.add_argument("--days", type=float, default=1.0, help="trial length in days (default 1)")
+    p.add_argument("--scenario", default="random", choices=("random",), help="meal scenario")
+    p.add_argument("--seed", type=int, default=0, help="meals, announcements, sensor noise")
+    p.add_argument(
+        "--carb-error",
+        type=float,
+        default=0.0,
+        metavar="SD",
+        help="relative SD of carb counts in meal announcements (e.g. 0.2)",
+    )
+    p.add_argument("--unannounced", action="store_true", help="meals are never announced")
+    p.add_argument(
+        "--sensor",
+        default="dexcom",
+        choices=("dexcom", "dexcom-noise", "simglucose", "none"),
+        help="dexcom: G6-like (noise, dropouts, compression lows, drift); dexcom-noise: the "
+        "Dexcom noise model only; none: noise-free (default dexcom)",
+    )
+    p.add_argument("--target", type=float, default=110.0, help="glucose target mg/dL")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--report", metavar="DIR", help="write index.html, trial.json, patients.csv")
+    p.add_argument("--mlflow", action="store_true", help="log the trial as an MLflow run")
+    p.add_argument("--experiment", default="glucast-trials", help="MLflow experiment")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from forecast.cli import emit_json
+    from serving.trial import TrialConfig, build_controller, run_trial, write_report
+
+    config = TrialConfig(
+        controller=args.controller,
+        patients=args.patients,
+        days=args.days,
+        scenario=args.scenario,
+        seed=args.seed,
+        carb_error=args.carb_error,
+        unannounced=args.unannounced,
+        sensor=args.sensor,
+        model_dir=args.model,
+        target_mgdl=args.target,
+    )
+    controller, window, info = build_controller(config)
+    result = _run_with_progress(run_trial, config, controller, window, quiet=args.json)
+    result.info.update(info)
+    report = None
+    if args.report:
+        report = write_report(result, args.report)
+        print(f"report: {report}", file=sys.stderr)
+    data = result.to_json()
+    if args.mlflow:
+        _log_mlflow(args.experiment, data, report)
+    if args.json:
+        emit_json(data)
+    else:
+        _print_summary(data)
+    return 0
+
+
+def _run_with_progress(run_trial, config, controller, window, *, quiet: bool):
+    """Run with a rich progress bar on stderr (none when stderr is not a terminal)."""
+    if quiet or not sys.stderr.isatty():
+        return run_trial(config, controller=controller, window=window)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"trial {config.controller}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} cycles"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("cycles", total=config.cycles)
+
+        def progress(done: int, total: int) -> None:
+            if done % 12 == 0 or done == total:
+                bar.update(task, completed=done)
+
+        return run_trial(config, controller=controller, window=window, progress=progress)
+
+
+def _print_summary(data: dict) -> None:
+    c, r = data["cohort"], data["run"]
+    keys = ("tir", "tbr70", "tbr54", "tar180", "tar250", "cv", "mean", "bg_tir", "bg_tbr54", "tdi_u",
+            "interventions")  # fmt: skip
+    print(f"{'patient':18s}" + "".join(f"{k:>9s}" for k in keys))
+    for name, m in data["patients"].items():
+        print(f"{name:18s}" + "".join(_fmt(m.get(k)) for k in keys))
+    print(f"{'cohort (mean)':18s}" + "".join(_fmt(c.get(k)) for k in keys))
+    print(
+        f"median TBR<70 {c['tbr70_median']:.2f} %, patients with TBR<54 "
+        f"{c['patients_with_tbr54']:.0f}, limit violations {c['limit_violations']:.0f}; "
+        f"{r['cycles']} cycles in {r['wall_s']:.1f} s, decision p99 {r['decision_ms_p99']:.1f} ms"
+    )
+
+
+def _fmt(v) -> str:
+    return f"{v:9.2f}" if isinstance(v, int | float) else f"{'-':>9s}"
+
+
+def _log_mlflow(experiment: str, data: dict, report) -> None:
+    """One MLflow run: config as params, cohort outcomes as metrics, the report as artifacts."""
+    try:
+        from training import tracking
+    except ImportError:  # serving-only install: talk to mlflow directly
+        tracking = None
+    params = {k: v for k, v in data["run"].items() if isinstance(v, str | int | float | bool)}
+    metrics = {f"cohort_{k}": float(v) for k, v in data["cohort"].items() if v is not None}
+    if tracking is not None:
+        with tracking.run(experiment, run_name=f"trial-{data['run']['controller']}"):
+            tracking.log_params(params)
+            tracking.log_metrics(metrics)
+            if report is not None:
+                tracking.log_artifact(report.parent, "trial_report")
+        return
+    import os
+
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=f"trial-{data['run']['controller']}"):
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        if report is not None:
+            mlflow.log_artifacts(str(report.parent), artifact_path="trial_report")

@@ -1,0 +1,441 @@
+"""Model-predictive insulin control over a quantile glucose forecaster.
+
+Each cycle, for every patient, the MPC builds a *ladder* of candidate insulin plans over
+the forecast horizon, asks the forecaster what glucose would do under each (all patients ×
+all candidates in ONE batched call, `# [N*K, H, F]`), scores the forecasts with an
+asymmetric zone cost and proposes the cheapest plan's first move.
+
+The ladder (K rungs, ordered by insulin — every rung gives at least as much insulin as the
+one below it in every slot):
+
+    suspend for the whole horizon · suspend 30 min · half basal 30 min · scheduled basal ·
+    scheduled basal + bolus b_1 < b_2 < … < b_J
+
+Bolus sizes are per patient: quadratically spaced up to what could be needed now — the
+carb-ratio bolus for announced carbs (the MPC delivers the meal bolus itself, since the
+forecaster sees the announced carbs) plus an ISF correction — and never above the
+supervisor's max bolus or the room left under max IOB (a proposal the supervisor would cut
+is a wasted decision).
+
+Why a ladder and not a grid: with rungs ordered by insulin, a forecaster that never predicts
+higher glucose for more insulin (the model contract; enforced here by a running minimum
+over the rungs) and a cost that is convex in each predicted value, the chosen rung can only
+move *down* when every forecast moves down (Topkis: the cost difference between a higher and
+a lower rung grows as predictions fall). That is the safety property tested in
+tests/test_controllers.py: lower predictions never buy more insulin.
+
+Cost (per patient, per rung; mg/dL² units):
+
+* hypo on the lower quantile, over the horizon: below 80 heavily, below 70 far more;
+* hyper on the median, over the horizon: above 140 lightly, above 180 more;
+* terminal cost on the *eventual* glucose (oref0's eventualBG): the horizon's last median
+  plus what the carbs and insulin still on board at its end will do (ISF/CR × COB −
+  ISF × net IOB, with `forecast.insulin` curves), asymmetric around the target; and on the
+  lower quantile's eventual glucose with the announced carbs discounted by the carb-count
+  uncertainty — a meal bolus for carbs that may not come is what causes late hypos;
+* a small insulin-use regulariser.
+
+A 60-minute forecast sees only a quarter of a bolus act; without the terminal term an MPC
+keeps stacking insulin. The terminal term is what makes the decision IOB-aware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from forecast.insulin import CarbCurve, InsulinCurve
+from forecast.windows import WindowConfig
+from serving.controllers import basal_iob_u
+from serving.predictor import FallbackPredictor, Forecast
+from serving.types import ControlInput, Proposal
+
+
+@dataclass(frozen=True)
+class ZoneCost:
+    """Asymmetric zone cost: a low is far worse than a high."""
+
+    low_mgdl: float = 80.0
+    severe_low_mgdl: float = 70.0
+    high_mgdl: float = 140.0
+    very_high_mgdl: float = 180.0
+    w_low: float = 20.0  # lower quantile below low_mgdl, per (mg/dL)², averaged over the horizon
+    w_severe_low: float = 200.0
+    w_high: float = 0.05  # median above high_mgdl
+    w_very_high: float = 0.2
+    eventual_band: tuple[float, float] = (-10.0, 20.0)  # no terminal cost inside target + band
+    w_eventual_high: float = 1.0  # eventual median above the band
+    w_eventual_low: float = 4.0  # eventual median below the band
+    w_eventual_hypo: float = 20.0  # eventual lower quantile below low_mgdl
+    w_insulin: float = 20.0  # per unit planned above scheduled basal
+    w_extra: float = 1.0  # (ISF × insulin beyond the sure part of a meal bolus)², per (mg/dL)²
+    lower_quantile: float = 0.1  # which forecast quantile stands for "how low could it go"
+
+
+@dataclass(frozen=True)
+class MPCConfig:
+    cost: ZoneCost = field(default_factory=ZoneCost)
+    temp_minutes: int = 30  # every temp basal the MPC proposes lasts this long
+    low_rates: tuple[float, ...] = (0.5,)  # fractions of scheduled basal below it (30 min)
+    high_rates: tuple[float, ...] = (1.5, 2.0, 3.0)  # multiples above it (30 min), capped
+    bolus_rungs: int = 16  # J
+    smb_basal_minutes: float = 30.0  # bolus per cycle without newly announced carbs
+    carb_uncertainty: float = 0.2  # fraction of announced carbs the lower bound does not count
+    monotone: bool = True  # running minimum over rungs (more insulin never raises a forecast)
+    insulin_curve: InsulinCurve = field(default_factory=InsulinCurve)
+    carb_curve: CarbCurve = field(default_factory=CarbCurve)
+
+
+@dataclass
+class Ladder:
+    """Candidate plans for N patients × K rungs (units per slot)."""
+
+    basal: np.ndarray  # [N, K, 1+H] U per slot; slot 0 = now (the window's last past slot)
+    bolus: np.ndarray  # [N, K, 1+H] U per slot (bolus in slot 0 only)
+    rate_u_per_h: np.ndarray  # [N, K] the temp basal rate the first move asks for
+    bolus_now: np.ndarray  # [N, K] U
+    label: list[str]  # [K]
+
+
+class MPCController:
+    """Batched MPC: one forecaster call per cycle for all patients × candidates."""
+
+    def __init__(
+        self,
+        predictor: FallbackPredictor,
+        config: MPCConfig | None = None,
+        *,
+        name: str = "mpc",
+        **overrides,
+    ) -> None:
+        self.predictor = predictor
+        self.config = config or MPCConfig(**overrides)
+        self.name = name
+        self.window: WindowConfig = predictor.config
+        w = self.window
+        self._fb = w.future_index("basal_u")
+        self._fbo = w.future_index("bolus_u")
+        self._fc = w.future_index("carbs_g")
+        self._pb = w.past_index("basal_u")
+        self._pbo = w.past_index("bolus_u")
+        self._pc = w.past_index("carbs_g")
+        self._pcob = w.past_features.index("cob_g") if "cob_g" in w.past_features else None
+        self._piob = w.past_features.index("iob_u") if "iob_u" in w.past_features else None
+        q = np.asarray(predictor.quantiles)
+        self._qlo = int(np.argmin(np.abs(q - self.config.cost.lower_quantile)))
+        self._qmed = int(np.argmin(np.abs(q - 0.5)))
+        self._tail = _TailKernels(w, self.config.insulin_curve, self.config.carb_curve)
+        self.last_forecast: Forecast | None = None
+        self.last_cost: np.ndarray | None = None  # [N, K]
+        self.last_ladder: Ladder | None = None
+
+    # -- candidate plans -----------------------------------------------------------------
+
+    def ladder(
+        self, inputs: Sequence[ControlInput], net_iob: np.ndarray, cob_g: np.ndarray
+    ) -> Ladder:
+        """The K candidate plans of every patient, ordered by insulin (a chain).
+
+        Below scheduled basal: suspend for the whole horizon, suspend 30 min, reduced rates
+        for 30 min. Above it, when no meal is announced now: higher temp basals for 30 min
+        (up to the supervisor's oref0 cap), then that highest temp plus boluses; when a meal
+        is announced: scheduled basal plus boluses up to the meal's bolus (the high-temp
+        rungs collapse onto scheduled basal). Every rung gives at least as much insulin as
+        the one below it in every slot, whatever the patient.
+        """
+        from serving.safety import max_basal
+
+        c, h = self.config, self.window.horizon_slots + 1  # now + the horizon
+        n = len(inputs)
+        slot_h = self.window.slot_minutes / 60.0
+        temp_slots = max(1, c.temp_minutes // self.window.slot_minutes)
+        st = [i.settings for i in inputs]
+        basal_h = np.array([s.basal_u_per_h for s in st], np.float64)  # [N]
+        cap = max_basal(
+            np.array([s.max_basal_u_per_h for s in st]),
+            np.array([s.max_daily_basal_u_per_h or s.basal_u_per_h for s in st]),
+            basal_h,
+        )  # [N] U/h, the supervisor's cap
+        meal = np.array([i.carbs_announced_g > 0 for i in inputs])  # [N]
+        b = basal_h * slot_h  # [N] U per slot
+        rungs: list[tuple[str, np.ndarray, int]] = [
+            ("suspend-hold", np.zeros(n), h),
+            ("suspend-30", np.zeros(n), temp_slots),
+        ]
+        rungs += [(f"{f:g}x-30", np.full(n, f), temp_slots) for f in sorted(c.low_rates)]
+        rungs.append(("scheduled", np.ones(n), temp_slots))
+        top = np.ones(n)
+        for f in sorted(c.high_rates):
+            mult = np.where(meal, 1.0, np.minimum(f, cap / np.maximum(basal_h, 1e-9)))
+            top = np.maximum(top, mult)
+            rungs.append((f"{f:g}x-30", top.copy(), temp_slots))
+        k_base = len(rungs)
+        k = k_base + c.bolus_rungs
+        basal = np.repeat(b[:, None, None], k, axis=1).repeat(h, axis=2)  # [N, K, 1+H]
+        rate = np.repeat(basal_h[:, None], k, axis=1)  # [N, K]
+        for j, (_, mult, slots) in enumerate(rungs):
+            basal[:, j, :slots] = (mult * b)[:, None]
+            rate[:, j] = mult * basal_h
+        basal[:, k_base:, :temp_slots] = (top * b)[:, None, None]  # boluses ride the top temp
+        rate[:, k_base:] = (top * basal_h)[:, None]
+        bmax = self._bolus_room(inputs, net_iob, cob_g)  # [N]
+        steps = (np.arange(1, c.bolus_rungs + 1) / c.bolus_rungs) ** 2  # [J] in (0, 1]
+        bol = np.round(bmax[:, None] * steps[None, :] / 0.05) * 0.05  # pump resolution
+        bolus = np.zeros((n, k, h))
+        bolus[:, k_base:, 0] = bol
+        labels = [name for name, _, _ in rungs] + [f"bolus{j + 1}" for j in range(c.bolus_rungs)]
+        return Ladder(basal, bolus, rate, bolus[:, :, 0].copy(), labels)
+
+    def _bolus_room(
+        self, inputs: Sequence[ControlInput], net_iob: np.ndarray, cob_g: np.ndarray
+    ) -> np.ndarray:
+        """Largest bolus worth considering now, per patient (U).
+
+        A bolus calculator's bound, independent of the forecaster, so a forecaster that keeps
+        predicting a rise cannot make the MPC stack insulin: net IOB after the bolus may not
+        exceed what either the carbs on board (counted generously, + carb-count uncertainty)
+        or the glucose above target justifies — the larger of the two, not their sum, since
+        a post-meal rise *is* the carbs on board showing up. Without new carbs, one cycle
+        adds at most `smb_basal_minutes` of basal (oref1's SMB rule); never above max bolus
+        or the room under max IOB.
+        """
+        c = self.config
+        out = np.zeros(len(inputs))
+        for i, inp in enumerate(inputs):
+            s = inp.settings
+            g = inp.glucose_mgdl
+            carbs = (1.0 + c.carb_uncertainty) * cob_g[i] / s.carb_ratio_g_per_u
+            corr = max(0.0, (g - s.target_mgdl) / s.isf_mgdl_per_u) if np.isfinite(g) else 0.0
+            room = max(carbs, corr) - max(0.0, net_iob[i])
+            if inp.carbs_announced_g <= 0:
+                room = min(room, c.smb_basal_minutes / 60.0 * s.basal_u_per_h)
+            iob_room = s.max_iob_u - max(0.0, inp.iob_u)
+            out[i] = max(0.0, min(room, s.max_bolus_u, iob_room))
+        return out
+
+    def _cob_now(self, past: np.ndarray, future: np.ndarray) -> np.ndarray:
+        """Carbs on board now plus carbs announced for the horizon: [N] g."""
+        fut = np.nan_to_num(future[:, :, self._fc].astype(np.float64), nan=0.0).sum(axis=1)
+        if self._pcob is not None:
+            now = np.nan_to_num(past[:, -1, self._pcob].astype(np.float64), nan=0.0)
+        else:  # no COB feature: the window's announced carbs, unabsorbed
+            now = np.nan_to_num(past[:, :, self._pc].astype(np.float64), nan=0.0).sum(axis=1)
+        return now + fut
+
+    # -- decision ------------------------------------------------------------------------
+
+    def propose(self, inputs: Sequence[ControlInput]) -> list[Proposal]:
+        inputs = list(inputs)
+        out: list[Proposal | None] = [None] * len(inputs)
+        live = [i for i, inp in enumerate(inputs) if np.isfinite(inp.glucose_mgdl)]
+        for i, inp in enumerate(inputs):
+            if i not in live:  # no reading to forecast from: scheduled basal, no bolus
+                out[i] = Proposal(
+                    inp.settings.basal_u_per_h,
+                    self.config.temp_minutes,
+                    0.0,
+                    reason=f"{self.name}: no glucose reading → scheduled basal",
+                )
+        if live:
+            batch = [inputs[i] for i in live]
+            for i, p in zip(live, self._decide(batch)):
+                out[i] = p
+        return [p for p in out if p is not None]
+
+    def _decide(self, inputs: list[ControlInput]) -> list[Proposal]:
+        w, c = self.window, self.config
+        n, h = len(inputs), w.horizon_slots
+        past = np.stack([i.past for i in inputs]).astype(np.float32)  # [N, L, Fp]
+        future = np.stack([i.future for i in inputs]).astype(np.float32)  # [N, H, Ff]
+        settings = [i.settings for i in inputs]
+        isf = np.array([s.isf_mgdl_per_u for s in settings])  # [N]
+        cr = np.array([s.carb_ratio_g_per_u for s in settings])  # [N]
+        basal_h = np.array([s.basal_u_per_h for s in settings])  # [N]
+        curve = c.insulin_curve
+        steady_iob = basal_iob_u(basal_h, slot_minutes=w.slot_minutes, curve=curve)
+        iob = np.array([i.iob_u for i in inputs])  # [N] before this cycle's dose
+        cob_now = self._cob_now(past, future)  # [N] g, this slot's announced carbs included
+        lad = self.ladder(inputs, iob - steady_iob, cob_now)
+        k = lad.basal.shape[1]
+        pst, fut = self.apply_plans(past, future, lad)  # [N, K, L, Fp], [N, K, H, Ff]
+        groups = np.repeat(np.arange(n), k)  # [N*K]: a patient's candidates share one model
+        fc = self.predictor.forecast(
+            pst.reshape(n * k, *past.shape[1:]),  # [N*K, L, Fp]
+            fut.reshape(n * k, *future.shape[1:]),  # [N*K, H, Ff]
+            groups=groups,
+            settings=settings,  # the fallback forecasts each patient with its own ISF/CR
+        )
+        pred = fc.glucose.reshape(n, k, h, -1).astype(np.float64)  # [N, K, H, Q]
+        if c.monotone:
+            pred = np.minimum.accumulate(pred, axis=1)  # more insulin never raises a forecast
+
+        # what insulin and carbs still on board at the horizon's end will do afterwards
+        ins_end = self._tail.insulin_left(past, lad.basal + lad.bolus, iob, self._pb, self._pbo)
+        steady_end = basal_iob_u(
+            basal_h, slot_minutes=w.slot_minutes, curve=curve, include_current=True
+        )  # [N] the plan's last slot (age 0) counts in full, as on scheduled basal
+        ins_end = ins_end - steady_end[:, None]  # [N, K] net of scheduled basal
+        cob_end = self._tail.carbs_left(past, future, self._pc, self._fc, self._pcob)  # [N]
+        planned = (lad.basal + lad.bolus).sum(axis=2)  # [N, K] U over now + horizon
+        scheduled = basal_h * w.slot_minutes / 60.0 * (h + 1)  # [N]
+        temp_h = c.temp_minutes / 60.0
+        extra_u = lad.bolus_now + np.maximum(lad.rate_u_per_h - basal_h[:, None], 0.0) * temp_h
+        carbs_now = np.array([max(i.carbs_announced_g, 0.0) for i in inputs])  # [N]
+        meal_sure = (1.0 - c.carb_uncertainty) * carbs_now / cr  # [N] U nobody doubts
+        cost = self.cost(
+            pred,
+            carb_tail=(isf / cr) * cob_end,
+            insulin_tail=isf[:, None] * ins_end,
+            insulin_u=planned - scheduled[:, None],
+            targets=np.array([s.target_mgdl for s in settings]),
+            extra_mgdl=isf[:, None] * np.maximum(extra_u - meal_sure[:, None], 0.0),
+        )  # [N, K]
+        best = np.argmin(cost, axis=1)  # first (least insulin) among ties
+        self.last_forecast, self.last_cost, self.last_ladder = fc, cost, lad
+        glucose = fc.glucose.reshape(n, k, h, -1)
+        props = []
+        for i, kk in enumerate(best):
+            why = f"{self.name}: {lad.label[kk]} (cost {cost[i, kk]:.0f})"
+            if fc.fallback[i * k]:
+                why += f"; forecast fallback: {'; '.join(fc.reasons) or 'model unavailable'}"
+            props.append(
+                Proposal(
+                    temp_basal_u_per_h=float(lad.rate_u_per_h[i, kk]),
+                    duration_min=c.temp_minutes,
+                    bolus_u=float(lad.bolus_now[i, kk]),
+                    reason=why,
+                    predicted_mgdl=glucose[i, kk],
+                )
+            )
+        return props
+
+    def apply_plans(
+        self, past: np.ndarray, future: np.ndarray, lad: Ladder
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Write every candidate plan into copies of the window.
+
+        `forecast.windows` puts the latest reading's slot last in `past`, with the insulin
+        delivered *during* that slot — the insulin this cycle decides. So slot 0 of a plan
+        goes into the last past slot (and the IOB there, which counts that slot's dose), and
+        slots 1…H into `future`, exactly as in the frames the model was trained on.
+        """
+        k = lad.basal.shape[1]
+        pst = np.repeat(past[:, None], k, axis=1)  # [N, K, L, Fp]
+        fut = np.repeat(future[:, None], k, axis=1)  # [N, K, H, Ff]
+        given = past[:, -1, self._pb].astype(np.float64) + past[:, -1, self._pbo]  # [N]
+        now = lad.basal[:, :, 0] + lad.bolus[:, :, 0]  # [N, K]
+        pst[:, :, -1, self._pb] = lad.basal[:, :, 0]
+        pst[:, :, -1, self._pbo] = lad.bolus[:, :, 0]
+        if self._piob is not None:
+            pst[:, :, -1, self._piob] += (now - given[:, None]).astype(np.float32)
+        fut[..., self._fb] = lad.basal[:, :, 1:]
+        fut[..., self._fbo] = lad.bolus[:, :, 1:]
+        return pst, fut
+
+    def cost(
+        self,
+        pred: np.ndarray,
+        *,
+        carb_tail: np.ndarray,
+        insulin_tail: np.ndarray,
+        insulin_u: np.ndarray,
+        targets: np.ndarray,
+        extra_mgdl: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """[N, K, H, Q] forecasts → [N, K] cost (convex in every predicted value)."""
+        z, unc = self.config.cost, self.config.carb_uncertainty
+        lo = pred[..., self._qlo]  # [N, K, H]
+        med = pred[..., self._qmed]  # [N, K, H]
+        relu = _relu
+        path = (
+            z.w_low * relu(z.low_mgdl - lo) ** 2
+            + z.w_severe_low * relu(z.severe_low_mgdl - lo) ** 2
+            + z.w_high * relu(med - z.high_mgdl) ** 2
+            + z.w_very_high * relu(med - z.very_high_mgdl) ** 2
+        ).mean(axis=2)  # [N, K]
+        ev = med[:, :, -1] + carb_tail[:, None] - insulin_tail  # [N, K]
+        ev_lo = lo[:, :, -1] + (1 - unc) * carb_tail[:, None] - insulin_tail  # [N, K]
+        lo_band = targets[:, None] + z.eventual_band[0]
+        hi_band = targets[:, None] + z.eventual_band[1]
+        term = (
+            z.w_eventual_high * relu(ev - hi_band) ** 2
+            + z.w_eventual_low * relu(lo_band - ev) ** 2
+            + z.w_eventual_hypo * relu(z.low_mgdl - ev_lo) ** 2
+        )
+        reg = z.w_insulin * np.maximum(insulin_u, 0.0)
+        if extra_mgdl is not None:  # partial corrections: re-planned every 5 minutes anyway
+            reg = reg + z.w_extra * extra_mgdl**2
+        return path + term + reg
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+class _TailKernels:
+    """Remaining IOB / COB at the end of the horizon, as dot products with fixed kernels.
+
+    Ages follow `forecast.insulin`: a dose counts as given at the start of its slot; the
+    horizon ends H slots after the last past slot (slot 0 of a plan).
+    """
+
+    def __init__(self, w: WindowConfig, ins: InsulinCurve, carbs: CarbCurve) -> None:
+        sm, n_past, h = w.slot_minutes, w.past_slots, w.horizon_slots
+        end = h * sm  # minutes from now (the last past slot) to the horizon's end
+        age_now = (n_past - 1 - np.arange(n_past - 1)) * sm  # [L-1] earlier past slots' ages now
+        self.ins_past_now = ins.iob_fraction(age_now)  # [L-1]
+        self.ins_past_end = ins.iob_fraction(age_now + end)  # [L-1]
+        self.ins_plan_end = ins.iob_fraction(end - np.arange(h + 1) * sm)  # [1+H]
+        age_now_c = (
+            n_past - 1 - np.arange(n_past)
+        ) * sm  # [L] carbs: the last slot's meal is known
+        self.cob_past_now = carbs.cob_fraction(age_now_c)
+        self.cob_past_end = carbs.cob_fraction(age_now_c + end)
+        self.cob_fut_end = carbs.cob_fraction(end - (np.arange(h) + 1) * sm)  # [H]
+        # doses older than the window: treat them as ~1 h older than the window's start
+        old = n_past * sm + 60.0
+        self.ins_old_decay = float(ins.iob_fraction(old + end) / max(ins.iob_fraction(old), 1e-9))
+        self.cob_old_decay = float(
+            carbs.cob_fraction(old + end) / max(carbs.cob_fraction(old), 1e-9)
+        )
+
+    def insulin_left(
+        self, past: np.ndarray, plan: np.ndarray, iob_now: np.ndarray, bi: int, boi: int
+    ) -> np.ndarray:
+        """IOB (U) at the horizon's end: [N, K] = earlier doses + each plan + older doses.
+
+        `iob_now` is the IOB before this cycle's dose; what the window's earlier slots do not
+        explain of it comes from doses older than the window.
+        """
+        dose = past[:, :-1, bi].astype(np.float64) + past[:, :-1, boi]  # [N, L-1]
+        older = np.maximum(iob_now - dose @ self.ins_past_now, 0.0)  # [N]
+        common = dose @ self.ins_past_end + older * self.ins_old_decay  # [N]
+        return common[:, None] + plan @ self.ins_plan_end  # [N, K]
+
+    def carbs_left(
+        self, past: np.ndarray, future: np.ndarray, ci: int, fci: int, cobi: int | None
+    ) -> np.ndarray:
+        """COB (g) left at the horizon's end: [N] (window's carbs + announced + older)."""
+        carbs = np.nan_to_num(past[:, :, ci].astype(np.float64), nan=0.0)  # [N, L]
+        fut = np.nan_to_num(future[:, :, fci].astype(np.float64), nan=0.0)  # [N, H]
+        older = np.zeros(len(past))
+        if cobi is not None:  # the window's own COB feature knows about meals before it
+            cob_now = np.nan_to_num(past[:, -1, cobi].astype(np.float64), nan=0.0)
+            older = np.maximum(cob_now - carbs @ self.cob_past_now, 0.0)
+        return carbs @ self.cob_past_end + older * self.cob_old_decay + fut @ self.cob_fut_end
+
+
+def physio_predictor(
+    config: WindowConfig | None = None, quantiles: Sequence[float] = (0.1, 0.5, 0.9)
+) -> FallbackPredictor:
+    """The settings-parameterised physiological forecaster behind the same checks.
+
+    For the ``physio-mpc`` ablation: the same MPC, the same cost, the same ladder — only the
+    forecaster differs, so the difference in outcomes is what the learned model buys.
+    """
+    from serving.predictor import SettingsPhysio
+
+    physio = SettingsPhysio(config or WindowConfig(), quantiles)
+    return FallbackPredictor(physio, physio)

@@ -1,0 +1,785 @@
+"""In-silico trials: a whole cohort in closed loop, stepped together in accelerated time.
+
+Every 5 minutes, for all N patients at once:
+
+    CGM readings → windows (`CohortHistory`, the array twin of `forecast.windows`) →
+    controller.propose (the MPC makes ONE batched forecaster call for all patients ×
+    candidates) → `serving.safety.check_batch` (the supervisor, one vectorised decision) →
+    the supervisor's own command translation (`Supervisor.commands_for`) → `CohortPump` →
+    `forecast.sim.Simulator.step`.
+
+Only the supervisor's verdicts reach the pump: a controller's proposal never touches
+delivery. `CohortPump` is the thin cohort stand-in for a pump HAL: it executes the exact
+commands a real pump would get (temp basals that expire after their duration, cancels,
+boluses) on the simulator's vectorised pump.
+
+Outcomes are computed with `forecast.glycemia` on the CGM readings (the consensus standard:
+what a patient's device records) and, separately, on the simulator's true plasma glucose
+sampled at the same 5-minute cycles (`bg_*` keys). The log keeps every cycle's proposal,
+verdict, delivery and supervisor limits, so "no limit was ever exceeded" is checked on the
+record (`TrialResult.limit_violations`), not assumed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
+
+from forecast.schema import SLOT_MINUTES, GlucastError
+from forecast.windows import WindowConfig
+from serving.controllers import CONTROLLER_NAMES, Controller, basal_iob_u, make_controller
+from serving.types import CGMStatus, ControlInput, PatientSettings, Proposal, Reading
+
+PATIENT_GROUPS = ("all", "adults", "adolescents", "children")
+SENSORS = ("dexcom", "dexcom-noise", "simglucose", "none")
+
+
+class TrialError(GlucastError, ValueError):
+    """A trial that cannot run as configured."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial: who, how long, which meals and sensor, which controller."""
+
+    controller: str = "mpc"
+    patients: str = "all"
+    days: float = 1.0
+    scenario: str = "random"
+    seed: int = 0
+    carb_error: float = 0.0  # SD of the relative carb-count error of announcements
+    unannounced: bool = False  # meals are eaten but never announced
+    sensor: str = "dexcom"  # see SENSORS
+    pump: str = "Insulet"
+    model_dir: str | None = None
+    start: str = "2018-01-01 00:00"
+    target_mgdl: float = 110.0
+
+    def __post_init__(self) -> None:
+        if self.controller not in CONTROLLER_NAMES:
+            raise TrialError(f"unknown controller {self.controller!r}; choose {CONTROLLER_NAMES}")
+        if not (self.days > 0 and math.isfinite(self.days)):
+            raise TrialError(f"days must be a positive number, got {self.days}")
+        if self.scenario != "random":
+            raise TrialError(f"unknown scenario {self.scenario!r}; trials use 'random'")
+        if not 0.0 <= self.carb_error < 1.0:
+            raise TrialError(f"carb_error is a relative SD in [0, 1), got {self.carb_error}")
+        if self.sensor not in SENSORS:
+            raise TrialError(f"unknown sensor {self.sensor!r}; choose {SENSORS}")
+
+    @property
+    def cycles(self) -> int:
+        return int(round(self.days * 24 * 60 / SLOT_MINUTES))
+
+
+def settings_for(patients, *, target_mgdl: float = 110.0) -> list[PatientSettings]:
+    """Therapy settings and supervisor limits for simulated patients.
+
+    Basal, carb ratio and ISF are the simulator's own (the basal that holds each patient at
+    steady state; Quest CR and CF). The limits follow clinical practice scaled by total daily
+    insulin (TDI): max bolus 35 % of TDI; max basal 4 × scheduled (oref0 then caps it at
+    3 × max daily basal); max IOB (absolute, as the supervisor counts it) = the steady IOB of
+    scheduled basal + one max bolus + 3 h of basal.
+    """
+    out = []
+    for i, name in enumerate(patients.names):
+        basal = float(patients.basal_u_per_h[i])
+        tdi = float(patients.tdi[i])
+        max_bolus = round(max(1.0, 0.35 * tdi) * 2) / 2
+        steady = float(basal_iob_u(basal, include_current=True))
+        out.append(
+            PatientSettings(
+                name=str(name),
+                basal_u_per_h=basal,
+                carb_ratio_g_per_u=float(patients.cr[i]),
+                isf_mgdl_per_u=float(patients.cf[i]),
+                max_basal_u_per_h=4.0 * basal,
+                max_bolus_u=max_bolus,
+                max_iob_u=round(steady + max_bolus + 3.0 * basal, 2),
+                max_daily_basal_u_per_h=basal,
+                target_mgdl=float(target_mgdl),
+            )
+        )
+    return out
+
+
+def make_simulator(config: TrialConfig, patients):
+    """The vectorised simulator for a trial (random meals, announcements, sensor, pump)."""
+    from forecast.sim.scenario import AnnouncementConfig, RandomScenario
+    from forecast.sim.sensor import SensorConfig
+    from forecast.sim.simulator import Simulator
+
+    ann = AnnouncementConfig(
+        carb_error_sd=float(config.carb_error),
+        missed_bolus_prob=1.0 if config.unannounced else 0.0,
+    )
+    sensor = {
+        "dexcom": SensorConfig.dexcom(),
+        "dexcom-noise": SensorConfig(),  # Dexcom noise model only: no dropouts/compression/drift
+        "simglucose": SensorConfig.simglucose(),
+        "none": SensorConfig.perfect(),
+    }[config.sensor]
+    if sensor.sample_minutes != SLOT_MINUTES:
+        sensor = SensorConfig(**{**asdict(sensor), "sample_minutes": SLOT_MINUTES})
+    return Simulator(
+        patients,
+        scenario=RandomScenario(announcement=ann),
+        sensor=sensor,
+        pump=config.pump,
+        seed=config.seed,
+        start=config.start,
+        duration_min=config.cycles * SLOT_MINUTES,
+    )
+
+
+# --------------------------------------------------------------------------- windows
+
+
+class CohortHistory:
+    """What the loop has seen and done, per slot, for N patients — and windows from it.
+
+    The array twin of `forecast.windows.inputs_at` for a cohort that grows one slot per
+    cycle: the same features, the same kernels (`forecast.insulin`), the same conventions
+    (glucose carried forward with an `observed` mask; IOB/COB after the slot's own dose;
+    time of day at slot starts), computed incrementally instead of rebuilding a frame 2000
+    times. tests/test_trial.py checks it against `inputs_at` on the trial's own frame.
+
+    Before the first cycle the patients rest at their basal steady state (that is how the
+    simulator starts them), so the history is prefilled with scheduled basal and the first
+    reading; the prefill is never reported as data.
+    """
+
+    def __init__(
+        self,
+        config: WindowConfig,
+        scheduled_u_per_h: np.ndarray,
+        start: pd.Timestamp,
+        cycles: int,
+    ) -> None:
+        self.config = c = config
+        self.n = len(scheduled_u_per_h)
+        self.start = pd.Timestamp(start)
+        self.k_ins = c.insulin_curve.iob_kernel(c.slot_minutes)[::-1].copy()  # [K] oldest first
+        self.k_cob = c.carb_curve.cob_kernel(c.slot_minutes)[::-1].copy()
+        self.pad = max(len(self.k_ins), len(self.k_cob)) + c.past_slots
+        width = self.pad + cycles + c.horizon_slots + 1
+        self.scheduled_slot = np.asarray(scheduled_u_per_h, np.float64) * c.slot_minutes / 60.0
+        self.glucose = np.full((self.n, width), np.nan)  # [N, T] readings (NaN = none)
+        self.glucose_ff = np.full((self.n, width), np.nan)
+        self.observed = np.zeros((self.n, width))
+        self.basal = np.zeros((self.n, width))  # U per slot
+        self.bolus = np.zeros((self.n, width))
+        self.carbs = np.zeros((self.n, width))  # announced grams per slot
+        self.basal[:, : self.pad] = self.scheduled_slot[:, None]
+        self.cycle = -1
+        sod = (start - start.normalize()).total_seconds()
+        slots = np.arange(width) - self.pad
+        ang = 2 * np.pi * ((sod + slots * c.slot_minutes * 60.0) % 86400.0) / 86400.0
+        self.tod_sin, self.tod_cos = np.sin(ang), np.cos(ang)  # [T]
+        self._pi = {name: c.past_index(name) for name in c.past_features}
+        self._fi = {name: c.future_index(name) for name in c.future_features}
+
+    def col(self, cycle: int) -> int:
+        return self.pad + cycle
+
+    def observe(self, cycle: int, glucose: np.ndarray, carbs_g: np.ndarray) -> None:
+        """A new cycle: this slot's readings and announced carbs (insulin still to decide)."""
+        j = self.col(cycle)
+        g = np.asarray(glucose, np.float64)
+        ok = np.isfinite(g)
+        if cycle == 0:  # steady-state prefill from the first reading
+            first = np.where(ok, g, 120.0)
+            self.glucose_ff[:, : self.pad] = first[:, None]
+            self.observed[:, : self.pad] = 1.0
+        self.glucose[:, j] = g
+        self.observed[:, j] = ok
+        self.glucose_ff[:, j] = np.where(ok, g, self.glucose_ff[:, j - 1])
+        self.carbs[:, j] = np.nan_to_num(carbs_g, nan=0.0)
+        self.basal[:, j] = self.scheduled_slot  # placeholder until delivery is known
+        self.bolus[:, j] = 0.0
+        self.cycle = cycle
+
+    def deliver(self, cycle: int, basal_u: np.ndarray, bolus_u: np.ndarray) -> None:
+        """Record what was commanded in this slot (U)."""
+        j = self.col(cycle)
+        self.basal[:, j] = basal_u
+        self.bolus[:, j] = bolus_u
+
+    def _on_board(self, dose: np.ndarray, kernel: np.ndarray, j: int, n: int) -> np.ndarray:
+        """On-board amounts (after each slot's dose) at slots j-n+1 … j: [N, n]."""
+        k = len(kernel)
+        seg = dose[:, j - n - k + 2 : j + 1]  # [N, n+K-1]
+        return sliding_window_view(seg, k, axis=1) @ kernel  # [N, n]
+
+    def iob_before(self, cycle: int) -> np.ndarray:
+        """[N] insulin on board at the start of the cycle's slot, before its own dose.
+
+        Σ_{m≥1} kernel[m]·dose[j−m]: what `ControlInput.iob_u` and the supervisor count.
+        """
+        j = self.col(cycle)
+        k = len(self.k_ins)
+        dose = self.basal[:, j - k + 1 : j] + self.bolus[:, j - k + 1 : j]  # [N, K-1]
+        return dose @ self.k_ins[:-1]
+
+    def windows(self, cycle: int, *, live: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """past [N, L, F_past], future [N, H, F_future] at the cycle's slot (float32).
+
+        live=True: the slot's insulin is the scheduled-basal placeholder the controller
+        overwrites, and future insulin is scheduled basal (future carbs unknown → 0).
+        live=False: what the frame would show afterwards (delivered insulin; future zeros),
+        for the parity check against `forecast.windows.inputs_at`.
+        """
+        c = self.config
+        L, H = c.past_slots, c.horizon_slots
+        j = self.col(cycle)
+        sl = slice(j - L + 1, j + 1)
+        dose = self.basal + self.bolus
+        cols = {
+            "glucose": self.glucose_ff[:, sl],
+            "observed": self.observed[:, sl],
+            "basal_u": self.basal[:, sl],
+            "bolus_u": self.bolus[:, sl],
+            "carbs_g": self.carbs[:, sl],
+            "iob_u": self._on_board(dose, self.k_ins, j, L),
+            "cob_g": self._on_board(self.carbs, self.k_cob, j, L),
+            "tod_sin": np.broadcast_to(self.tod_sin[sl], (self.n, L)),
+            "tod_cos": np.broadcast_to(self.tod_cos[sl], (self.n, L)),
+        }
+        past = np.empty((self.n, L, len(c.past_features)), np.float32)  # [N, L, Fp]
+        for name, i in self._pi.items():
+            if name not in cols:
+                raise TrialError(f"the trial cannot compute past feature {name!r}")
+            past[:, :, i] = cols[name]
+        fs = slice(j + 1, j + H + 1)
+        future = np.zeros((self.n, H, len(c.future_features)), np.float32)  # [N, H, Ff]
+        fut = {
+            "basal_u": np.repeat(self.scheduled_slot[:, None], H, axis=1) if live else 0.0,
+            "bolus_u": 0.0,
+            "carbs_g": 0.0,
+            "tod_sin": self.tod_sin[fs],
+            "tod_cos": self.tod_cos[fs],
+        }
+        for name, i in self._fi.items():
+            future[:, :, i] = fut[name]
+        return past, future
+
+    def frame(self, names: Sequence[str], upto_cycle: int) -> pd.DataFrame:
+        """The canonical frame of cycles 0 … upto_cycle (readings, commanded insulin, carbs)."""
+        a, b = self.col(0), self.col(upto_cycle) + 1
+        t = self.start + pd.to_timedelta(np.arange(b - a) * self.config.slot_minutes, "min")
+        parts = []
+        for i, name in enumerate(names):
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "subject_id": name,
+                        "time": t,
+                        "glucose": self.glucose[i, a:b],
+                        "basal_u": self.basal[i, a:b],
+                        "bolus_u": self.bolus[i, a:b],
+                        "carbs_g": self.carbs[i, a:b],
+                    }
+                )
+            )
+        out = pd.concat(parts, ignore_index=True)
+        out["subject_id"] = out["subject_id"].astype("string")
+        return out
+
+
+# --------------------------------------------------------------------------- the pump side
+
+
+class CohortPump:
+    """N simulated pumps that take the supervisor's commands (the thin cohort HAL).
+
+    Temp basals run for their duration and then the scheduled basal resumes by itself (a
+    dead controller falls back to scheduled basal); boluses are delivered on the next step.
+    Rates are sent in the pump's increments, never rounded above the supervisor's cap.
+    """
+
+    def __init__(
+        self, scheduled_u_per_h: np.ndarray, cap_u_per_h: np.ndarray, increment: float = 0.05
+    ) -> None:
+        self.scheduled = np.asarray(scheduled_u_per_h, np.float64)
+        self.cap = np.asarray(cap_u_per_h, np.float64)
+        self.increment = float(increment)
+        n = len(self.scheduled)
+        self.temp_rate = np.zeros(n)
+        self.temp_until = np.full(n, -np.inf)  # minute the temp basal ends
+        self.pending_bolus = np.zeros(n)
+        self.commands = 0
+
+    def execute(self, i: int, commands: Sequence[Any], minute: float) -> None:
+        from serving.hal.pump import CommandKind
+
+        for cmd in commands:
+            cmd.validate()  # what pump firmware refuses, the cohort pump refuses too
+            self.commands += 1
+            if cmd.kind is CommandKind.TEMP_BASAL:
+                self.temp_rate[i] = cmd.amount
+                self.temp_until[i] = minute + cmd.duration_min
+            elif cmd.kind is CommandKind.CANCEL_TEMP:
+                self.temp_until[i] = -np.inf
+            elif cmd.kind is CommandKind.BOLUS:
+                self.pending_bolus[i] += cmd.amount
+            else:
+                raise TrialError(f"the cohort pump does not take {cmd.kind} in trials")
+
+    def step_inputs(self, minute: float) -> tuple[np.ndarray, np.ndarray]:
+        """(basal U/h [N], bolus U [N]) for the step starting at `minute`."""
+        inc = self.increment
+        rate = np.where(minute < self.temp_until, self.temp_rate, self.scheduled)
+        if inc > 0:
+            near = np.round(rate / inc) * inc
+            rate = np.where(near > self.cap + 1e-9, np.floor(self.cap / inc + 1e-9) * inc, near)
+        bolus, self.pending_bolus = self.pending_bolus, np.zeros_like(self.pending_bolus)
+        return rate, bolus
+
+
+# --------------------------------------------------------------------------- the trial
+
+LOG_FIELDS = (
+    "cgm",  # reading at the cycle (NaN = none)
+    "bg",  # true plasma glucose at the cycle
+    "iob",  # IOB before the cycle's dose (what the supervisor counted)
+    "prop_rate",
+    "prop_bolus",
+    "ver_rate",
+    "ver_bolus",
+    "ver_duration",
+    "sent_rate",  # U/h the pump was asked to run during the step
+    "sent_bolus",
+    "delivered_u",  # insulin that reached the patient in the step (basal + bolus)
+    "carbs_announced",
+    "carbs_eaten",
+    "vetoed",  # 1 when the supervisor gave any veto reason (even if the proposal stood)
+    "intervened",  # 1 when what the supervisor let through differs from the proposal
+    "fallback",  # 0 none, 1 scheduled basal, 2 suspend
+    "forecast_fallback",  # the controller's forecaster fell back this cycle
+)
+
+
+@dataclass
+class TrialResult:
+    """Everything a trial recorded, and the outcomes computed from it."""
+
+    config: TrialConfig
+    names: list[str]
+    settings: list[PatientSettings]
+    times: pd.DatetimeIndex  # [T] cycle starts
+    log: dict[str, np.ndarray]  # field → [N, T]
+    veto_kinds: list[dict[str, int]]  # per patient: veto label → cycles
+    cap_rate: np.ndarray  # [N] supervisor max basal (oref0 cap) U/h
+    wall_s: float
+    decision_s: np.ndarray  # [T] controller + supervisor time per cycle (whole cohort)
+    forecaster_calls: int = -1
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def days(self) -> float:
+        return len(self.times) * SLOT_MINUTES / 1440.0
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def patient_metrics(self) -> dict[str, dict[str, float]]:
+        """Per patient: outcomes on CGM (plain keys) and on true BG (``bg_`` keys), insulin,
+        supervisor interventions. Percentages in %."""
+        from forecast.glycemia import outcomes
+
+        out: dict[str, dict[str, float]] = {}
+        t = len(self.times)
+        for i, name in enumerate(self.names):
+            cgm = outcomes(self.log["cgm"][i], expected_slots=t)
+            # the simulator can be driven outside physiology (it flags it); outcomes need > 0
+            bg = outcomes(np.clip(self.log["bg"][i], 1.0, None))
+            m: dict[str, float] = {
+                k: cgm[k]
+                for k in ("tir", "tbr70", "tbr54", "tar180", "tar250", "cv", "mean", "sd",
+                          "gmi", "lbgi", "hbgi", "coverage")
+            }  # fmt: skip
+            for k in ("tir", "tbr70", "tbr54", "tar180", "tar250", "cv", "mean", "lbgi", "hbgi"):
+                m[f"bg_{k}"] = bg[k]
+            m["bg_min"] = float(np.nanmin(self.log["bg"][i]))
+            m["bg_max"] = float(np.nanmax(self.log["bg"][i]))
+            m["tdi_u"] = float(self.log["delivered_u"][i].sum() / self.days)
+            m["bolus_u_per_day"] = float(self.log["sent_bolus"][i].sum() / self.days)
+            m["interventions"] = float(self.log["intervened"][i].sum())
+            m["interventions_per_day"] = m["interventions"] / self.days
+            m["veto_cycles"] = float(self.log["vetoed"][i].sum())
+            m["suspend_fallbacks"] = float((self.log["fallback"][i] == 2).sum())
+            m["forecast_fallbacks"] = float(self.log["forecast_fallback"][i].sum())
+            out[name] = m
+        return out
+
+    def cohort_metrics(self, patients: dict[str, dict[str, float]] | None = None) -> dict:
+        """Mean over patients of every patient metric (equal-length traces: the pooled
+        value), plus medians and worst cases the safety criteria are stated in."""
+        p = patients if patients is not None else self.patient_metrics()
+        keys = list(next(iter(p.values())).keys())
+        arr = {k: np.array([p[n][k] for n in p], dtype=np.float64) for k in keys}
+        out = {
+            k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for k, v in arr.items()
+        }
+        for k in ("tir", "tbr70", "tbr54", "bg_tir", "bg_tbr70", "bg_tbr54"):
+            out[f"{k}_median"] = float(np.nanmedian(arr[k]))
+        for k in ("tbr70", "tbr54", "bg_tbr70", "bg_tbr54", "tar250"):
+            out[f"{k}_max"] = float(np.nanmax(arr[k]))
+        out["bg_min"] = float(np.nanmin(arr["bg_min"]))
+        out["patients_with_tbr54"] = float((arr["tbr54"] > 0).sum())
+        out["patients_with_bg_tbr54"] = float((arr["bg_tbr54"] > 0).sum())
+        out["n_patients"] = float(len(p))
+        out["days"] = self.days
+        out["limit_violations"] = float(len(self.limit_violations()))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """`{"cohort": {...}, "patients": {name: {...}}, "run": {...}}` (NaN → null)."""
+        pm = self.patient_metrics()
+        return {
+            "cohort": _finite(self.cohort_metrics(pm)),
+            "patients": {n: _finite(m) for n, m in pm.items()},
+            "run": _finite(self.run_info()),
+        }
+
+    def run_info(self) -> dict[str, Any]:
+        d = self.decision_s * 1000.0
+        return {
+            **asdict(self.config),
+            "cycles": len(self.times),
+            "wall_s": self.wall_s,
+            "decision_ms_p50": float(np.percentile(d, 50)) if d.size else math.nan,
+            "decision_ms_p99": float(np.percentile(d, 99)) if d.size else math.nan,
+            "forecaster_calls": self.forecaster_calls,
+            "glucose_source": "CGM readings (bg_*: true plasma glucose at the same cycles)",
+            **self.info,
+        }
+
+    # -- safety audit --------------------------------------------------------------------
+
+    def limit_violations(self, tol: float = 1e-6) -> list[str]:
+        """Every cycle where a verdict or a pump command broke a supervisor limit (none expected)."""
+        lg = self.log
+        out: list[str] = []
+        for i, s in enumerate(self.settings):
+            checks = {
+                "verdict rate above max basal": lg["ver_rate"][i] > self.cap_rate[i] + tol,
+                "pump rate above max basal": lg["sent_rate"][i] > self.cap_rate[i] + tol,
+                "bolus above max bolus": lg["ver_bolus"][i] > s.max_bolus_u + tol,
+                "pump bolus above max bolus": lg["sent_bolus"][i] > s.max_bolus_u + tol,
+                "bolus above max IOB": (lg["ver_bolus"][i] > 0)
+                & (lg["iob"][i] + lg["ver_bolus"][i] > s.max_iob_u + tol),
+                "temp basal longer than 30 min": lg["ver_duration"][i] > 30,
+                "negative insulin": (lg["ver_rate"][i] < 0) | (lg["ver_bolus"][i] < 0),
+            }
+            for what, bad in checks.items():
+                for t in np.flatnonzero(bad)[:5]:
+                    out.append(f"{self.names[i]} @ {self.times[t]}: {what}")
+        return out
+
+    # -- frames for reports --------------------------------------------------------------
+
+    def frame(self) -> pd.DataFrame:
+        """The trial as a canonical glucose frame (with ``bg_true``)."""
+        parts = []
+        for i, name in enumerate(self.names):
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "subject_id": name,
+                        "time": self.times,
+                        "glucose": self.log["cgm"][i],
+                        "basal_u": self.log["sent_rate"][i] * SLOT_MINUTES / 60.0,
+                        "bolus_u": self.log["sent_bolus"][i],
+                        "carbs_g": self.log["carbs_eaten"][i],
+                        "bg_true": self.log["bg"][i],
+                    }
+                )
+            )
+        f = pd.concat(parts, ignore_index=True)
+        f["subject_id"] = f["subject_id"].astype("string")
+        return f
+
+
+def _changed(p: Proposal, v) -> bool:
+    """Did the supervisor change what the controller asked for (an intervention)?"""
+    return (
+        abs(v.temp_basal_u_per_h - p.temp_basal_u_per_h) > 1e-6
+        or abs(v.bolus_u - p.bolus_u) > 1e-6
+        or int(v.duration_min) != int(p.duration_min)
+    )
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, float | np.floating) and not math.isfinite(float(v)):
+            out[k] = None
+        elif isinstance(v, np.floating | np.integer):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+def build_controller(config: TrialConfig) -> tuple[Controller, WindowConfig, dict[str, Any]]:
+    """The controller a trial config names, the window it needs, and facts for the record."""
+    info: dict[str, Any] = {}
+    window = WindowConfig()
+    if config.controller == "mpc":
+        from serving.predictor import Predictor
+
+        if not config.model_dir:
+            raise TrialError("--controller mpc needs --model DIR (an exported forecaster)")
+        pred = Predictor(config.model_dir)
+        window = pred.config
+        info.update(model_sha256=pred.manifest.sha256, model_dir=str(config.model_dir))
+        return make_controller("mpc", predictor=pred), window, info
+    if config.controller == "physio-mpc":
+        from serving.controllers.mpc import physio_predictor
+        from serving.predictor import MANIFEST_FILE, ModelManifest
+
+        if config.model_dir:  # the same window as the model it is compared with
+            window = ModelManifest.read(Path(config.model_dir) / MANIFEST_FILE).window
+        return make_controller("physio-mpc", physio=physio_predictor(window)), window, info
+    return make_controller(config.controller), window, info
+
+
+def run_trial(
+    config: TrialConfig,
+    *,
+    controller: Controller | None = None,
+    window: WindowConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrialResult:
+    """Run the cohort in closed loop for `config.days`; every dose through the supervisor."""
+    from forecast.sim import load_patients
+    from serving.safety import SafetyState, Supervisor, assess_cgm, check_batch, max_basal
+
+    info: dict[str, Any] = {}
+    if controller is None:
+        controller, window, info = build_controller(config)
+    window = window or getattr(controller, "window", None) or WindowConfig()
+    patients = load_patients(config.patients)
+    names = [str(x) for x in patients.names]
+    settings = settings_for(patients, target_mgdl=config.target_mgdl)
+    n, cycles = len(names), config.cycles
+    sim = make_simulator(config, patients)
+    sched = np.array([s.basal_u_per_h for s in settings])
+    cap = max_basal(
+        np.array([s.max_basal_u_per_h for s in settings]),
+        np.array([s.max_daily_basal_u_per_h or s.basal_u_per_h for s in settings]),
+        sched,
+    )
+    hist = CohortHistory(window, sched, sim.start, cycles)
+    sups = [Supervisor(s) for s in settings]
+    pump = CohortPump(sched, cap, increment=sim.pump.config.basal_increment_u_per_h)
+    recent: list[deque[Reading]] = [deque(maxlen=12) for _ in range(n)]
+    log = {k: np.zeros((n, cycles)) for k in LOG_FIELDS}
+    veto_kinds: list[dict[str, int]] = [{} for _ in range(n)]
+    decision_s = np.zeros(cycles)
+    predictor = getattr(controller, "predictor", None)
+    calls0 = predictor.calls if predictor is not None else 0
+    t_start = time.perf_counter()
+    times = sim.start + pd.to_timedelta(np.arange(cycles) * SLOT_MINUTES, "min")
+    for c in range(cycles):
+        minute = c * SLOT_MINUTES
+        now = times[c]
+        g = sim.read_cgm()  # [N]
+        carbs = sim.announced_carbs(minute, minute + SLOT_MINUTES)  # [N]
+        hist.observe(c, g, carbs)
+        iob = hist.iob_before(c)  # [N]
+        past, future = hist.windows(c)  # [N, L, Fp], [N, H, Ff]
+        for i in range(n):
+            if math.isfinite(g[i]):
+                recent[i].append(Reading(time=now, glucose_mgdl=float(g[i]), status=CGMStatus.OK))
+        inputs = [
+            ControlInput(
+                time=now,
+                past=past[i],
+                future=future[i],
+                glucose_mgdl=float(g[i]),
+                iob_u=float(iob[i]),
+                settings=settings[i],
+                carbs_announced_g=float(carbs[i]),
+            )
+            for i in range(n)
+        ]
+        t0 = time.perf_counter()
+        proposals: list[Proposal] = controller.propose(inputs)
+        states = [
+            SafetyState(now=now, iob_u=float(iob[i]), cgm=assess_cgm(recent[i], now))
+            for i in range(n)
+        ]
+        verdicts = check_batch(settings, proposals, states)
+        decision_s[c] = time.perf_counter() - t0
+        for i in range(n):
+            pump.execute(i, sups[i].commands_for(verdicts[i], now, None), minute)
+        rate, bolus = pump.step_inputs(minute)
+        eaten = sim.eaten_carbs(minute, minute + SLOT_MINUTES)
+        sim.step(SLOT_MINUTES, rate, bolus)
+        d = sim.last_delivery
+        hist.deliver(c, d.commanded_basal_u, d.commanded_bolus_u)
+        row = {
+            "cgm": g,
+            "bg": sim.last_bg[:, 0],
+            "iob": iob,
+            "prop_rate": [p.temp_basal_u_per_h for p in proposals],
+            "prop_bolus": [p.bolus_u for p in proposals],
+            "ver_rate": [v.temp_basal_u_per_h for v in verdicts],
+            "ver_bolus": [v.bolus_u for v in verdicts],
+            "ver_duration": [v.duration_min for v in verdicts],
+            "sent_rate": rate,
+            "sent_bolus": bolus,
+            "delivered_u": sim.delivered_u,
+            "carbs_announced": carbs,
+            "carbs_eaten": eaten,
+            "vetoed": [bool(v.vetoes) for v in verdicts],
+            "intervened": [_changed(p, v) for p, v in zip(proposals, verdicts)],
+            "fallback": [{"": 0, "scheduled_basal": 1, "suspend": 2}[v.fallback] for v in verdicts],
+            "forecast_fallback": ["forecast fallback" in p.reason for p in proposals],
+        }
+        for k, v in row.items():
+            log[k][:, c] = v
+        for i, v in enumerate(verdicts):
+            for reason in v.vetoes:
+                kind = reason.split(":", 1)[0]
+                veto_kinds[i][kind] = veto_kinds[i].get(kind, 0) + 1
+        if progress is not None:
+            progress(c + 1, cycles)
+    wall = time.perf_counter() - t_start
+    calls = (predictor.calls - calls0) if predictor is not None else -1
+    return TrialResult(
+        config=config,
+        names=names,
+        settings=settings,
+        times=pd.DatetimeIndex(times),
+        log=log,
+        veto_kinds=veto_kinds,
+        cap_rate=cap,
+        wall_s=wall,
+        decision_s=decision_s,
+        forecaster_calls=calls,
+        info={**info, "controller_name": getattr(controller, "name", config.controller)},
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+REPORT_COLUMNS = (
+    "tir", "tbr70", "tbr54", "tar180", "tar250", "cv", "mean", "lbgi", "hbgi",
+    "bg_tir", "bg_tbr70", "bg_tbr54", "bg_min", "tdi_u", "interventions", "forecast_fallbacks",
+)  # fmt: skip
+
+
+def write_report(result: TrialResult, out_dir: str | Path) -> Path:
+    """index.html (cohort and per-patient tables, AGP, CVGA, traces, supervisor record),
+    trial.json and patients.csv in `out_dir`. Returns the index path."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from forecast.glycemia import cvga
+    from forecast.htmlreport import HtmlReport
+    from forecast.plots import agp_plot, cvga_plot
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = result.to_json()
+    (out / "trial.json").write_text(json.dumps(data, indent=2) + "\n")
+    table = pd.DataFrame(data["patients"]).T
+    table.index.name = "patient"
+    table.to_csv(out / "patients.csv")
+    cfg = result.config
+    rep = HtmlReport(
+        f"glucast trial: {cfg.controller}",
+        subtitle=f"{len(result.names)} patients · {result.days:g} days · seed {cfg.seed} · "
+        f"carb error {cfg.carb_error:g} · sensor {cfg.sensor}"
+        + (" · unannounced meals" if cfg.unannounced else ""),
+    )
+    rep.add_text(
+        "Outcomes are computed on the CGM readings (the consensus standard); bg_* columns "
+        "use the simulator's true plasma glucose at the same 5-minute cycles. TIR = 70–180 "
+        "mg/dL; TBR/TAR in % of readings. Every dose went through the safety supervisor; "
+        "'interventions' counts cycles where it changed the controller's proposal."
+    )
+    rep.add_heading("Cohort")
+    cohort = {k: v for k, v in data["cohort"].items()}
+    rep.add_table(cohort, caption="Mean over patients, with medians and worst cases")
+    rep.add_heading("Patients")
+    rep.add_table(table[[c for c in REPORT_COLUMNS if c in table.columns]].astype(float).round(2))
+    rep.add_heading("Ambulatory glucose profile")
+    frame = result.frame()
+    fig = agp_plot(frame, title="AGP, all patients pooled (CGM)", timezone="UTC")
+    rep.add_figure(fig, caption="Median, 25–75 % and 5–95 % of CGM readings by time of day")
+    plt.close(fig)
+    rep.add_heading("Control-variability grid")
+    bg = {n: np.clip(result.log["bg"][i], 1.0, None) for i, n in enumerate(result.names)}
+    grid = cvga(bg, percentiles=(2.5, 97.5))
+    fig = cvga_plot(grid, title="CVGA (true BG, 2.5th/97.5th percentiles)")
+    rep.add_figure(fig)
+    plt.close(fig)
+    rep.add_table(grid[["min", "max", "zone"]].round(1))
+    rep.add_heading("Traces")
+    fig, axes = plt.subplots(
+        min(3, len(result.names)), 1, figsize=(10, 2.6 * min(3, len(result.names))), squeeze=False
+    )
+    hours = np.arange(len(result.times)) * SLOT_MINUTES / 60.0
+    for ax, i in zip(axes[:, 0], _trace_patients(result)):
+        ax.axhspan(70, 180, color="#e8f5e9")
+        ax.plot(hours, result.log["bg"][i], color="#999", lw=0.8, label="true BG")
+        ax.plot(hours, result.log["cgm"][i], color="#1565c0", lw=0.9, label="CGM")
+        b = result.log["sent_bolus"][i] > 0
+        ax.vlines(
+            hours[b],
+            0,
+            40 * result.log["sent_bolus"][i][b] / max(result.settings[i].max_bolus_u, 1e-9),
+            color="#c62828",
+            lw=1,
+            label="bolus (scaled)",
+        )
+        ax.set_ylabel("mg/dL")
+        ax.set_title(result.names[i], fontsize=9)
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("hours")
+    fig.tight_layout()
+    rep.add_figure(fig, caption="Best, median and worst patient by TIR")
+    plt.close(fig)
+    rep.add_heading("Supervisor")
+    kinds = sorted({k for d in result.veto_kinds for k in d})
+    sup = pd.DataFrame(
+        [[d.get(k, 0) for k in kinds] for d in result.veto_kinds], index=result.names, columns=kinds
+    )
+    rep.add_table(sup if len(kinds) else {"vetoes": 0}, caption="Cycles with each veto reason")
+    viol = result.limit_violations()
+    rep.add_text(
+        "Limit audit of the log: "
+        + ("no supervisor limit was exceeded." if not viol else "; ".join(viol[:20]))
+    )
+    rep.add_heading("Run")
+    rep.add_json(data["run"])
+    return rep.write(out / "index.html")
+
+
+def _trace_patients(result: TrialResult) -> list[int]:
+    from forecast.glycemia import outcomes
+
+    tir = np.array([outcomes(result.log["cgm"][i])["tir"] for i in range(len(result.names))])
+    tir = np.nan_to_num(tir, nan=-1.0)
+    order = np.argsort(-tir)
+    picks = [int(order[0]), int(order[len(order) // 2]), int(order[-1])]
+    return list(dict.fromkeys(picks))[: len(result.names)]
