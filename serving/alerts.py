@@ -146,6 +146,10 @@ class AlertThresholds:
     predicted_low_quantile: float | None = None
     predicted_horizon_min: float = 30.0
     predicted_cycles: int = 2
+    # a predicted episode ends once the forecast clears the bar by `predicted_hysteresis_mgdl`
+    # on `predicted_clear_cycles` consecutive cycles, or when the low it predicted begins
+    predicted_hysteresis_mgdl: float = 5.0
+    predicted_clear_cycles: int = 1
     # predicted high: the median forecast above this within the horizon
     predicted_high_mgdl: float | None = 250.0
     predicted_high_quantile: float = 0.5
@@ -179,6 +183,8 @@ class AlertThresholds:
                 raise AlertConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.predicted_horizon_min <= 0 or self.predicted_cycles < 1:
             raise AlertConfigError("predicted_horizon_min must be > 0 and predicted_cycles >= 1")
+        if self.predicted_clear_cycles < 1 or self.predicted_hysteresis_mgdl < 0:
+            raise AlertConfigError("predicted_clear_cycles must be >= 1, hysteresis >= 0")
         if self.signal_loss_min is not None and self.signal_loss_min <= 0:
             raise AlertConfigError("signal_loss_min must be > 0 (or None to switch it off)")
         if self.urgent_low_realert_min <= 0 or self.urgent_low_max_snooze_min <= 0:
@@ -298,8 +304,10 @@ class AlertEngine:
         self._last_sensor_time: pd.Timestamp | None = None
         self._last_ok_at: pd.Timestamp | None = None if start is None else _utc(start)
         self._high_since: pd.Timestamp | None = None
-        self._pred_low_count = 0
+        self._pred_low_count = 0  # consecutive cycles predicting a low
         self._pred_high_count = 0
+        self._pred_low_clear = 0  # consecutive cycles whose forecast cleared the band
+        self._pred_high_clear = 0
         self.warming_up = False
         self.last_trend = Trend(math.nan, None)
         self.last_glucose = math.nan
@@ -439,8 +447,8 @@ class AlertEngine:
         self._hist_t.clear()
         self._hist_g.clear()
         self._high_since = None
-        self._pred_low_count = 0
-        self._pred_high_count = 0
+        self._pred_low_count = self._pred_high_count = 0
+        self._pred_low_clear = self._pred_high_clear = 0
         self.last_trend = Trend(math.nan, None)
 
     # -- conditions ----------------------------------------------------------------------
@@ -453,6 +461,7 @@ class AlertEngine:
                 continue
             if g < thr:
                 self._begin(kind, now)
+                self._end(AlertKind.PREDICTED_LOW)  # it came true; the low alarm takes over
                 info[kind] = {"value": g}
             elif g >= thr + hy:
                 self._end(kind)
@@ -462,6 +471,7 @@ class AlertEngine:
             if self._high_since is None:
                 self._high_since = now
             lasted = (now - self._high_since).total_seconds() / 60.0
+            self._end(AlertKind.PREDICTED_HIGH)  # it came true
             if lasted >= th.high_sustain_min - 1e-9:
                 self._begin(AlertKind.HIGH, now)
                 info[AlertKind.HIGH] = {"value": g, "lasted": lasted}
@@ -518,9 +528,12 @@ class AlertEngine:
             vmin = float(lo.min())
             if vmin < bar:
                 self._pred_low_count += 1
+                self._pred_low_clear = 0
             else:
                 self._pred_low_count = 0
-                if vmin >= bar + th.hysteresis_mgdl:
+                cleared = vmin >= bar + th.predicted_hysteresis_mgdl
+                self._pred_low_clear = self._pred_low_clear + 1 if cleared else 0
+                if self._pred_low_clear >= th.predicted_clear_cycles:
                     self._end(AlertKind.PREDICTED_LOW)
             low_now = any((kd, "") in self.episodes for kd in _LOW_FAMILY)
             if self._pred_low_count >= th.predicted_cycles and not low_now:
@@ -538,9 +551,12 @@ class AlertEngine:
             vmax = float(hi.max())
             if vmax > th.predicted_high_mgdl:
                 self._pred_high_count += 1
+                self._pred_high_clear = 0
             else:
                 self._pred_high_count = 0
-                if vmax < th.predicted_high_mgdl - th.hysteresis_mgdl:
+                cleared = vmax <= th.predicted_high_mgdl - th.predicted_hysteresis_mgdl
+                self._pred_high_clear = self._pred_high_clear + 1 if cleared else 0
+                if self._pred_high_clear >= th.predicted_clear_cycles:
                     self._end(AlertKind.PREDICTED_HIGH)
             high_now = th.high_mgdl is not None and self.last_glucose > th.high_mgdl
             if self._pred_high_count >= th.predicted_cycles and not high_now:
@@ -699,7 +715,12 @@ class AlertEngine:
             "last_sensor_time": ts(self._last_sensor_time),
             "last_ok_at": ts(self._last_ok_at),
             "high_since": ts(self._high_since),
-            "pred_counts": [self._pred_low_count, self._pred_high_count],
+            "pred_counts": [
+                self._pred_low_count,
+                self._pred_high_count,
+                self._pred_low_clear,
+                self._pred_high_clear,
+            ],
             "warming_up": self.warming_up,
         }
 
@@ -725,7 +746,9 @@ class AlertEngine:
         eng._last_sensor_time = ts(state["last_sensor_time"])
         eng._last_ok_at = ts(state["last_ok_at"])
         eng._high_since = ts(state["high_since"])
-        eng._pred_low_count, eng._pred_high_count = (int(x) for x in state["pred_counts"])
+        counts = [int(x) for x in state["pred_counts"]] + [0, 0]
+        eng._pred_low_count, eng._pred_high_count = counts[0], counts[1]
+        eng._pred_low_clear, eng._pred_high_clear = counts[2], counts[3]
         eng.warming_up = bool(state["warming_up"])
         if eng._hist_t:
             eng.last_glucose = eng._hist_g[-1]

@@ -182,14 +182,14 @@ def test_predicted_low_looks_only_within_the_horizon():
 
 def test_predicted_low_is_not_repeated_until_the_forecast_clears():
     eng = AlertEngine()
-    lows = {2: 60, 3: 60, 4: 75, 5: 60, 6: 60, 7: 95, 8: 60, 9: 60}
+    lows = {2: 60, 3: 60, 4: 72, 5: 60, 6: 60, 7: 95, 8: 60, 9: 60}
 
     def fc(i, v):
         return flat_forecast(at(i), lows.get(i, 100))
 
     got = run(eng, [130] * 10, forecasts=fc)
     pred = [i for i, v in got.items() for a in v if a.kind is AlertKind.PREDICTED_LOW]
-    assert pred == [3, 9]  # 75 is inside the 70–80 band; 95 clears it
+    assert pred == [3, 9]  # 72 is inside the 70–75 band; 95 clears it
 
 
 def test_signal_loss_instead_of_predicted_low_across_a_gap():
