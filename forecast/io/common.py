@@ -295,20 +295,20 @@ def screen_readings(
             rec_v,
             vraw,
         )
+    sid = _strs(subject_id, n)
     if check_order and n > 1:
+        # order is judged per subject (a file may hold several people one after another)
         ns = pd.DatetimeIndex(t).as_unit("ns").asi8.astype(np.float64)
         ns[t.isna().to_numpy()] = np.nan
-        valid = sc.ok
-        ns_valid = np.where(valid, ns, np.nan)
-        prev = pd.Series(ns_valid).ffill().shift(1).to_numpy()
-        d = ns_valid - prev
+        ns_valid = pd.Series(np.where(sc.ok, ns, np.nan))
+        prev = ns_valid.groupby(sid).transform(lambda s: s.ffill().shift(1)).to_numpy()
+        d = ns_valid.to_numpy() - prev
         forwards = np.nansum(d > 0) >= np.nansum(d < 0)
         with np.errstate(invalid="ignore"):
             back = (d < 0) if forwards else (d > 0)
         raw_t = np.asarray(pd.Series(time_raw).reset_index(drop=True).astype(object), dtype=object)
         sc.flag(back, "timestamp out of order", rec_t, raw_t)
     ok = sc.emit(sink, file, "glucose")
-    sid = _strs(subject_id, n)
     return table(
         "readings",
         subject_id=sid[ok],
