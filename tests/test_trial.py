@@ -1,0 +1,167 @@
+"""In-silico trials: the JSON shape, sane baselines, the supervisor as the only road to the
+pump, and the trial's window builder against `forecast.windows.inputs_at`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from test_predictor import write_model_dir
+
+from forecast.cli import main
+from forecast.windows import WindowConfig, inputs_at
+from serving.controllers.mpc import MPCController
+from serving.predictor import Predictor
+from serving.trial import (
+    CohortHistory,
+    TrialConfig,
+    TrialError,
+    make_simulator,
+    run_trial,
+    settings_for,
+    write_report,
+)
+from serving.types import Proposal
+
+warnings.filterwarnings("ignore", category=UserWarning)  # the simulator's physiology flags
+
+
+@pytest.fixture(scope="module")
+def bb_result():
+    """basal–bolus, 3 patients (one per group), 1 day, realistic announcements and sensor."""
+    cfg = TrialConfig(
+        controller="basal-bolus",
+        patients="adolescent#001,adult#001,child#002",
+        days=1.0,
+        seed=3,
+        carb_error=0.2,
+    )
+    return run_trial(cfg)
+
+
+def test_basal_bolus_trial_gives_sane_outcomes(bb_result):
+    data = bb_result.to_json()
+    assert set(data) >= {"cohort", "patients"}
+    assert list(data["patients"]) == ["adolescent#001", "adult#001", "child#002"]
+    c = data["cohort"]
+    assert 50.0 < c["tir"] <= 100.0
+    assert c["tbr70"] + c["tir"] + c["tar180"] == pytest.approx(100.0)
+    assert 70 < c["mean"] < 220
+    for m in data["patients"].values():
+        assert 0 <= m["tbr54"] <= m["tbr70"] <= 100
+        assert m["coverage"] > 90  # 5-minute readings, few dropouts
+        assert 5 < m["tdi_u"] < 100
+    assert c["limit_violations"] == 0
+    assert data["run"]["cycles"] == 288
+
+
+def test_supervisor_limits_hold_in_the_log_and_the_audit_can_fail(bb_result):
+    assert bb_result.limit_violations() == []
+    lg = bb_result.log
+    for i, s in enumerate(bb_result.settings):
+        assert (lg["sent_bolus"][i] <= s.max_bolus_u + 1e-9).all()
+        assert (lg["sent_rate"][i] <= bb_result.cap_rate[i] + 1e-9).all()
+    # the audit is real: a doctored log is caught
+    lg["sent_bolus"][0, 10] = bb_result.settings[0].max_bolus_u + 1.0
+    try:
+        assert any("max bolus" in v for v in bb_result.limit_violations())
+    finally:
+        lg["sent_bolus"][0, 10] = 0.0
+
+
+class Reckless:
+    """A controller that asks for far too much insulin every cycle."""
+
+    name = "reckless"
+
+    def propose(self, inputs):
+        return [Proposal(temp_basal_u_per_h=50.0, duration_min=120, bolus_u=25.0) for _ in inputs]
+
+
+def test_only_the_supervisors_verdicts_reach_the_pump():
+    cfg = TrialConfig(controller="basal-bolus", patients="adult#002", days=0.25, seed=1)
+    r = run_trial(cfg, controller=Reckless())
+    assert r.limit_violations() == []
+    s = r.settings[0]
+    assert r.log["prop_bolus"].max() == 25.0
+    assert r.log["sent_bolus"].max() <= s.max_bolus_u
+    assert r.log["sent_rate"].max() <= r.cap_rate[0] + 1e-9
+    assert (r.log["iob"][0] <= s.max_iob_u + 1e-6).all()  # IOB never above the limit
+    assert r.patient_metrics()["adult#002"]["interventions"] == r.log["prop_bolus"].shape[1]
+
+
+def test_mpc_trial_calls_the_forecaster_once_per_cycle(tmp_path):
+    pred = Predictor(write_model_dir(tmp_path / "m"))
+    cfg = TrialConfig(controller="mpc", patients="adult#001,child#001", days=0.25, seed=2)
+    r = run_trial(cfg, controller=MPCController(pred))
+    assert r.forecaster_calls == cfg.cycles
+    assert r.limit_violations() == []
+    assert np.isfinite(r.log["bg"]).all()
+    report = write_report(r, tmp_path / "report")
+    html = report.read_text()
+    assert report.name == "index.html" and "<img" in html and "Control-variability" in html
+    assert (
+        json.loads((tmp_path / "report" / "trial.json").read_text())["run"]["controller"] == "mpc"
+    )
+
+
+def test_trial_windows_equal_the_shared_window_builder():
+    """The trial's incremental windows are forecast.windows.inputs_at on the trial's frame."""
+    cfg = TrialConfig(controller="basal-bolus", patients="adult#003,child#004", days=0.5, seed=4)
+    from forecast.sim import load_patients
+
+    patients = load_patients(cfg.patients)
+    sim = make_simulator(cfg, patients)
+    settings = settings_for(patients)
+    sched = np.array([s.basal_u_per_h for s in settings])
+    r = run_trial(cfg)
+    hist = CohortHistory(WindowConfig(), sched, sim.start, cfg.cycles)
+    for c in range(cfg.cycles):  # replay the record into a fresh history
+        hist.observe(c, r.log["cgm"][:, c], r.log["carbs_announced"][:, c])
+        hist.deliver(c, r.log["sent_rate"][:, c] * 5 / 60, r.log["sent_bolus"][:, c])
+    frame = hist.frame(r.names, cfg.cycles - 1)
+    for c in (40, 77, cfg.cycles - 1):
+        past, future = hist.windows(c, live=False)
+        for i, name in enumerate(r.names):
+            sub = frame[frame["subject_id"] == name].iloc[: c + 1]
+            p_ref, f_ref = inputs_at(sub, hist.config)
+            if c >= hist.config.past_slots + 72:  # IOB fully inside the recorded history
+                np.testing.assert_allclose(past[i], p_ref[0], rtol=1e-5, atol=1e-4)
+            else:  # before that, the trial's IOB also counts the steady-state prefill
+                cols = [
+                    j
+                    for j, f in enumerate(hist.config.past_features)
+                    if f not in ("iob_u", "cob_g")
+                ]
+                np.testing.assert_allclose(
+                    past[i][:, cols], p_ref[0][:, cols], rtol=1e-5, atol=1e-4
+                )
+            np.testing.assert_allclose(future[i], f_ref[0], rtol=1e-5, atol=1e-4)
+
+
+def test_trial_json_from_the_command_line(capsys):
+    rc = main(
+        ["trial", "--controller", "pid", "--patients", "adult#004", "--days", "0.1",
+         "--seed", "5", "--carb-error", "0.2", "--json"]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"cohort", "patients", "run"}
+    assert set(data["patients"]) == {"adult#004"}
+    for key in ("tir", "tbr70", "tbr54", "tar180", "tar250", "cv", "mean", "lbgi", "hbgi",
+                "tdi_u", "interventions", "bg_tir"):  # fmt: skip
+        assert key in data["cohort"] and key in data["patients"]["adult#004"]
+    assert 0.0 <= data["cohort"]["tir"] <= 100.0
+
+
+def test_bad_configs_are_typed_errors(capsys):
+    with pytest.raises(TrialError):
+        TrialConfig(controller="magic")
+    with pytest.raises(TrialError):
+        TrialConfig(days=0)
+    with pytest.raises(TrialError, match="--model"):
+        run_trial(TrialConfig(controller="mpc", patients="adult#001", days=0.01))
+    assert main(["trial", "--controller", "mpc", "--patients", "adult#001", "--days", "0.01"]) == 2
+    assert "--model" in capsys.readouterr().err
