@@ -29,7 +29,8 @@ def frame():
 
 
 def test_frame_is_canonical_and_complete(frame):
-    validate_frame(frame)
+    checked = validate_frame(frame)
+    pd.testing.assert_frame_equal(checked, frame)  # already canonical dtypes and order
     assert len(frame) == 3 * 2 * 288
     assert frame["subject_id"].unique().tolist() == ["adolescent#003", "adult#001", "child#002"]
     t = frame.loc[frame.subject_id == "adult#001", "time"]

@@ -146,3 +146,16 @@ def test_effects_have_their_own_streams():
     ok = ~np.isnan(noisy_drop)
     assert ok.mean() < 1.0
     np.testing.assert_array_equal(noisy[ok], noisy_drop[ok])
+
+
+def test_cgm_consumes_the_simglucose_sequence_in_order(fixtures):
+    o = np.load(fixtures / "sim_oracle/oracle_001.npz")
+    gsub = o["noisy_gsub"][1]  # adult#001
+    c = CGM(SensorConfig.simglucose(), np.array([10]), seed=0, noise_seeds=np.array([1]))
+    got = np.array([c.read(m, gsub[m : m + 1])[0] for m in range(0, 1440, 3)])
+    want = np.clip(gsub[0:1440:3] + noise_sequence("Dexcom", 1, 480), 39, 600)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    # simglucose's env reads twice at t=0, so from minute 3 on it is one noise value ahead:
+    ours = got[2:] - gsub[6:1440:3]
+    theirs = o["noisy_cgm"][1][3:1437:3] - gsub[3:1437:3]
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)

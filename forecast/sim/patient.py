@@ -34,7 +34,11 @@ DATA_ENV = "GLUCAST_DATA_DIR"
 
 def data_dir() -> Path:
     """Folder holding the S2008 CSVs: ``$GLUCAST_DATA_DIR/uva_padova_2008`` or the repo copy."""
-    env = os.environ.get(DATA_ENV)
+    return _data_dir(os.environ.get(DATA_ENV) or "")
+
+
+@lru_cache(maxsize=8)
+def _data_dir(env: str) -> Path:
     if env:
         return Path(env) / "uva_padova_2008"
     import forecast
@@ -133,6 +137,26 @@ class Patients:
             tdi=self.tdi[idx],
             age=self.age[idx],
         )
+
+    def tile(self, n: int) -> Patients:
+        """A cohort of n patients cycling through these ones (for trials and benchmarks).
+
+        Copies beyond the first are named ``name~k`` (k = 1, 2, ...) and get their own random
+        streams (ids offset by 1000·k), so they eat and read differently.
+        """
+        if n < 1:
+            raise UnknownPatientError(f"tile needs n >= 1, got {n}")
+        idx = np.arange(n) % len(self)
+        rep = np.arange(n) // len(self)
+        names = np.array(
+            [nm if k == 0 else f"{nm}~{k}" for nm, k in zip(self.names[idx], rep, strict=True)],
+            dtype=object,
+        )
+        out = self.subset(idx)
+        return Patients(
+            names=names, ids=out.ids + 1000 * rep, params=out.params, x0=out.x0, cr=out.cr,
+            cf=out.cf, tdi=out.tdi, age=out.age,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         shown = ", ".join(self.names[:4]) + (", ..." if len(self) > 4 else "")

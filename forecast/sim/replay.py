@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from forecast.sim import model
 from forecast.sim.errors import PhysiologyWarning, SimInputError
@@ -32,6 +33,14 @@ class ReplayResult:
     names: np.ndarray  # [N] patient names
 
 
+@njit(cache=True)
+def _all_finite_nonneg(a):  # pragma: no cover - compiled
+    for v in a:
+        if not (v >= 0.0 and v < np.inf):
+            return False
+    return True
+
+
 def check_inputs(name: str, values: np.ndarray | float, n: int, t: int | None = None) -> np.ndarray:
     """Validate a per-patient input (finite, ≥ 0) and broadcast it to [N] or [N, T]."""
     a = np.asarray(values, dtype=np.float64)
@@ -39,7 +48,7 @@ def check_inputs(name: str, values: np.ndarray | float, n: int, t: int | None = 
     # Fast paths (a closed-loop step validates two [N] commands): all good, nothing to report.
     if a.ndim == 0 and 0.0 <= float(a) < np.inf:
         return np.full(want, float(a))
-    if a.shape == want and bool(np.all((a >= 0.0) & (a < np.inf))):
+    if a.shape == want and a.ndim == 1 and _all_finite_nonneg(a):
         return a
     try:
         a = np.broadcast_to(a, want)

@@ -107,6 +107,24 @@ def _latent(first, innovations, pacf, out):  # pragma: no cover - compiled
             out[i, j + 1] = e
 
 
+@njit(cache=True)
+def _apply_spline(knots, weights, out):  # pragma: no cover - compiled
+    """out[i, c·m + j] = Σ_k weights[j, k]·knots[i, c, k], in a fixed order.
+
+    A BLAS matmul would round differently depending on the batch shape; this makes a noise
+    value independent of how many chunks were generated at once.
+    """
+    n, n_chunks, n_knots = knots.shape
+    m = weights.shape[0]
+    for i in range(n):
+        for c in range(n_chunks):
+            for j in range(m):
+                acc = 0.0
+                for k in range(n_knots):
+                    acc += weights[j, k] * knots[i, c, k]
+                out[i, c * m + j] = acc
+
+
 class NoiseStream:
     """simglucose's CGMNoise for N independent seeds, produced a block of chunks at a time."""
 
@@ -140,7 +158,9 @@ class NoiseStream:
         knots[:, 0, 0] = self._carry
         knots[:, 1:, 0] = eta[:, :-1, -1]
         self._carry = eta[:, -1, -1].copy()
-        return (knots @ self.weights.T).reshape(len(self._rngs), -1)  # [N, chunks·n_out]
+        out = np.empty((len(self._rngs), n_chunks * self.weights.shape[0]))
+        _apply_spline(knots, self.weights, out)
+        return out  # [N, chunks·n_out]
 
     def take(self, n: int) -> np.ndarray:
         """The next n noise values of every stream, [N, n] mg/dL."""
@@ -367,7 +387,7 @@ class CGM:
             if comp is not None:
                 g = g.copy()
                 np.subtract.at(g, comp[0], comp[1])
-        reading = np.clip(g, c.min_mgdl, c.max_mgdl)  # NaN stays NaN
+        reading = np.minimum(np.maximum(g, c.min_mgdl), c.max_mgdl)  # NaN stays NaN
         if c.dropout:
             u = self._drop.next()[:, 0]
             self._in_gap = np.where(

@@ -151,6 +151,12 @@ class Simulator:
         self._meals = MealPlan.concat([self._meals.select(keep), new])
         self._planner.forget_before(self.minute)
         self._planned_until = upto
+        m = self._meals
+        order = np.argsort(np.where(m.announced, m.announce_minute, -1), kind="stable")
+        order = order[m.announced[order]]
+        self._ann_minute = m.announce_minute[order]  # announcements sorted by minute
+        self._ann_patient = m.patient[order]
+        self._ann_g = m.announced_g[order]
 
     def meals(self, t0: int | datetime, t1: int | datetime) -> MealPlan:
         """The meals (eaten and announced grams, times) whose eating starts in [t0, t1)."""
@@ -168,9 +174,12 @@ class Simulator:
         """
         a, b = self._to_minute(t0), self._to_minute(t1)
         self._ensure_planned(b)
-        m = self._meals
-        sel = m.announced & (m.announce_minute >= a) & (m.announce_minute < b)
-        return np.bincount(m.patient[sel], weights=m.announced_g[sel], minlength=self.n)
+        i0, i1 = np.searchsorted(self._ann_minute, (a, b))
+        if i1 <= i0:
+            return np.zeros(self.n)
+        return np.bincount(
+            self._ann_patient[i0:i1], weights=self._ann_g[i0:i1], minlength=self.n
+        ).astype(np.float64)
 
     def eaten_carbs(self, t0: int | datetime, t1: int | datetime) -> np.ndarray:
         """[N] grams of meals whose eating starts in [t0, t1) (the truth, announced or not)."""
