@@ -82,6 +82,20 @@ def test_mmol_treatments_and_a_flat_basal_without_profile():
     assert list(frame["subject_id"].unique()) == ["me"]
 
 
+def test_treatment_glucose_without_units_follows_an_mmol_profile(tmp_path):
+    profile = json.loads((A / "profile.json").read_text())
+    profile[0]["store"]["Default"]["units"] = "mmol"
+    profile[0]["units"] = "mmol"
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    shutil.copy(B / "entries.json", tmp_path / "entries.json")
+    t = pd.Timestamp("2024-06-01 13:00", tz="UTC").isoformat()
+    (tmp_path / "treatments.json").write_text(
+        json.dumps([{"eventType": "BG Check", "created_at": t, "glucose": 7.0}])
+    )
+    frame, _ = read_nightscout(tmp_path)
+    assert frame["finger_stick"].dropna().tolist() == [pytest.approx(7.0 * 18.0182)]
+
+
 def test_percent_temp_without_scheduled_basal_is_reported(tmp_path):
     for name in ("entries.json", "treatments.json"):
         shutil.copy(A / name, tmp_path / name)

@@ -52,7 +52,7 @@ from forecast.io.common import (
     screen_readings,
     screen_spans,
 )
-from forecast.preprocess import MGDL, Events, detect_units, table
+from forecast.preprocess import MGDL, Events, detect_units, parse_units, table
 from forecast.schema import MGDL_PER_MMOLL, DataReport, DatasetMeta, EmptyInputError, InputError
 
 SOURCE = "Nightscout"
@@ -200,6 +200,8 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
             continue
         docs[k].append((f, doc))
     units: set[str] = set()
+    # treatment glucose without its own units is in the profile's units
+    profile_mmol = any(profile_units(doc) == "mmol/L" for _, doc in docs["profile"])
     all_times: list[pd.Series] = []
 
     # ---- entries
@@ -348,7 +350,7 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
             u_col = _col(df, "units").astype("string").str.lower().fillna("")[m]
             raw = _col(df, "glucose")[m]
             v = numbers(raw)
-            mmol = u_col.str.contains("mmol").to_numpy()
+            mmol = (u_col.str.contains("mmol") | ((u_col == "") & profile_mmol)).to_numpy()
             mg = np.where(mmol, v * MGDL_PER_MMOLL, v)
             units |= {"mmol/L"} if mmol.any() else set()
             ok = screen_amounts(
@@ -491,6 +493,18 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
     for tb in temps:
         ev.add("rates", tb)
     return ev, tz, units
+
+
+def profile_units(doc: Any) -> str | None:
+    """'mg/dL' or 'mmol/L' from a profile document (its default store, else the document)."""
+    docs = [d for d in (doc if isinstance(doc, list) else [doc]) if isinstance(d, dict)]
+    if not docs:
+        return None
+    d = sorted(docs, key=lambda d: str(d.get("startDate", "")))[-1]
+    store = d.get("store") or {}
+    prof = store.get(d.get("defaultProfile")) if isinstance(store, dict) else None
+    text = (prof or {}).get("units") or d.get("units")
+    return parse_units(text) if text else None
 
 
 def _suspensions(df: pd.DataFrame, t: pd.Series, sid: str) -> pd.DataFrame:

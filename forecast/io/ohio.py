@@ -60,6 +60,7 @@ from forecast.io.common import (
     count,
     expand_paths,
     finish,
+    localize,
     numbers,
     parse_local,
     read_bytes,
@@ -201,6 +202,36 @@ def _subject(path: Path, root: dict[str, str], sink: Sink) -> str:
     return pid
 
 
+TIME_ATTRS = ("ts", "ts_begin", "ts_end", "tbegin", "tend")
+_OHIO_TS = r"^\d{2}-\d{2}-\d{4} \d{2}:\d{2}:\d{2}$"
+
+
+def parse_ohio_times(raw: pd.Series, tz: str) -> pd.Series:
+    """``dd-mm-yyyy HH:MM:SS`` (local) -> UTC; NaT where a value is not a real time.
+
+    Rearranged into ISO text and parsed in one vectorised call (much faster than strptime
+    on the hundred thousand records of a wearable stream); anything not of the exact shape
+    goes through the strict format parser, so bad dates still come out NaT.
+    """
+    s = pd.Series(raw).reset_index(drop=True).astype("string").str.strip()
+    shaped = s.str.match(_OHIO_TS).fillna(False).to_numpy()
+    iso = (
+        s.str.slice(6, 10)
+        + "-"
+        + s.str.slice(3, 5)
+        + "-"
+        + s.str.slice(0, 2)
+        + "T"
+        + s.str.slice(11)
+    )
+    naive = pd.Series(pd.NaT, index=s.index, dtype="datetime64[ns]")
+    if shaped.any():
+        naive[shaped] = pd.to_datetime(iso[shaped], errors="coerce", format="ISO8601").to_numpy()
+    if (~shaped).any():
+        naive[~shaped] = pd.to_datetime(s[~shaped], errors="coerce", format=TIME_FORMAT).to_numpy()
+    return localize(naive, tz).astype("datetime64[ns, UTC]")
+
+
 def _frame(items: list[tuple[dict[str, str], int]], tag: str) -> pd.DataFrame:
     df = pd.DataFrame.from_records([a for a, _ in items]) if items else pd.DataFrame()
     df = df.reset_index(drop=True)
@@ -247,14 +278,21 @@ def _read_file(path: Path, sink: Sink, tz: str, allow_future: bool, now):
             f"{path.name}: unknown element <{tag}> ({len(frames[tag])} events) not used"
         )
 
+    # every timestamp attribute parsed once, kept beside its raw text as "_t:<attr>"
+    for df in frames.values():
+        for a in TIME_ATTRS:
+            if a in df:
+                df[f"_t:{a}"] = parse_ohio_times(df[a], tz)
+
     def times(df: pd.DataFrame, *names: str) -> tuple[pd.Series, pd.Series]:
+        for n in names:
+            if n in df:
+                return df[f"_t:{n}"], df[n]
         raw = _attr(df, *names)
         return parse_local(raw, TIME_FORMAT, tz), raw
 
     # the record's end: its latest plausible timestamp of any kind
-    all_t = [
-        times(df, a)[0] for df in frames.values() for a in ("ts", "ts_begin", "ts_end") if a in df
-    ]
+    all_t = [df[f"_t:{a}"] for df in frames.values() for a in TIME_ATTRS if a in df]
     end = record_end(pd.concat(all_t, ignore_index=True), now, allow_future) if all_t else pd.NaT
     common = {"now": now, "allow_future": allow_future}
 
