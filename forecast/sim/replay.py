@@ -67,6 +67,13 @@ def check_inputs(name: str, values: np.ndarray | float, n: int, t: int | None = 
     return a
 
 
+def _kernel_array(a: np.ndarray) -> np.ndarray:
+    """C-contiguous and writable, so the kernel compiles one signature for every caller."""
+    if a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype=np.float64, order="C")
+
+
 def flag_out_of_range(names: np.ndarray, bg: np.ndarray, where: str = "") -> np.ndarray:
     """[N] bool of patients whose BG left [10, 600] mg/dL (or went NaN); warns once per call."""
     with np.errstate(invalid="ignore"):
@@ -110,8 +117,8 @@ def replay(
     t = cho.shape[-1] if cho.ndim else 0
     if t == 0:
         raise SimInputError("cho_g_per_min must have at least one minute (shape [N, T])")
-    cho = np.ascontiguousarray(check_inputs("cho_g_per_min", cho, n, t))
-    ins = np.ascontiguousarray(check_inputs("insulin_u_per_min", insulin_u_per_min, n, t))
+    cho = _kernel_array(check_inputs("cho_g_per_min", cho, n, t))
+    ins = _kernel_array(check_inputs("insulin_u_per_min", insulin_u_per_min, n, t))
     x = patients.x0.copy() if x0 is None else np.array(x0, dtype=np.float64, copy=True)
     if x.shape != (n, 13) or not np.isfinite(x).all():
         raise SimInputError(f"x0 must be a finite [N, 13] = [{n}, 13] array, got {x.shape}")

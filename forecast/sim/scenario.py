@@ -414,6 +414,7 @@ class MealPlanner:
 
     def meals(self, t0: int, t1: int) -> MealPlan:
         """Meals whose eating starts in [t0, t1) minutes after the start, sorted by minute."""
+        t0 = max(int(t0), 0)  # nothing is eaten before the run starts
         if t1 <= t0:
             return MealPlan.empty()
         d0 = (t0 + self.sod) // MINUTES_PER_DAY

@@ -75,6 +75,8 @@ class Simulator:
         self._planner = self.scenario.planner(patients, self.start, self.seed)
         self._meals = MealPlan.empty()
         self._planned_until = 0
+        self.minute = 0
+        self._ensure_planned(1)
 
         if isinstance(pump, str):
             pump = PumpConfig.named(pump)
@@ -94,7 +96,6 @@ class Simulator:
             )  # fmt: skip
         )
 
-        self.minute = 0
         self.state = patients.x0.copy()  # [N, 13]
         self.meal_state = model.initial_meal_state(self.n)  # [N, 4]
         self.meal_state[:, model.MEAL_QLAST] = self.state[:, 0] + self.state[:, 1]
