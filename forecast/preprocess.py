@@ -225,10 +225,13 @@ class Events:
 
     @classmethod
     def concat(cls, parts: Iterable[Events]) -> Events:
+        """All parts' tables stacked (one concatenation per table)."""
+        parts = list(parts)
         out = cls()
-        for p in parts:
-            for f in fields(cls):
-                out.add(f.name, getattr(p, f.name))
+        for f in fields(cls):
+            frames = [getattr(p, f.name) for p in parts if len(getattr(p, f.name))]
+            if frames:
+                setattr(out, f.name, pd.concat(frames, ignore_index=True))
         return out
 
 

@@ -124,10 +124,12 @@ def parse_local(raw: pd.Series, fmt: str | None, tz: str) -> pd.Series:
         t = raw
     else:
         txt = raw.astype("string").str.strip()
-        if fmt is None and txt.str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True, na=False).any():
+        zoned = txt.str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True, na=False).any()
+        if fmt in (None, "ISO8601") and zoned:
             t = pd.to_datetime(txt, errors="coerce", utc=True, format="ISO8601")
         else:
-            t = pd.to_datetime(txt, errors="coerce", format=fmt)
+            # no format known: parse each value on its own rather than guess from the first
+            t = pd.to_datetime(txt, errors="coerce", format=fmt or "mixed")
     if t.dt.tz is not None:
         return t.dt.tz_convert("UTC").astype("datetime64[ns, UTC]")
     return localize(t, tz).astype("datetime64[ns, UTC]")
