@@ -118,7 +118,15 @@ def fit_module(
     ckpt = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="best", monitor="val_loss", mode="min"
     )
-    callbacks = [ckpt, EarlyStopping(monitor="val_loss", mode="min", patience=t.patience)]
+    callbacks: list[Any] = [
+        ckpt,
+        EarlyStopping(monitor="val_loss", mode="min", patience=t.patience),
+    ]
+    if progress:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        # stderr: stdout belongs to `--json`.
+        callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))
     logger = (
         MLFlowLogger(
             experiment_name=experiment, tracking_uri=tracking.tracking_uri(), run_id=run_id

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 MODELS = ("lstm", "transformer", "ridge", "linear", "persistence", "physio")
 
@@ -111,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         data_path=args.data,
         register=not args.no_register,
-        progress=sys.stderr.isatty() or not args.json,
     )
     if out:  # empty on non-zero DDP ranks
         _print(args, out)
@@ -143,7 +141,6 @@ def run_finetune(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         out_dir=args.out,
         data_path=args.data,
-        progress=sys.stderr.isatty() or not args.json,
         register=not args.no_register,
     )
     if out:
