@@ -87,7 +87,7 @@ def test_grid_is_contiguous_per_subject_and_sorted():
     assert f["glucose"].notna().sum() == 3
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 6 * 3600)),
@@ -141,7 +141,7 @@ def test_extended_bolus_is_spread_by_overlap():
     assert list(k) == list(range(7))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     doses=st.lists(
         st.tuples(
@@ -231,7 +231,7 @@ def _brute_force_basal(rates):
     return float(total.sum() / 3600.0)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.tuples(
