@@ -12,7 +12,11 @@ It is what lets a killed loop restart safely:
 * **cycles and events** — readings, prediction, proposal, verdict, fallback and mode of each
   cycle, and every veto, fault, alert and mode change, for audit (`glucast journal show`).
 
-WAL mode with ``synchronous=FULL``: a commit survives a killed process and a power cut.
+WAL mode, ``synchronous=FULL`` by default: a commit survives a killed process and a power
+cut. ``sync="normal"`` keeps the first guarantee (SQLite's WAL never loses a committed
+transaction to a process crash) and may lose the last commits to a power cut, at a fraction
+of the fsync cost; even then the loop stays safe, because a re-run cycle derives the same
+idempotency keys and the pump answers a repeated key with its first acknowledgement.
 
 When the journal cannot be written (read-only file system, full disk) every write raises
 `JournalUnavailable`. The policy, carried out by the supervisor and the loop: keep cycling;
@@ -86,6 +90,7 @@ CREATE TABLE IF NOT EXISTS deliveries(
     patient TEXT NOT NULL,
     seq INTEGER NOT NULL,
     time TEXT NOT NULL,
+    t_ns INTEGER NOT NULL,
     kind TEXT NOT NULL CHECK (kind IN ('basal', 'bolus')),
     units REAL NOT NULL,
     minutes REAL NOT NULL,
@@ -168,6 +173,11 @@ def iso(t: pd.Timestamp | None) -> str | None:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
 
 
+def _utc(t: pd.Timestamp) -> pd.Timestamp:
+    t = pd.Timestamp(t)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
 def _ts(s: str | None) -> pd.Timestamp | None:
     return None if s is None else pd.Timestamp(s)
 
@@ -237,7 +247,16 @@ class CommandRecord:
 class Journal:
     """One SQLite file in WAL mode. Not shared between threads; one writer process at a time."""
 
-    def __init__(self, path: str | Path, *, readonly: bool = False, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        readonly: bool = False,
+        timeout_s: float = 5.0,
+        sync: str = "full",
+    ) -> None:
+        if sync not in ("full", "normal"):
+            raise JournalError(f"journal sync must be 'full' or 'normal', got {sync!r}")
         self.path = Path(path)
         self.readonly = readonly
         try:
@@ -251,7 +270,7 @@ class Journal:
                 mode = self.con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise JournalError(f"journal {self.path}: could not enable WAL (got {mode})")
-                self.con.execute("PRAGMA synchronous=FULL")
+                self.con.execute(f"PRAGMA synchronous={sync.upper()}")
                 self.con.executescript(_SCHEMA)
                 self._init_meta()
             else:
@@ -546,8 +565,18 @@ class Journal:
         """Copy pump deliveries in; a (patient, seq) already present is left as is."""
         stmts = [
             (
-                "INSERT OR IGNORE INTO deliveries(patient, seq, time, kind, units, minutes, key) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (patient, int(d.seq), iso(d.time), d.kind, float(d.units), float(d.minutes), d.key),
+                "INSERT OR IGNORE INTO deliveries(patient, seq, time, t_ns, kind, units, minutes, key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    patient,
+                    int(d.seq),
+                    iso(d.time),
+                    int(_utc(d.time).value),
+                    d.kind,
+                    float(d.units),
+                    float(d.minutes),
+                    d.key,
+                ),
             )
             for d in deliveries
         ]
@@ -560,6 +589,20 @@ class Journal:
             "SELECT coalesce(max(seq), 0) AS s FROM deliveries WHERE patient = ?", (patient,)
         )
         return int(rows[0]["s"])
+
+    def insulin_record(self, patient: str, since: pd.Timestamp | None = None) -> InsulinRecord:
+        """Delivered insulin as arrays (the loop's per-cycle view of `insulin_history`)."""
+        sql = "SELECT t_ns, minutes, units, kind = 'bolus' FROM deliveries WHERE patient = ?"
+        params: list[Any] = [patient]
+        if since is not None:
+            sql += " AND t_ns >= ?"
+            params.append(int(_utc(since).value))
+        try:
+            rows = self.con.execute(sql + " ORDER BY seq", params).fetchall()
+        except sqlite3.Error as e:
+            raise _translate(e, "read") from e
+        a = np.array(rows, dtype=float).reshape(-1, 4)
+        return InsulinRecord(a[:, 0].astype(np.int64), a[:, 1], a[:, 2], a[:, 3] > 0)
 
     def insulin_history(self, patient: str, since: pd.Timestamp | None = None) -> pd.DataFrame:
         """Delivered insulin (time, kind, units, minutes, key), oldest first: what IOB is made of."""
@@ -726,6 +769,62 @@ class Journal:
         return out
 
 
+@dataclass(frozen=True)
+class InsulinRecord:
+    """Deliveries as arrays: start (UTC ns), length (min, 0 for a bolus), units, is-bolus."""
+
+    t_ns: np.ndarray
+    minutes: np.ndarray
+    units: np.ndarray
+    bolus: np.ndarray
+
+    def extend(self, deliveries: Sequence[Delivery]) -> InsulinRecord:
+        """With deliveries the journal does not hold yet (it could not be written)."""
+        if not deliveries:
+            return self
+        return InsulinRecord(
+            np.r_[self.t_ns, [_utc(d.time).value for d in deliveries]].astype(np.int64),
+            np.r_[self.minutes, [d.minutes for d in deliveries]],
+            np.r_[self.units, [d.units for d in deliveries]],
+            np.r_[self.bolus, [d.kind == "bolus" for d in deliveries]].astype(bool),
+        )
+
+    def per_slot(
+        self, slot_ns: np.ndarray, slot_minutes: float = 5, kind: str | None = None
+    ) -> np.ndarray:
+        """Units delivered in each slot [t, t + slot) (slot starts as UTC ns, ascending)."""
+        sel = np.ones(len(self.units), bool) if kind is None else (self.bolus == (kind == "bolus"))
+        return bin_doses(self.t_ns[sel], self.minutes[sel], self.units[sel], slot_ns, slot_minutes)
+
+
+def bin_doses(
+    t_ns: np.ndarray,
+    minutes: np.ndarray,
+    units: np.ndarray,
+    slot_ns: np.ndarray,
+    slot_minutes: float = 5,
+) -> np.ndarray:
+    """Units in each slot [t, t + slot): point doses by their time, intervals in proportion."""
+    s_ns = np.asarray(slot_ns, dtype=np.int64)
+    out = np.zeros(len(s_ns), dtype=float)
+    if not len(units) or not len(s_ns):
+        return out
+    t0 = np.asarray(t_ns, dtype=np.int64)
+    dur = (np.asarray(minutes, dtype=float) * 60e9).astype(np.int64)
+    units = np.asarray(units, dtype=float)
+    width = np.int64(round(slot_minutes * 60e9))
+    point = dur <= 0
+    if point.any():
+        idx = np.searchsorted(s_ns, t0[point], side="right") - 1
+        ok = (idx >= 0) & (t0[point] < s_ns[np.clip(idx, 0, None)] + width)
+        np.add.at(out, idx[ok], units[point][ok])
+    if (~point).any():  # overlap of every interval with every slot, [slots, deliveries]
+        a, b, u = t0[~point], t0[~point] + dur[~point], units[~point]
+        ov = np.minimum(b[None, :], s_ns[:, None] + width) - np.maximum(a[None, :], s_ns[:, None])
+        out += (np.clip(ov, 0, None) / (b - a)[None, :]) @ u
+    return out
+
+
 def bin_insulin(
     history: pd.DataFrame,
     slot_starts: pd.Series | pd.DatetimeIndex,
@@ -734,24 +833,13 @@ def bin_insulin(
 ) -> np.ndarray:
     """Units delivered in each slot [t, t + slot): boluses by their time, basal spread over its interval."""
     starts = pd.DatetimeIndex(slot_starts)
-    out = np.zeros(len(starts), dtype=float)
     if not len(history) or not len(starts):
-        return out
+        return np.zeros(len(starts), dtype=float)
     h = history if kind is None else history[history["kind"] == kind]
-    if not len(h):
-        return out
-    s_ns = starts.as_unit("ns").asi8.astype(np.int64)
-    slot_ns = np.int64(slot_minutes * 60 * 10**9)
-    t0 = pd.DatetimeIndex(h["time"]).as_unit("ns").asi8.astype(np.int64)
-    dur = (h["minutes"].to_numpy(dtype=float) * 60e9).astype(np.int64)
-    units = h["units"].to_numpy(dtype=float)
-    point = dur <= 0
-    if point.any():
-        idx = np.searchsorted(s_ns, t0[point], side="right") - 1
-        ok = (idx >= 0) & (t0[point] < s_ns[np.clip(idx, 0, None)] + slot_ns)
-        np.add.at(out, idx[ok], units[point][ok])
-    if (~point).any():  # overlap of every interval with every slot, [slots, deliveries]
-        a, b, u = t0[~point], t0[~point] + dur[~point], units[~point]
-        ov = np.minimum(b[None, :], s_ns[:, None] + slot_ns) - np.maximum(a[None, :], s_ns[:, None])
-        out += (np.clip(ov, 0, None) / (b - a)[None, :]) @ u
-    return out
+    return bin_doses(
+        pd.DatetimeIndex(h["time"]).as_unit("ns").asi8,
+        h["minutes"].to_numpy(dtype=float),
+        h["units"].to_numpy(dtype=float),
+        starts.as_unit("ns").asi8,
+        slot_minutes,
+    )

@@ -43,7 +43,7 @@ from forecast.schema import SLOT, SLOT_MINUTES, GlucastError
 from forecast.windows import WindowConfig
 from serving.hal.cgm import CGM, CGMError
 from serving.hal.pump import Delivery, Pump, PumpError, PumpStatus
-from serving.journal import Journal, JournalError, bin_insulin
+from serving.journal import InsulinRecord, Journal, JournalError
 from serving.safety import CommandResult, SafetyState, Supervisor, assess_cgm
 from serving.types import ControlInput, PatientSettings, Proposal, Reading, Verdict
 
@@ -296,7 +296,19 @@ class ControlLoop:
         j.event("start", {"mode": self.mode, "controller": getattr(self.controller, "name", type(self.controller).__name__),
                           "predictor": _predictor_label(self.predictor)}, time=self.backend.now())  # fmt: skip
 
+    def sync(self) -> None:
+        """Copy the pumps' newest deliveries into the journal (best effort; see `stop`)."""
+        for i, name in enumerate(self.names):
+            try:
+                self.journal.record_deliveries(
+                    name, self.backend.pump(i).deliveries(self.journal.last_delivery_seq(name))
+                )
+            except (JournalError, PumpError) as e:
+                self.log(f"glucast loop: warning: final delivery sync for {name} failed: {e}")
+
     def stop(self, reason: str) -> None:
+        """Journal the stop, after the deliveries since the last cycle."""
+        self.sync()
         try:
             self.journal.event(
                 "stop", {"reason": reason, "cycles": self.cycles_run}, time=self.backend.now()
@@ -401,31 +413,23 @@ class ControlLoop:
             self._journal_down_since = None
         since = t - SLOT * (self.span - 1)
         try:
-            hist = j.insulin_history(name, since=since - pd.Timedelta(hours=1))
+            hist = j.insulin_record(name, since=since - pd.Timedelta(hours=1))
             carbs_hist = j.carbs_history(name, since)
             unconfirmed = j.unconfirmed_bolus_u(name)
         except JournalError as e:  # unreadable journal: assume the worst about insulin
             self._journal_down(t, e)
-            journal_ok, hist, carbs_hist, unconfirmed = (
-                False,
-                _empty_history(),
-                _empty_carbs(),
-                math.inf,
-            )
-        if new:  # deliveries the journal could not take yet still count
-            extra = pd.DataFrame([d.to_dict() for d in new])
-            extra["time"] = pd.to_datetime(extra["time"], utc=True)
-            hist = pd.concat(
-                [hist, extra[hist.columns.intersection(extra.columns)]], ignore_index=True
-            )
+            journal_ok, carbs_hist, unconfirmed = False, _empty_carbs(), math.inf
+            hist = InsulinRecord(np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0, bool))
+        hist = hist.extend(new)  # deliveries the journal could not take yet still count
         if status is not None:
             unconfirmed += status.pending_bolus_u
         carbs_now = float(self.backend.announced_carbs(i, t, t + SLOT))
         # 3. the frame and the window
         slots = pd.date_range(since, t, freq=SLOT)
-        basal = bin_insulin(hist, slots, "basal", self.window.slot_minutes)
-        bolus = bin_insulin(hist, slots, "bolus", self.window.slot_minutes)
-        before = slots < self._run_start  # the pump ran its schedule before the loop began
+        slot_ns = slots.as_unit("ns").asi8
+        basal = hist.per_slot(slot_ns, self.window.slot_minutes, "basal")
+        bolus = hist.per_slot(slot_ns, self.window.slot_minutes, "bolus")
+        before = slot_ns < self._run_start.value  # the pump ran its schedule before the loop began
         basal[before] = self.settings[i].basal_u_per_h * self.window.slot_minutes / 60.0
         iob = iob_before(basal + bolus, self.k_ins)
         past = future = None
@@ -535,12 +539,9 @@ class ControlLoop:
         verdict = sup.check(proposal, state)
         results: list[CommandResult] = []
         events = list(p.notes)
-        if self.mode == "closed":
-            results = sup.apply(verdict, t)
-        else:  # open loop: the pump runs its own schedule; the verdict is advice, journaled
-            events += [
-                ("veto", {"reason": r, "fallback": verdict.fallback}) for r in verdict.vetoes
-            ]
+        events += [("veto", {"reason": r, "fallback": verdict.fallback}) for r in verdict.vetoes]
+        if self.mode == "closed":  # open loop: the pump runs its schedule; the verdict is advice
+            results = sup.apply(verdict, t, journal_vetoes=False)  # vetoes go with the cycle
         pred_label = (
             _predictor_label(self.predictor) if source not in ("controller",) else "controller"
         )
@@ -605,12 +606,6 @@ def iob_before(dose: np.ndarray, kernel: np.ndarray) -> float:
     """
     d = np.asarray(dose, dtype=float)[:-1][::-1][: len(kernel) - 1]
     return float(d @ kernel[1 : 1 + len(d)])
-
-
-def _empty_history() -> pd.DataFrame:
-    return pd.DataFrame(
-        {"time": pd.to_datetime([], utc=True), "kind": [], "units": [], "minutes": [], "key": []}
-    )
 
 
 def _empty_carbs() -> pd.DataFrame:

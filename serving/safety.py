@@ -636,7 +636,9 @@ class Supervisor:
             cmds.append(Command(key(CommandKind.BOLUS), CommandKind.BOLUS, verdict.bolus_u))
         return cmds
 
-    def apply(self, verdict: Verdict, cycle_time: pd.Timestamp) -> list[CommandResult]:
+    def apply(
+        self, verdict: Verdict, cycle_time: pd.Timestamp, *, journal_vetoes: bool = True
+    ) -> list[CommandResult]:
         """Journal the vetoes, then send the verdict's commands with write-ahead intent.
 
         A command whose key the journal already holds is not sent again (a restarted cycle):
@@ -649,9 +651,10 @@ class Supervisor:
             raise SafetyError("Supervisor.apply needs a pump")
         from serving.journal import JournalError
 
-        for reason in verdict.vetoes:
-            self._journal_event(
-                "veto", cycle_time, {"reason": reason, "fallback": verdict.fallback}
+        if journal_vetoes and verdict.vetoes:  # (the loop journals them with its cycle record)
+            self._journal_events(
+                [("veto", {"reason": r, "fallback": verdict.fallback}) for r in verdict.vetoes],
+                cycle_time,
             )
         try:
             status = self.pump.status()
@@ -747,6 +750,17 @@ class Supervisor:
                 )
         except JournalError as e:
             self._warn(f"journal unavailable ({e}); outcome of {res.command.key} not recorded")
+
+    def _journal_events(self, events: list[tuple[str, dict]], time: pd.Timestamp | None) -> None:
+        if self.journal is None:
+            self.log.extend(f"{k}: {d}" for k, d in events)
+            return
+        from serving.journal import JournalError
+
+        try:
+            self.journal.event_many(events, patient=self.patient, time=time)
+        except JournalError as e:
+            self._warn(f"journal unavailable ({e}); {events}")
 
     def _journal_event(self, kind: str, time: pd.Timestamp | None, detail: dict) -> None:
         if self.journal is None:

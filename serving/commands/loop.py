@@ -37,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--journal", required=True, metavar="F.db", help="the loop's SQLite journal")
     p.add_argument(
+        "--journal-sync",
+        choices=("full", "normal"),
+        default="full",
+        help="full: commits survive a power cut (default); normal: survive a process crash only",
+    )
+    p.add_argument(
         "--device-state",
         metavar="F.db",
         help="sim: simulated devices' state file (default <journal>.device.db)",
@@ -125,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             else pd.read_csv(src, parse_dates=["time"])
         )
         backend = ReplayBackend(frame, args.patient, window=predictor.config, faults=args.fault)
-    journal = Journal(journal_path)
+    journal = Journal(journal_path, sync=args.journal_sync)
     loop = ControlLoop(backend, journal, controller, predictor, mode=args.mode)
     loop.start(describe=backend.describe())
     until = None
