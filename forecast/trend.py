@@ -86,6 +86,20 @@ class TrendConfig:
                 f"min_span_min must be in (0, window_min={self.window_min}], got {self.min_span_min}"
             )
 
+    @classmethod
+    def for_sampling(cls, sampling_minutes: float) -> TrendConfig:
+        """The same rule for a sensor that reports less often than every 5 minutes.
+
+        A 15-minute Libre export has at most two readings in 15 minutes, so the default rule
+        would never show an arrow; three readings over two to three sampling periods keep the
+        same noise-averaging idea.
+        """
+        if not sampling_minutes > 0:
+            raise ValueError(f"sampling_minutes must be positive, got {sampling_minutes}")
+        if sampling_minutes <= SLOT_MINUTES:
+            return cls()
+        return cls(window_min=3 * sampling_minutes, min_span_min=2 * sampling_minutes)
+
 
 @dataclass(frozen=True)
 class Trend:

@@ -27,7 +27,8 @@ Scores (`AlertScore`), for each of ``predicted_low``, ``threshold_low``, ``predi
   ``window_min`` (the alert horizon, 30 min) before it;
 * ``lead_min``: median over warned episodes of onset minus the earliest such alert;
 * ``false_per_day``: alerts with no episode onset in the ``window_min`` after them (and not
-  raised during an episode), per day of CGM data (real readings × 5 min);
+  raised during an episode), per day of CGM data (real readings × the sensor's sampling
+  period, 5 min or e.g. 15 for a Libre export);
 * ``episodes``, ``warned``, ``alerts``, ``false_alerts``.
 
 The threshold alerts are the engine's ``low``/``urgent_low`` alerts and its ``high`` alert
@@ -52,7 +53,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from forecast.schema import SLOT_MINUTES, GlucastError, validate_frame
+from forecast.schema import SLOT_MINUTES, GlucastError, get_meta, validate_frame
+from forecast.trend import TrendConfig
 from forecast.windows import WindowConfig, Windows, make_windows
 from serving.alerts import ESCALATION, AlertEngine, AlertForecast, AlertKind, AlertThresholds
 from serving.types import Reading
@@ -289,6 +291,8 @@ def replay_alerts(
     frame: pd.DataFrame,
     table: ForecastTable | None,
     thresholds: AlertThresholds,
+    *,
+    trend: TrendConfig | None = None,
 ) -> pd.DataFrame:
     """Run the `AlertEngine` over every slot of every subject; one row per raised alert.
 
@@ -297,6 +301,8 @@ def replay_alerts(
     table has one). A slot missing from the frame is a cycle the loop did not run.
     """
     f = validate_frame(frame)
+    if trend is None:
+        trend = TrendConfig.for_sampling(float(get_meta(frame).sampling_minutes or SLOT_MINUTES))
     rows: list[dict[str, Any]] = []
     fc_index: dict[tuple[str, int], int] = {}
     if table is not None:
@@ -304,7 +310,7 @@ def replay_alerts(
         fc_index = {(s, int(o)): i for i, (s, o) in enumerate(zip(table.subject_id, org))}
     for sid, sub in f.groupby("subject_id", sort=True, observed=True):
         sid = str(sid)
-        eng = AlertEngine(thresholds)
+        eng = AlertEngine(thresholds, trend=trend)
         times = sub["time"]
         t_ns = pd.DatetimeIndex(times).as_unit("ns").asi8
         g = sub["glucose"].to_numpy(dtype=float)
@@ -413,7 +419,9 @@ def evaluate_table(
         scored_from[str(sid)] = first + skip
         eps_low[str(sid)] = find_episodes(t, g, low)
         eps_high[str(sid)] = find_episodes(t, g, high)
-    days = n_real * SLOT_MINUTES / 1440.0
+    # a day of data = a day of readings at the sensor's own period (15 min for Libre exports)
+    sampling = max(float(get_meta(frame).sampling_minutes or SLOT_MINUTES), SLOT_MINUTES)
+    days = n_real * sampling / 1440.0
     heard = alerts  # every alarm the person hears counts, re-alerts included
 
     def times_of(kinds: tuple[AlertKind, ...]) -> dict[str, np.ndarray]:

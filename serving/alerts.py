@@ -150,6 +150,8 @@ class AlertThresholds:
     # on `predicted_clear_cycles` consecutive cycles, or when the low it predicted begins
     predicted_hysteresis_mgdl: float = 5.0
     predicted_clear_cycles: int = 1
+    # only while the trend falls at least this fast (mg/dL/min, e.g. -0.5); None = any trend
+    predicted_low_max_roc: float | None = None
     # predicted high: the median forecast above this within the horizon
     predicted_high_mgdl: float | None = 250.0
     predicted_high_quantile: float = 0.5
@@ -526,7 +528,11 @@ class AlertEngine:
             lo = fc.column(th.predicted_low_quantile)[:k]
             bar = th.predicted_low_mgdl + th.predicted_low_margin_mgdl
             vmin = float(lo.min())
-            if vmin < bar:
+            falling = (
+                th.predicted_low_max_roc is None
+                or self.last_trend.roc_mgdl_min <= th.predicted_low_max_roc
+            )
+            if vmin < bar and falling:
                 self._pred_low_count += 1
                 self._pred_low_clear = 0
             else:

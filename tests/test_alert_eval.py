@@ -195,3 +195,31 @@ def test_cli_prints_one_json_object(tmp_path, capsys):
     for key in ("predicted_low", "threshold_low", "predicted_high", "threshold_high"):
         assert {"sensitivity", "false_per_day", "lead_min", "episodes"} <= set(out[key])
     assert out["split"] == "test" and out["days"] > 0
+
+
+def test_cli_replays_an_onnx_model_directory(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from test_predictor import write_model_dir
+
+    from forecast.cli import main
+    from forecast.schema import write_parquet
+
+    model = write_model_dir(tmp_path / "model", quantiles=(0.05, 0.5, 0.95))
+    path = write_parquet(synthetic_days(2), tmp_path / "syn.parquet")
+    rc = main(["alerts", "evaluate", "--model", str(model), "--data", str(path), "--json",
+               "--split", "all"])  # fmt: skip
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["forecasts"] > 0 and set(out["forecast_sources"]) <= {"model", "physio"}
+    assert out["threshold_low"]["sensitivity"] == 1.0
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys):
+    from forecast.cli import main
+    from forecast.schema import write_parquet
+
+    path = write_parquet(synthetic_days(1), tmp_path / "syn.parquet")
+    rc = main(["alerts", "evaluate", "--model", str(tmp_path / "nope"), "--data", str(path),
+               "--split", "all"])  # fmt: skip
+    assert rc == 2
+    assert "neither a baseline" in capsys.readouterr().err
