@@ -3,19 +3,20 @@
 Each cycle, for every patient, the MPC builds a *ladder* of candidate insulin plans over
 the forecast horizon, asks the forecaster what glucose would do under each (all patients ×
 all candidates in ONE batched call, `# [N*K, H, F]`), scores the forecasts with an
-asymmetric zone cost and proposes the cheapest plan's first move.
+asymmetric zone cost and proposes the cheapest plan's first move (re-planned every cycle).
 
 The ladder (K rungs, ordered by insulin — every rung gives at least as much insulin as the
 one below it in every slot):
 
-    suspend for the whole horizon · suspend 30 min · half basal 30 min · scheduled basal ·
-    scheduled basal + bolus b_1 < b_2 < … < b_J
+    suspend for the whole horizon · suspend 30 min · ½ basal 30 min · scheduled basal ·
+    1.5× · 3× basal for 30 min (capped like the supervisor caps them) ·
+    that top temp + bolus b_1 < b_2 < … < b_J
 
-Bolus sizes are per patient: quadratically spaced up to what could be needed now — the
-carb-ratio bolus for announced carbs (the MPC delivers the meal bolus itself, since the
-forecaster sees the announced carbs) plus an ISF correction — and never above the
-supervisor's max bolus or the room left under max IOB (a proposal the supervisor would cut
-is a wasted decision).
+When a meal is announced the high temps collapse onto scheduled basal and the boluses go up
+to the meal's bolus: the MPC delivers the meal bolus itself, since the forecaster sees the
+announced carbs. Bolus sizes are spaced (j/J)^1.5 up to a bolus calculator's bound
+(`_bolus_room`), so a forecaster that keeps predicting a rise cannot make the MPC stack
+insulin, and never above the supervisor's max bolus or the room under max IOB.
 
 Why a ladder and not a grid: with rungs ordered by insulin, a forecaster that never predicts
 higher glucose for more insulin (the model contract; enforced here by a running minimum
@@ -26,16 +27,20 @@ tests/test_controllers.py: lower predictions never buy more insulin.
 
 Cost (per patient, per rung; mg/dL² units):
 
-* hypo on the lower quantile, over the horizon: below 80 heavily, below 70 far more;
-* hyper on the median, over the horizon: above 140 lightly, above 180 more;
-* terminal cost on the *eventual* glucose (oref0's eventualBG): the horizon's last median
+* hypo on the lower quantile over the horizon: below 80 heavily, below 70 far more;
+* hyper on the median over the horizon: above 140 lightly, above 180 more;
+* a terminal cost on the *eventual* glucose (oref0's eventualBG): the horizon's last median
   plus what the carbs and insulin still on board at its end will do (ISF/CR × COB −
-  ISF × net IOB, with `forecast.insulin` curves), asymmetric around the target; and on the
-  lower quantile's eventual glucose with the announced carbs discounted by the carb-count
-  uncertainty — a meal bolus for carbs that may not come is what causes late hypos;
-* a small insulin-use regulariser.
+  ISF × net IOB, `forecast.insulin` curves), zero inside a band around the target;
+* the same for the lower quantile's eventual glucose below 80, with the announced carbs
+  discounted by the carb-count uncertainty and insulin acting harder than the ISF says —
+  a bolus for carbs that may not come, in a patient more sensitive than the settings, is
+  what causes late hypos;
+* a regulariser: a little per unit of insulin, and the square of the glucose-equivalent of
+  insulin beyond the undoubted part of a meal bolus, so corrections come in instalments
+  that the next cycles can still cancel.
 
-A 60-minute forecast sees only a quarter of a bolus act; without the terminal term an MPC
+A 60-minute forecast sees only a fraction of a bolus act; without the terminal term an MPC
 keeps stacking insulin. The terminal term is what makes the decision IOB-aware.
 """
 
@@ -79,10 +84,12 @@ class MPCConfig:
     cost: ZoneCost = field(default_factory=ZoneCost)
     temp_minutes: int = 30  # every temp basal the MPC proposes lasts this long
     low_rates: tuple[float, ...] = (0.5,)  # fractions of scheduled basal below it (30 min)
-    high_rates: tuple[float, ...] = (1.5, 2.0, 3.0)  # multiples above it (30 min), capped
-    bolus_rungs: int = 16  # J
+    high_rates: tuple[float, ...] = (1.5, 3.0)  # multiples above it (30 min), capped
+    bolus_rungs: int = 8  # J (K = 3 + 1 + 2 + J = 14 candidates: rows per patient per call)
+    bolus_spacing: float = 1.5  # bolus_j = room × (j / J) ** spacing: finer near zero
     smb_basal_minutes: float = 30.0  # bolus per cycle without newly announced carbs
     carb_uncertainty: float = 0.2  # fraction of announced carbs the lower bound does not count
+    isf_uncertainty: float = 0.3  # the lower bound lets insulin act this much harder than ISF
     monotone: bool = True  # running minimum over rungs (more insulin never raises a forecast)
     insulin_curve: InsulinCurve = field(default_factory=InsulinCurve)
     carb_curve: CarbCurve = field(default_factory=CarbCurve)
@@ -181,7 +188,7 @@ class MPCController:
         basal[:, k_base:, :temp_slots] = (top * b)[:, None, None]  # boluses ride the top temp
         rate[:, k_base:] = (top * basal_h)[:, None]
         bmax = self._bolus_room(inputs, net_iob, cob_g)  # [N]
-        steps = (np.arange(1, c.bolus_rungs + 1) / c.bolus_rungs) ** 2  # [J] in (0, 1]
+        steps = (np.arange(1, c.bolus_rungs + 1) / c.bolus_rungs) ** c.bolus_spacing  # [J]
         bol = np.round(bmax[:, None] * steps[None, :] / 0.05) * 0.05  # pump resolution
         bolus = np.zeros((n, k, h))
         bolus[:, k_base:, 0] = bol
@@ -217,11 +224,11 @@ class MPCController:
 
     def _cob_now(self, past: np.ndarray, future: np.ndarray) -> np.ndarray:
         """Carbs on board now plus carbs announced for the horizon: [N] g."""
-        fut = np.nan_to_num(future[:, :, self._fc].astype(np.float64), nan=0.0).sum(axis=1)
+        fut = _finite0(future[:, :, self._fc]).sum(axis=1)
         if self._pcob is not None:
-            now = np.nan_to_num(past[:, -1, self._pcob].astype(np.float64), nan=0.0)
+            now = _finite0(past[:, -1, self._pcob])
         else:  # no COB feature: the window's announced carbs, unabsorbed
-            now = np.nan_to_num(past[:, :, self._pc].astype(np.float64), nan=0.0).sum(axis=1)
+            now = _finite0(past[:, :, self._pc]).sum(axis=1)
         return now + fut
 
     # -- decision ------------------------------------------------------------------------
@@ -356,7 +363,8 @@ class MPCController:
             + z.w_very_high * relu(med - z.very_high_mgdl) ** 2
         ).mean(axis=2)  # [N, K]
         ev = med[:, :, -1] + carb_tail[:, None] - insulin_tail  # [N, K]
-        ev_lo = lo[:, :, -1] + (1 - unc) * carb_tail[:, None] - insulin_tail  # [N, K]
+        kappa = 1.0 + self.config.isf_uncertainty
+        ev_lo = lo[:, :, -1] + (1 - unc) * carb_tail[:, None] - kappa * insulin_tail  # [N, K]
         lo_band = targets[:, None] + z.eventual_band[0]
         hi_band = targets[:, None] + z.eventual_band[1]
         term = (
@@ -368,6 +376,12 @@ class MPCController:
         if extra_mgdl is not None:  # partial corrections: re-planned every 5 minutes anyway
             reg = reg + z.w_extra * extra_mgdl**2
         return path + term + reg
+
+
+def _finite0(x: np.ndarray) -> np.ndarray:
+    """float64 copy with NaN/inf → 0 (a cheaper nan_to_num for the hot path)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(np.isfinite(x), x, 0.0)
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
@@ -418,11 +432,11 @@ class _TailKernels:
         self, past: np.ndarray, future: np.ndarray, ci: int, fci: int, cobi: int | None
     ) -> np.ndarray:
         """COB (g) left at the horizon's end: [N] (window's carbs + announced + older)."""
-        carbs = np.nan_to_num(past[:, :, ci].astype(np.float64), nan=0.0)  # [N, L]
-        fut = np.nan_to_num(future[:, :, fci].astype(np.float64), nan=0.0)  # [N, H]
+        carbs = _finite0(past[:, :, ci])  # [N, L]
+        fut = _finite0(future[:, :, fci])  # [N, H]
         older = np.zeros(len(past))
         if cobi is not None:  # the window's own COB feature knows about meals before it
-            cob_now = np.nan_to_num(past[:, -1, cobi].astype(np.float64), nan=0.0)
+            cob_now = _finite0(past[:, -1, cobi])
             older = np.maximum(cob_now - carbs @ self.cob_past_now, 0.0)
         return carbs @ self.cob_past_end + older * self.cob_old_decay + fut @ self.cob_fut_end
 
