@@ -561,28 +561,34 @@ class Journal:
         return float(rows[0]["u"])
 
     # ---- deliveries
-    def record_deliveries(self, patient: str, deliveries: Iterable[Delivery]) -> int:
-        """Copy pump deliveries in; a (patient, seq) already present is left as is."""
-        stmts = [
+    def record_deliveries(
+        self, patient: str, deliveries: Iterable[Delivery], *, synced_at: pd.Timestamp | None = None
+    ) -> int:
+        """Copy pump deliveries in; a (patient, seq) already present is left as is.
+
+        With `synced_at` the sync time is recorded too, so the write happens (and a journal
+        that cannot be written is noticed) even when the pump had nothing new.
+        """
+        stmts: list[tuple[str, Sequence[Any]]] = [
             (
                 "INSERT OR IGNORE INTO deliveries(patient, seq, time, t_ns, kind, units, minutes, key) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    patient,
-                    int(d.seq),
-                    iso(d.time),
-                    int(_utc(d.time).value),
-                    d.kind,
-                    float(d.units),
-                    float(d.minutes),
-                    d.key,
-                ),
+                (patient, int(d.seq), iso(d.time), int(_utc(d.time).value), d.kind, float(d.units),
+                 float(d.minutes), d.key),
             )
             for d in deliveries
-        ]
+        ]  # fmt: skip
+        n = len(stmts)
+        if synced_at is not None:
+            stmts.append(
+                (
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    (f"synced:{patient}", iso(synced_at)),
+                )
+            )
         if stmts:
             self._write("record deliveries", stmts)
-        return len(stmts)
+        return n
 
     def last_delivery_seq(self, patient: str) -> int:
         rows = self._read(

@@ -151,7 +151,13 @@ class ReplayBackend:
 
     @property
     def end(self) -> pd.Timestamp:
+        """The recording's last reading."""
         return self.replay.end
+
+    @property
+    def until(self) -> pd.Timestamp:
+        """When a replay is over: after the cycle of the last reading."""
+        return self.replay.end.floor(SLOT) + SLOT
 
     def now(self) -> pd.Timestamp:
         return self.clock.now()
@@ -393,7 +399,7 @@ class ControlLoop:
         except PumpError as e:
             notes.append(("fault", {"pump": f"{type(e).__name__}: {e}"}))
         try:
-            j.record_deliveries(name, new)
+            j.record_deliveries(name, new, synced_at=t)  # writes every cycle: a dead disk shows
             if j.unresolved(name):
                 j.reconcile(pump, name)
             new = []  # now in the journal

@@ -138,8 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hours is not None:
         until = loop.run_start + pd.Timedelta(hours=args.hours)
     if args.backend == "replay":
-        end = backend.end
-        until = end if until is None else min(until, end)
+        until = backend.until if until is None else min(until, backend.until)
     stop = StopFlag()
     print(f"glucast loop: {', '.join(backend.names)} from {backend.now()} ({args.speed}, {args.mode})",
           file=sys.stderr, flush=True)  # fmt: skip
