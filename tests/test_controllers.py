@@ -103,8 +103,13 @@ def test_mpc_makes_one_batched_forecaster_call_per_cycle(predictor):
     props = mpc.propose(inputs)
     assert predictor.calls - before == 1
     assert len(props) == 5
-    k = mpc.last_ladder.basal.shape[1]
-    assert mpc.last_forecast.glucose.shape == (4 * k, CFG.horizon_slots, 3)  # [N*K, H, Q]
+    lad = mpc.last_ladder
+    k = lad.basal.shape[1]
+    plans = np.concatenate([lad.basal, lad.bolus], axis=2)  # [N, K, 2(1+H)]
+    distinct = sum(len(np.unique(p, axis=0)) for p in plans)  # equal rungs are sent once
+    rows = mpc.last_forecast.glucose.shape[0]
+    assert rows == distinct <= 4 * k  # [R ≤ N*K, H, Q] in one call
+    assert mpc.last_forecast.glucose.shape[1:] == (CFG.horizon_slots, 3)
     assert props[4].bolus_u == 0 and "no glucose reading" in props[4].reason
     for p in props[:4]:
         assert p.predicted_mgdl.shape == (CFG.horizon_slots, 3)

@@ -267,14 +267,25 @@ class MPCController:
         lad = self.ladder(inputs, iob - steady_iob, cob_now)
         k = lad.basal.shape[1]
         pst, fut = self.apply_plans(past, future, lad)  # [N, K, L, Fp], [N, K, H, Ff]
-        groups = np.repeat(np.arange(n), k)  # [N*K]: a patient's candidates share one model
+        # a rung equal to the one below it (no bolus room; high temps collapsed at a meal)
+        # needs no forecast of its own: send each distinct plan once, in ONE batched call
+        same = np.zeros((n, k), dtype=bool)  # [N, K]
+        same[:, 1:] = (
+            (lad.basal[:, 1:] == lad.basal[:, :-1]) & (lad.bolus[:, 1:] == lad.bolus[:, :-1])
+        ).all(axis=2)
+        distinct = ~same
+        groups = np.repeat(np.arange(n), k).reshape(n, k)[distinct]  # [R]
         fc = self.predictor.forecast(
-            pst.reshape(n * k, *past.shape[1:]),  # [N*K, L, Fp]
-            fut.reshape(n * k, *future.shape[1:]),  # [N*K, H, Ff]
-            groups=groups,
+            pst[distinct],  # [R ≤ N*K, L, Fp]
+            fut[distinct],  # [R, H, Ff]
+            groups=groups,  # a patient's candidates share one forecaster (model or fallback)
             settings=settings,  # the fallback forecasts each patient with its own ISF/CR
         )
-        pred = fc.glucose.reshape(n, k, h, -1).astype(np.float64)  # [N, K, H, Q]
+        src = np.maximum.accumulate(np.where(distinct, np.arange(k)[None, :], 0), axis=1)
+        row = np.cumsum(distinct.ravel()).reshape(n, k) - 1  # row of each distinct rung
+        idx = np.take_along_axis(row, src, axis=1)  # [N, K] forecast row of every rung
+        glucose = fc.glucose[idx]  # [N, K, H, Q]
+        pred = glucose.astype(np.float64)
         if c.monotone:
             pred = np.minimum.accumulate(pred, axis=1)  # more insulin never raises a forecast
 
@@ -301,11 +312,10 @@ class MPCController:
         )  # [N, K]
         best = np.argmin(cost, axis=1)  # first (least insulin) among ties
         self.last_forecast, self.last_cost, self.last_ladder = fc, cost, lad
-        glucose = fc.glucose.reshape(n, k, h, -1)
         props = []
         for i, kk in enumerate(best):
             why = f"{self.name}: {lad.label[kk]} (cost {cost[i, kk]:.0f})"
-            if fc.fallback[i * k]:
+            if fc.fallback[idx[i, 0]]:
                 why += f"; forecast fallback: {'; '.join(fc.reasons) or 'model unavailable'}"
             props.append(
                 Proposal(
