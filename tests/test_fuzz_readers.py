@@ -592,68 +592,133 @@ def test_ohio_pinned(tmp_path, case):
 
 # --------------------------------------------------------------------------- CSV
 
-CSV_HEADERS = [
-    "time",
-    "timestamp",
-    "Timestamp (YYYY-MM-DDThh:mm:ss)",
-    "date",
-    "glucose",
-    "Glucose Value (mg/dL)",
-    "Glucose Value (mmol/L)",
-    "sgv",
-    "bg",
-    "bolus",
-    "bolus_u",
-    "basal",
-    "basal_u",
-    "carbs",
-    "carbs_g",
-    "Event Type",
-    "subject_id",
-    "units",
-    "",
-]
+#: the layouts the CSV reader recognises (forecast.io.csv), plus a mapped one and junk
+CSV_LAYOUTS: dict[str, list[str]] = {
+    "iglu": ["id", "time", "gl"],
+    "clarity": [
+        "Index",
+        "Timestamp (YYYY-MM-DDThh:mm:ss)",
+        "Event Type",
+        "Event Subtype",
+        "Patient Info",
+        "Glucose Value (mg/dL)",
+        "Insulin Value (u)",
+        "Carb Value (grams)",
+        "Duration (hh:mm:ss)",
+    ],
+    "libreview": [
+        "Device",
+        "Serial Number",
+        "Device Timestamp",
+        "Record Type",
+        "Historic Glucose mg/dL",
+        "Scan Glucose mg/dL",
+        "Rapid-Acting Insulin (units)",
+        "Long-Acting Insulin (units)",
+        "Carbohydrates (grams)",
+        "Strip Glucose mg/dL",
+        "Ketone mmol/L",
+    ],
+    "mapped": ["who", "when", "sgv", "units", "carbs"],
+    "junk": ["time", "glucose", "bolus", "", "Glucose Value (mmol/L)"],
+}
+CSV_WORDS = ["EGV", "Calibration", "Insulin", "Carbs", "Exercise", "Fast-Acting",
+             "Long-Acting", "Light", "Heavy", "0", "1", "2", "4", "5", "6", "Low", "High",
+             "FreeStyle LibreLink", "ABC-123", "mg/dL", "mmol/L"]  # fmt: skip
 csv_cell = st.one_of(
     st.integers(0, 2 * 1440).map(lambda m: (BASE + pd.Timedelta(minutes=m)).isoformat()),
+    st.integers(0, 2 * 1440).map(
+        lambda m: (BASE + pd.Timedelta(minutes=m)).strftime("%m-%d-%Y %I:%M %p")
+    ),
     st.integers(0, 2 * 1440).map(ohio_time),
     st.sampled_from(BAD_TIMES),
     finite_numbers,
     st.floats(2.0, 30.0).map(lambda x: f"{x:.1f}"),  # mmol/L values mixed in
     st.sampled_from(BAD_NUMBERS),
-    junk_text,
+    st.sampled_from(CSV_WORDS),
+    junk_text.filter(lambda t: not any(c in t for c in ',;\t\n\r"|')),
 )
 
 
+def valid_csv_row(layout: str, k: int, draw) -> dict[str, str]:
+    """A well-formed record of a layout (column -> text); the fuzz then damages cells."""
+    t = BASE + pd.Timedelta(minutes=5 * k)
+    g = str(draw(st.integers(40, 400)))
+    if layout == "iglu":
+        return {"id": "p1", "time": str(t), "gl": g}
+    if layout == "clarity":
+        kind = draw(st.sampled_from(["EGV"] * 4 + ["Calibration", "Insulin", "Carbs", "Exercise"]))
+        return {
+            "Index": str(k),
+            "Timestamp (YYYY-MM-DDThh:mm:ss)": t.strftime("%Y-%m-%dT%H:%M:%S"),
+            "Event Type": kind,
+            "Event Subtype": {"Insulin": "Fast-Acting", "Exercise": "Light"}.get(kind, ""),
+            "Glucose Value (mg/dL)": g if kind in ("EGV", "Calibration") else "",
+            "Insulin Value (u)": "2.5" if kind == "Insulin" else "",
+            "Carb Value (grams)": "30" if kind == "Carbs" else "",
+            "Duration (hh:mm:ss)": "00:30:00" if kind == "Exercise" else "",
+        }
+    if layout == "libreview":
+        rt = draw(st.sampled_from(["0", "0", "1", "4", "5", "6"]))
+        return {
+            "Device": "FreeStyle LibreLink",
+            "Serial Number": "ABC-123",
+            "Device Timestamp": t.strftime("%m-%d-%Y %I:%M %p"),
+            "Record Type": rt,
+            "Historic Glucose mg/dL": g if rt == "0" else "",
+            "Scan Glucose mg/dL": g if rt == "1" else "",
+            "Rapid-Acting Insulin (units)": "3" if rt == "4" else "",
+            "Carbohydrates (grams)": "40" if rt == "5" else "",
+        }
+    return {"who": "p1", "when": t.isoformat(), "sgv": g, "units": "mg/dL", "carbs": "0"}
+
+
 @st.composite
-def csv_file(draw) -> bytes:
-    kind = draw(st.sampled_from(["table"] * 5 + ["bytes"]))
-    if kind == "bytes":
-        return draw(st.binary(max_size=400))
-    delim = draw(st.sampled_from([",", ",", ";", "\t", "|", " "]))
-    header = draw(st.lists(st.sampled_from(CSV_HEADERS), min_size=1, max_size=6))
-    rows = draw(st.lists(st.lists(csv_cell, min_size=0, max_size=len(header) + 1), max_size=30))
+def csv_file(draw) -> tuple[bytes, str]:
+    """(file bytes, layout) for one export."""
+    layout = draw(st.sampled_from([*CSV_LAYOUTS, "bytes"]))
+    if layout == "bytes":
+        return draw(st.binary(max_size=400)), layout
+    header = list(CSV_LAYOUTS[layout])
+    if draw(st.integers(0, 3)) == 0:  # partial or shuffled header
+        header = draw(st.permutations(header))[: draw(st.integers(1, len(header)))]
+    delim = draw(st.sampled_from([",", ",", ",", ";", "\t"]))
+    rows = []
+    for k in range(draw(st.integers(0, 25))):
+        good = valid_csv_row(layout, k, draw)
+        row = [good.get(h, "") if draw(st.integers(0, 4)) else draw(csv_cell) for h in header]
+        extra = draw(st.sampled_from([0, 0, 0, 0, 0, -1, 1]))
+        row = row[:-1] if extra < 0 else row + [draw(csv_cell)] * extra
+        rows.append(row)
     lines = [delim.join(header)] + [delim.join(r) for r in rows]
-    if draw(st.booleans()):
-        lines.insert(0, draw(st.sampled_from(["# export", "sep=;", "Index,Patient Info", ""])))
-    data = (
-        ("\r\n" if draw(st.booleans()) else "\n")
-        .join(lines)
-        .encode(draw(st.sampled_from(["utf-8", "utf-8", "latin-1", "utf-16"])), "replace")
-    )
-    return mutate(data, draw)[0]
+    if layout == "libreview" or draw(st.integers(0, 5)) == 0:
+        lines.insert(
+            0, draw(st.sampled_from(["Glucose Data,Generated on,01-01-2022", "# export", ""]))
+        )
+    eol = "\r\n" if draw(st.booleans()) else "\n"
+    enc = draw(st.sampled_from(["utf-8", "utf-8", "utf-8-sig", "latin-1", "utf-16"]))
+    data = eol.join(lines).encode(enc, "replace")
+    return mutate(data, draw)[0], layout
 
 
 @pytest.mark.skipif(not landed("forecast.io.csv"), reason="forecast.io.csv not landed")
 @FUZZ
-@given(data=csv_file(), suffix=st.sampled_from([".csv", ".tsv", ".txt"]))
-def test_csv_fuzz(data, suffix):
+@given(
+    file=csv_file(),
+    suffix=st.sampled_from([".csv", ".tsv", ".txt"]),
+    units=st.sampled_from([None, None, "mg/dL", "mmol/L"]),
+)
+def test_csv_fuzz(file, suffix, units):
     from forecast.io.csv import read_csv
 
+    data, layout = file
+    kw: dict[str, Any] = {"units": units}
+    if layout == "mapped":
+        kw["columns"] = {"subject_id": "who", "time": "when", "glucose": "sgv", "carbs_g": "carbs"}
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / f"export{suffix}"
         p.write_bytes(data)
-        check_read(read_csv, p)
-        check_read(fio.read, p)
+        check_read(read_csv, p, **kw)
 
 
 # --------------------------------------------------------------------------- spreadsheets
