@@ -669,10 +669,15 @@ class Journal:
         problems: list[str] = []
         if self._read("PRAGMA integrity_check")[0].get("integrity_check") != "ok":
             problems.append("sqlite integrity_check failed")
+        # a bolus may be booked over several intervals (a slow pump), never beyond its ack
         for r in self._read(
-            "SELECT patient, key, count(*) AS n FROM deliveries WHERE kind = 'bolus' GROUP BY patient, key HAVING n > 1"
+            "SELECT d.key, sum(d.units) AS u, max(a.amount) AS acked FROM deliveries d "
+            "LEFT JOIN acks a ON a.key = d.key WHERE d.kind = 'bolus' GROUP BY d.patient, d.key "
+            "HAVING a.amount IS NOT NULL AND sum(d.units) > max(a.amount) + 1e-9"
         ):
-            problems.append(f"bolus {r['key']} delivered {r['n']} times")
+            problems.append(
+                f"bolus {r['key']}: {r['u']:.2f} U delivered for {r['acked']:.2f} U acknowledged"
+            )
         for r in self._read(
             "SELECT d.patient, d.key FROM deliveries d LEFT JOIN commands c ON c.key = d.key "
             "WHERE d.kind = 'bolus' AND (c.key IS NULL OR c.status != 'acked')"

@@ -43,6 +43,7 @@ from serving.safety import CGMProblem, Supervisor, assess_cgm
 from serving.types import CGMStatus, PatientSettings, Verdict
 
 T0 = pd.Timestamp("2018-01-01 00:00", tz="UTC")
+P1 = "adult#001"
 FIVE = pd.Timedelta(minutes=5)
 
 
@@ -322,3 +323,21 @@ def test_fault_specs():
     w = Window.after(ManualClock(T0), 10, 20)
     assert not w.active(T0) and w.active(T0 + pd.Timedelta(minutes=10))
     assert not w.active(T0 + pd.Timedelta(minutes=30))
+
+
+def test_a_slow_pump_books_one_bolus_over_two_intervals_and_a_suspend_stops_it():
+    world = SimulatedCohort(WorldConfig(patients=P1, sensor="none", sim_pump="Insulet"))
+    pump = world.pump(0)
+    assert pump.bolus(10.0, "big").accepted
+    world.advance(5)  # 1.5 U/min: 7.5 U in the first 5 minutes
+    assert pump.status().pending_bolus_u == pytest.approx(2.5)
+    assert not pump.bolus(1.0, "second").accepted  # still delivering
+    world.advance(5)
+    big = [d.units for d in pump.deliveries() if d.key == "big"]
+    assert big == pytest.approx([7.5, 2.5]) and pump.status().pending_bolus_u == 0.0
+    assert pump.bolus(6.0, "stopped").accepted
+    world.advance(2)  # 3 U in
+    pump.suspend("s")
+    world.advance(5)
+    assert sum(d.units for d in pump.deliveries() if d.key == "stopped") == pytest.approx(3.0)
+    assert world.sim.pump.pending_bolus_u[0] == 0.0  # the motor stopped with the firmware
