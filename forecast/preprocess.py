@@ -427,7 +427,7 @@ def to_grid(events: Events, report: DataReport, meta: DatasetMeta | None = None)
     if too_long.size:
         i = int(too_long[0])
         raise SchemaError(
-            f"subject {subjects[i]!r} would span {lengths[i] * SLOT_NS / 8.64e13:.0f} days "
+            f"subject {subjects[i]!r} would span {float(lengths[i]) * SLOT_NS / 8.64e13:.0f} days "
             f"({pd.Timestamp(kmin[i] * SLOT_NS, tz='UTC')} to "
             f"{pd.Timestamp(kmax[i] * SLOT_NS, tz='UTC')}); a reader let an implausible "
             "timestamp through"

@@ -81,12 +81,29 @@ def read_bytes(path: Path, sink: Sink) -> bytes | None:
 # --------------------------------------------------------------------------- time
 
 
+def as_rate(value: Any, field: str, maximum: float = 35.0) -> float:
+    """A user-given basal rate (U/h) as a float, or InputError."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (0.0 <= v <= maximum):
+        raise InputError(
+            f"basal rate must be a number of U/h between 0 and {maximum:g}",
+            field=field,
+            value=value,
+        )
+    return v
+
+
 def check_timezone(tz: str | None) -> str:
     """An IANA zone name, validated (a typo should not silently mean UTC)."""
     tz = tz or "UTC"
     try:
+        if not isinstance(tz, str):
+            raise ValueError(tz)
         ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError) as e:
+    except (ZoneInfoNotFoundError, ValueError, TypeError) as e:
         raise InputError(
             "unknown time zone",
             field="timezone",
@@ -125,14 +142,53 @@ def parse_local(raw: pd.Series, fmt: str | None, tz: str) -> pd.Series:
     else:
         txt = raw.astype("string").str.strip()
         zoned = txt.str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True, na=False).any()
-        if fmt in (None, "ISO8601") and zoned:
-            t = pd.to_datetime(txt, errors="coerce", utc=True, format="ISO8601")
-        else:
-            # no format known: parse each value on its own rather than guess from the first
-            t = pd.to_datetime(txt, errors="coerce", format=fmt or "mixed")
+        try:
+            if fmt in (None, "ISO8601") and zoned:
+                t = pd.to_datetime(txt, errors="coerce", utc=True, format="ISO8601")
+            else:
+                # no format known: parse each value on its own rather than guess from the first
+                t = pd.to_datetime(txt, errors="coerce", format=fmt or "mixed")
+        except (ValueError, OverflowError, pd.errors.OutOfBoundsDatetime):
+            t = _parse_each(txt, fmt)
+    t = storable(t)
     if t.dt.tz is not None:
         return t.dt.tz_convert("UTC").astype("datetime64[ns, UTC]")
     return localize(t, tz).astype("datetime64[ns, UTC]")
+
+
+def storable(t: pd.Series) -> pd.Series:
+    """Times as nanoseconds (NaT where they cannot be: before 1678 or after 2261).
+
+    pandas parses into coarser units that reach far further; such a time is as good as
+    unparseable, and would overflow the nanosecond grid.
+    """
+    t = pd.Series(t)
+    lo, hi = pd.Timestamp("1678-01-01"), pd.Timestamp("2261-12-31")
+    if t.dt.tz is not None:
+        lo, hi = lo.tz_localize("UTC"), hi.tz_localize("UTC")
+        return t.where((t > lo) & (t < hi)).dt.tz_convert("UTC").astype("datetime64[ns, UTC]")
+    return t.where((t > lo) & (t < hi)).astype("datetime64[ns]")
+
+
+def minutes(raw: Any, *, max_minutes: float = 7 * 1440) -> pd.Series:
+    """Durations in minutes as Timedelta; NaT where missing, negative or beyond `max_minutes`."""
+    v = numbers(raw)
+    ok = np.isfinite(v) & (v >= 0) & (v <= max_minutes)
+    return pd.Series(pd.to_timedelta(np.where(ok, v, np.nan), unit="min"))
+
+
+def _parse_each(txt: pd.Series, fmt: str | None) -> pd.Series:
+    """Value by value, NaT for anything unparseable (slow path for pathological columns)."""
+    out = []
+    for v in txt:
+        try:
+            ts = pd.to_datetime(
+                v, format=None if fmt in (None, "ISO8601", "mixed") else fmt, utc=True
+            )
+            out.append(ts if isinstance(ts, pd.Timestamp) else pd.NaT)
+        except (ValueError, TypeError, OverflowError, pd.errors.OutOfBoundsDatetime):
+            out.append(pd.NaT)
+    return pd.Series(out, dtype="datetime64[ns, UTC]").dt.tz_convert(None)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -366,6 +422,27 @@ def screen_amounts(
     return sc.emit(sink, file, field)
 
 
+def screen_times(
+    sink: Sink,
+    *,
+    file: PathLike,
+    field: str,
+    time: pd.Series,
+    time_raw: Any,
+    record: Any,
+    time_field: str,
+    now: pd.Timestamp | None = None,
+    allow_future: bool = False,
+) -> np.ndarray:
+    """Screen only the timestamps of records without an amount (labels, markers, spans)."""
+    t = pd.Series(time).reset_index(drop=True)
+    base = _strs(record, len(t))
+    rec_t = np.array([f"{b}, {time_field}" for b in base], dtype=object)
+    sc = Screen(len(t))
+    check_times(sc, t, time_raw, rec_t, now=now, allow_future=allow_future)
+    return sc.emit(sink, file, field)
+
+
 def screen_spans(
     sink: Sink,
     *,
@@ -377,8 +454,9 @@ def screen_spans(
     record: Any,
     end_field: str,
     max_hours: float,
+    what: str = "timestamp",
 ) -> np.ndarray:
-    """Flag spans whose end is unparseable, before their start, or implausibly long."""
+    """Flag spans whose end (or duration: `what`) is unparseable, before the start, too long."""
     s = pd.Series(start).reset_index(drop=True)
     e = pd.Series(end).reset_index(drop=True)
     n = len(s)
@@ -386,7 +464,7 @@ def screen_spans(
     rec = np.array([f"{b}, {end_field}" for b in base], dtype=object)
     raw = np.asarray(pd.Series(end_raw).reset_index(drop=True).astype(object), dtype=object)
     sc = Screen(n)
-    sc.flag(e.isna().to_numpy() & s.notna().to_numpy(), "unparseable timestamp", rec, raw)
+    sc.flag(e.isna().to_numpy() & s.notna().to_numpy(), f"unparseable {what}", rec, raw)
     sc.flag((e < s).fillna(False).to_numpy(), "end before start", rec, raw)
     sc.flag(
         ((e - s) > pd.Timedelta(hours=max_hours)).fillna(False).to_numpy(),
@@ -421,8 +499,9 @@ def numbers(raw: Any) -> np.ndarray:
 def present(raw: Any) -> np.ndarray:
     """Cells that hold something (not NaN/None/blank)."""
     s = pd.Series(raw).reset_index(drop=True)
-    blank = s.astype("string").str.strip().fillna("") == ""
-    return ~(s.isna().to_numpy() | blank.to_numpy())
+    # Python's own notion of whitespace (str.strip), the same for every string backend
+    blank = np.fromiter((isinstance(v, str) and not v.strip() for v in s), bool, len(s))
+    return ~(s.isna().to_numpy() | blank)
 
 
 # --------------------------------------------------------------------------- the end

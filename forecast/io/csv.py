@@ -55,6 +55,7 @@ from forecast.io.common import (
     read_bytes,
     screen_amounts,
     screen_readings,
+    screen_times,
     text_codes,
 )
 from forecast.io.insulins import classify, injection_events
@@ -546,7 +547,17 @@ def _to_events(long, path, sink, declared, header, tz, time_format, now, layout)
         inten = (
             d["intensity"].astype(str).str.strip().str.lower().map(EXERCISE_INTENSITY).fillna(1.0)
         )
-        okt = t.notna().to_numpy()
+        okt = screen_times(
+            sink,
+            file=path,
+            field="exercise",
+            time=t,
+            time_raw=d["time_raw"],
+            record=d["record"],
+            time_field=d["time_field"].iloc[0],
+            now=now,
+        )
+        dur = dur.where((dur >= pd.Timedelta(0)) & (dur <= pd.Timedelta(days=1)), pd.Timedelta(0))
         ev.add(
             "values",
             table(

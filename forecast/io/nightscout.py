@@ -40,17 +40,21 @@ import pandas as pd
 from forecast.io.common import (
     PathLike,
     Sink,
+    as_rate,
     check_timezone,
     count,
     expand_paths,
     finish,
     localize,
+    minutes,
     numbers,
     read_bytes,
     record_end,
     screen_amounts,
     screen_readings,
     screen_spans,
+    screen_times,
+    storable,
 )
 from forecast.preprocess import MGDL, Events, detect_units, parse_units, table
 from forecast.schema import MGDL_PER_MMOLL, DataReport, DatasetMeta, EmptyInputError, InputError
@@ -86,6 +90,10 @@ def read_nightscout(
     person's zone, for time-of-day features (default: the profile's, else UTC); the
     exported timestamps are absolute and need no zone.
     """
+    if basal is not None:
+        basal = as_rate(basal, "basal")
+    if timezone is not None:
+        timezone = check_timezone(timezone)
     files = expand_paths(paths, (".json",))
     report = DataReport(source=SOURCE)
     sink = Sink(report, strict)
@@ -121,6 +129,13 @@ def load_json(path: Path, sink: Sink) -> Any:
         return None
     try:
         doc = json.loads(data)
+    except RecursionError:
+        sink.fail(
+            InputError(
+                "malformed JSON (nested too deeply)", file=path, record="", field="json", value=""
+            )
+        )
+        return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         record = f"line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         sink.fail(
@@ -164,16 +179,17 @@ def _times(
     for col in epoch:
         if col in df:
             v = numbers(df[col])
-            use = t.isna().to_numpy() & np.isfinite(v)
+            # beyond +-9.2e12 ms a time cannot be stored (years 1677-2262): left unparsed
+            use = t.isna().to_numpy() & np.isfinite(v) & (np.abs(np.nan_to_num(v)) < 9.2e12)
             t[use] = pd.to_datetime(v[use], unit="ms", utc=True)
             # epoch ms read as float when some records lack it: show them as integers
             raw[use] = [int(x) if float(x).is_integer() else x for x in v[use]]
     for col in iso:
         if col in df:
             s = df[col].astype("string")
-            parsed = pd.to_datetime(s, errors="coerce", utc=True, format="ISO8601")
+            parsed = storable(pd.to_datetime(s, errors="coerce", utc=True, format="ISO8601"))
             use = t.isna().to_numpy() & parsed.notna().to_numpy()
-            t[use] = parsed[use].astype("datetime64[ns, UTC]")
+            t[use] = parsed[use]
             miss = raw.isna().to_numpy() & df[col].notna().to_numpy()
             raw[miss] = df[col].to_numpy(dtype=object)[miss]
     return t.astype("datetime64[ns, UTC]"), raw
@@ -314,8 +330,15 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
         m = (et == "Combo Bolus") & present("relative") & present("duration")
         if m.any():
             ok, tt, rate = amounts(m, "bolus_u", "relative", maximum=35.0)
-            dur = numbers(_col(df, "duration")[m])[ok]
-            e = tt + pd.to_timedelta(np.nan_to_num(dur), unit="min")
+            span = minutes(_col(df, "duration")[m], max_minutes=12 * 60)[ok].reset_index(drop=True)
+            good = span.notna().to_numpy()
+            tt, rate, span = (
+                tt[good].reset_index(drop=True),
+                rate[good],
+                span[good].reset_index(drop=True),
+            )
+            dur = (span / pd.Timedelta(minutes=1)).to_numpy(dtype=float)
+            e = tt + span
             ev.add(
                 "doses",
                 table(
@@ -408,7 +431,7 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
                 now=now,
             )
             ok &= ~(np.isfinite(pct) & (pct < -100))
-            e = tt + pd.to_timedelta(np.nan_to_num(dur), unit="min")
+            e = tt + minutes(_col(sub, "duration"))  # NaT: missing or absurd duration
             ok2 = screen_spans(
                 sink,
                 file=f,
@@ -419,6 +442,7 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
                 record=rec[m][ok],
                 end_field="duration",
                 max_hours=24,
+                what="duration",
             )
             idx = np.flatnonzero(ok)[ok2]
             temps.append(
@@ -433,20 +457,40 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
                 )
             )
             used |= m
+
         # pump suspensions
+        def timed(mask, field, f=f, t=t, traw=traw, rec=rec):
+            """The rows of `mask` whose timestamps pass the screen."""
+            ok = screen_times(
+                sink,
+                file=f,
+                field=field,
+                time=t[mask],
+                time_raw=traw[mask],
+                record=rec[mask],
+                time_field="created_at",
+                now=now,
+            )
+            use = np.zeros(len(mask), bool)
+            use[np.flatnonzero(mask)[ok]] = True
+            return use
+
         m = np.isin(et, ["Suspend Pump", "Resume Pump"])
         if m.any():
+            ok = timed(m, "basal_u")
             temps.append(
-                _suspensions(df[m].reset_index(drop=True), t[m].reset_index(drop=True), sid)
+                _suspensions(df[ok].reset_index(drop=True), t[ok].reset_index(drop=True), sid)
             )
             used |= m
         # exercise
         m = et == "Exercise"
         if m.any():
             dur = numbers(_col(df, "duration")[m])
+            # a duration beyond a day is not an exercise session: the session is kept as a moment
+            dur = np.where((dur >= 0) & (dur <= 24 * 60), dur, 0.0)
             tt = t[m].reset_index(drop=True)
             e = tt + pd.to_timedelta(np.nan_to_num(dur), unit="min")
-            okt = tt.notna().to_numpy()
+            okt = timed(m, "exercise")[m]
             ev.add(
                 "values",
                 table(
@@ -477,8 +521,6 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
         if len(docs["profile"]) > 1:
             report.notes.append(f"several profile files for {sid}; used {f.name}")
     elif basal is not None:
-        if not (0 <= basal <= 35):
-            raise InputError("implausible scheduled basal rate (U/h)", field="basal", value=basal)
         if pd.notna(start):
             sched = table(
                 "rates", subject_id=sid, start=[start], end=[end], rate_u_h=[float(basal)]
@@ -501,22 +543,39 @@ def profile_units(doc: Any) -> str | None:
     if not docs:
         return None
     d = sorted(docs, key=lambda d: str(d.get("startDate", "")))[-1]
-    store = d.get("store") or {}
-    prof = store.get(d.get("defaultProfile")) if isinstance(store, dict) else None
-    text = (prof or {}).get("units") or d.get("units")
-    return parse_units(text) if text else None
+    store = d.get("store") if isinstance(d.get("store"), dict) else {}
+    name = d.get("defaultProfile")
+    prof = store.get(name) if isinstance(name, str) else None
+    text = (prof if isinstance(prof, dict) else {}).get("units") or d.get("units")
+    return parse_units(text) if isinstance(text, str) else None
+
+
+def _schedule_entry(b: Any) -> tuple[int | None, float]:
+    """(seconds after midnight, U/h) of one profile basal entry; (None, nan) if unusable."""
+    if not isinstance(b, dict):
+        return None, np.nan
+    secs = numbers([b.get("timeAsSeconds")])[0]
+    if not np.isfinite(secs):
+        hh, _, mm = str(b.get("time", "")).partition(":")
+        secs = int(hh) * 3600 + int(mm) * 60 if hh.isdigit() and mm[:2].isdigit() else np.nan
+        if mm and not mm[:2].isdigit():
+            secs = np.nan
+    if not np.isfinite(secs) or not 0 <= secs < 86400:
+        return None, np.nan
+    return int(secs), float(numbers([b.get("value")])[0])
 
 
 def _suspensions(df: pd.DataFrame, t: pd.Series, sid: str) -> pd.DataFrame:
     """'Suspend Pump' -> a 0 U/h temp until the next 'Resume Pump' (or its duration)."""
     et = _col(df, "eventType").astype("string").to_numpy()
+    durations = minutes(_col(df, "duration"), max_minutes=7 * 1440)
     order = np.argsort(pd.DatetimeIndex(t).asi8, kind="stable")
     starts, ends = [], []
     for j, i in enumerate(order):
         if et[i] != "Suspend Pump" or pd.isna(t.iloc[i]):
             continue
-        dur = numbers(_col(df, "duration"))[i]
-        end = t.iloc[i] + pd.Timedelta(minutes=float(dur)) if np.isfinite(dur) and dur > 0 else None
+        dur = durations.iloc[i]
+        end = t.iloc[i] + dur if pd.notna(dur) and dur > pd.Timedelta(0) else None
         if end is None:
             resume = [t.iloc[k] for k in order[j + 1 :] if et[k] == "Resume Pump"]
             end = resume[0] if resume else t.iloc[i] + pd.Timedelta(hours=24)
@@ -540,9 +599,11 @@ def _profile_schedule(doc: Any, path: Path, sid: str, start, end, sink: Sink):
         return None, None
     docs.sort(key=lambda d: str(d.get("startDate", "")))
     d = docs[-1]
-    name = d.get("defaultProfile") or next(iter(d["store"]))
-    prof = d["store"].get(name)
-    if not isinstance(prof, dict) or not prof.get("basal"):
+    store = d["store"] if isinstance(d["store"], dict) else {}
+    name = d.get("defaultProfile") if isinstance(d.get("defaultProfile"), str) else None
+    name = name or next(iter(store), None)
+    prof = store.get(name) if name is not None else None
+    if not isinstance(prof, dict) or not isinstance(prof.get("basal"), list) or not prof["basal"]:
         sink.fail(
             InputError(
                 "profile has no basal schedule",
@@ -553,14 +614,17 @@ def _profile_schedule(doc: Any, path: Path, sid: str, start, end, sink: Sink):
             )
         )
         return None, None
-    tz = check_timezone(prof.get("timezone") or "UTC")
+    tz = prof.get("timezone") or "UTC"
+    try:
+        tz = check_timezone(tz)
+    except InputError as e:
+        sink.fail(
+            InputError(e.reason, file=path, record=f"store[{name!r}]", field="timezone", value=tz)
+        )
+        tz = "UTC"
     entries = []
     for i, b in enumerate(prof["basal"]):
-        secs = b.get("timeAsSeconds")
-        if secs is None:
-            hh, _, mm = str(b.get("time", "")).partition(":")
-            secs = int(hh) * 3600 + int(mm or 0) * 60 if hh.isdigit() else None
-        rate = numbers([b.get("value")])[0]
+        secs, rate = _schedule_entry(b)
         if secs is None or not np.isfinite(rate) or not 0 <= rate <= 35:
             sink.fail(
                 InputError(
@@ -568,7 +632,7 @@ def _profile_schedule(doc: Any, path: Path, sid: str, start, end, sink: Sink):
                     file=path,
                     record=f"store[{name!r}].basal[{i}]",
                     field="basal_u",
-                    value=json.dumps(b),
+                    value=json.dumps(b)[:200],
                 )
             )
             continue

@@ -61,6 +61,7 @@ from forecast.io.common import (
     expand_paths,
     finish,
     localize,
+    minutes,
     numbers,
     parse_local,
     read_bytes,
@@ -68,6 +69,7 @@ from forecast.io.common import (
     screen_amounts,
     screen_readings,
     screen_spans,
+    storable,
 )
 from forecast.preprocess import Events, table
 from forecast.schema import DataReport, DatasetMeta, EmptyInputError, InputError
@@ -226,9 +228,11 @@ def parse_ohio_times(raw: pd.Series, tz: str) -> pd.Series:
     )
     naive = pd.Series(pd.NaT, index=s.index, dtype="datetime64[ns]")
     if shaped.any():
-        naive[shaped] = pd.to_datetime(iso[shaped], errors="coerce", format="ISO8601").to_numpy()
+        parsed = pd.to_datetime(iso[shaped], errors="coerce", format="ISO8601")
+        naive[shaped] = storable(parsed).to_numpy()
     if (~shaped).any():
-        naive[~shaped] = pd.to_datetime(s[~shaped], errors="coerce", format=TIME_FORMAT).to_numpy()
+        parsed = pd.to_datetime(s[~shaped], errors="coerce", format=TIME_FORMAT)
+        naive[~shaped] = storable(parsed).to_numpy()
     return localize(naive, tz).astype("datetime64[ns, UTC]")
 
 
@@ -423,7 +427,7 @@ def _read_file(path: Path, sink: Sink, tz: str, allow_future: bool, now):
         ok, t, dur = amounts(ex, "exercise", "ts", "duration", maximum=24 * 60.0)
         inten = numbers(_attr(ex, "intensity"))
         inten = np.where(np.isfinite(inten), inten, 1.0)
-        e = t + pd.to_timedelta(np.nan_to_num(dur), unit="min")
+        e = t + minutes(_attr(ex, "duration"), max_minutes=24 * 60).fillna(pd.Timedelta(0))
         ev.add(
             "values",
             table(

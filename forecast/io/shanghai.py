@@ -58,6 +58,7 @@ from forecast.io.common import (
     record_end,
     screen_amounts,
     screen_readings,
+    screen_times,
     text_codes,
 )
 from forecast.io.insulins import classify, display_name, injection_events
@@ -342,12 +343,33 @@ def _read_file(
         count(report, "pump_suspensions", (ok & susp).sum())
 
     # ---- injections (free text)
-    _injections(ev, path, sink, sid, t, date_raw, rows, col("sc"), header("sc"), insulins, now)
-    _infusions(ev, path, sink, sid, t, date_raw, rows, col("iv"), header("iv"), insulins)
+    def timed(key: str, field: str) -> np.ndarray:
+        """Cells of a text column that hold something at a plausible time."""
+        m = present(col(key))
+        ok = screen_times(
+            sink,
+            file=path,
+            field=field,
+            time=t[m],
+            time_raw=date_raw[m],
+            record=rows[m],
+            time_field=f"column {date_col!r}",
+            now=now,
+        )
+        use = np.zeros(len(df), bool)
+        use[np.flatnonzero(m)[ok]] = True
+        return use
+
+    _injections(
+        ev, path, sink, sid, t, rows, col("sc"), timed("sc", "insulin_sc"), header("sc"), insulins
+    )
+    _infusions(
+        ev, path, sink, sid, t, rows, col("iv"), timed("iv", "insulin_iv_u"), header("iv"), insulins
+    )
 
     # ---- other agents, kept verbatim
     raw = col("agents")
-    m = present(raw)
+    m = timed("agents", "agents")
     txt = raw[m].astype("string").map(display_name)
     ev.add("texts", table("texts", subject_id=sid, time=t[m], column="agents", text=txt))
     return ev
@@ -365,8 +387,7 @@ def parse_injections(text: str) -> tuple[list[tuple[str, float]], str]:
     return items, rest
 
 
-def _injections(ev, path, sink, sid, t, date_raw, rows, raw, header, insulins, now) -> None:
-    m = present(raw)
+def _injections(ev, path, sink, sid, t, rows, raw, m, header, insulins) -> None:
     times, names, units = [], [], []
     for i in np.flatnonzero(m):
         cell = str(raw.iloc[i])
@@ -376,8 +397,6 @@ def _injections(ev, path, sink, sid, t, date_raw, rows, raw, header, insulins, n
             problem = "unparseable insulin dose (expected '<name>, <n> IU')"
         elif any(classify(n) is None for n, _ in items):
             problem = "unknown insulin name"
-        elif pd.isna(t.iloc[i]):
-            problem = "unparseable timestamp"
         if problem:
             sink.fail(
                 InputError(
@@ -400,13 +419,12 @@ def _injections(ev, path, sink, sid, t, date_raw, rows, raw, header, insulins, n
         ev.add("texts", texts)
 
 
-def _infusions(ev, path, sink, sid, t, date_raw, rows, raw, header, insulins) -> None:
-    m = present(raw)
+def _infusions(ev, path, sink, sid, t, rows, raw, m, header, insulins) -> None:
     times, units, texts = [], [], []
     for i in np.flatnonzero(m):
         cell = display_name(str(raw.iloc[i]))
         found = list(_IV_DOSE.finditer(cell))
-        if not found or pd.isna(t.iloc[i]):
+        if not found:
             sink.fail(
                 InputError(
                     "unparseable i.v. insulin (expected '<n> IU <name>')",
