@@ -277,6 +277,7 @@ class ControlLoop:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._journal_down_since: pd.Timestamp | None = None
         self._run_start = backend.now().floor(SLOT)
+        self._last_label: dict[str, str] = {}
         self.cycles_run = 0
 
     # ---- start and stop
@@ -548,20 +549,22 @@ class ControlLoop:
         events += [("veto", {"reason": r, "fallback": verdict.fallback}) for r in verdict.vetoes]
         if self.mode == "closed":  # open loop: the pump runs its schedule; the verdict is advice
             results = sup.apply(verdict, t, journal_vetoes=False)  # vetoes go with the cycle
-        pred_label = (
-            _predictor_label(self.predictor) if source not in ("controller",) else "controller"
-        )
-        if getattr(self.predictor, "last", None) is not None and getattr(
-            self.predictor.last, "reasons", None
-        ):
-            if source in ("fallback", "mixed"):
-                events.append(("predictor", {"fallback": "; ".join(self.predictor.last.reasons)}))
+        last = getattr(self.predictor, "last", None)
+        if source == "controller":  # the controller's forecast: say which forecaster made it
+            source = getattr(last, "source", "controller")
+        label = f"{_predictor_label(self.predictor)}:{source}"
+        if label != self._last_label.get(name):  # journal when the forecaster in use changes
+            reasons = "; ".join(getattr(last, "reasons", []) or []) if source != "model" else ""
+            events.append(
+                ("predictor", {"from": self._last_label.get(name), "to": label, "why": reasons})
+            )
+            self._last_label[name] = label
         journal_ok = p.journal_ok
         try:
             self.journal.record_cycle(
                 patient=name, time=t, readings=p.readings, glucose=p.cgm.glucose_mgdl, iob_u=p.iob_u,
                 verdict=verdict, mode=self.mode, proposal=proposal, prediction=pred, carbs_g=p.carbs_g,
-                predictor=f"{pred_label}:{source}", events=events,
+                predictor=label, events=events,
                 detail={"cgm": p.cgm.problem.label, "cgm_detail": p.cgm.detail,
                         "unconfirmed_bolus_u": p.unconfirmed_u,
                         "commands": [{"key": r.command.key, "status": r.status} for r in results]},
@@ -570,7 +573,7 @@ class ControlLoop:
             journal_ok = False
             self._journal_down(t, e)
         return PatientCycle(name, t, p.cgm.glucose_mgdl, p.iob_u, proposal, verdict, results,
-                            f"{pred_label}:{source}", journal_ok, p.readings)  # fmt: skip
+                            label, journal_ok, p.readings)  # fmt: skip
 
 
 def plan_window(

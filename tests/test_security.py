@@ -106,6 +106,17 @@ def test_the_loop_falls_back_and_says_why_on_a_refused_model(tmp_path):
     assert "sha256" in pred.degraded_reason
     _, used = build_controller("mpc", str(d))
     assert used.primary is None and "model refused" in used.degraded_reason
+    from forecast.cli import main as cli_main
+    from serving.journal import Journal
+
+    db = tmp_path / "j.db"
+    argv = ["loop", "--model", str(d), "--backend", "sim", "--journal", str(db), "--speed", "fast",
+            "--hours", "0.25", "--sensor", "none", "--quiet"]  # fmt: skip
+    assert cli_main(argv) == 0  # the loop runs on, on the physiological fallback
+    j = Journal(db, readonly=True)
+    why = j.events("predictor")["detail"].iloc[0]
+    assert "model refused" in why and "sha256" in why
+    assert j.cycles()["predictor"].str.startswith("fallback").all()
 
 
 # --------------------------------------------------------------------------- no unpickling
