@@ -82,8 +82,6 @@ TIME_FORMATS = (
     "%Y/%m/%d %H:%M:%S",
 )
 EXERCISE_INTENSITY = {"light": 1.0, "medium": 2.0, "heavy": 3.0}
-#: long table every layout produces; `kind` routes a row to the frame
-KINDS = ("reading", "finger_stick", "bolus", "injection", "carbs", "exercise", "ketones")
 
 
 def read_csv(
@@ -275,6 +273,12 @@ def _find(df: pd.DataFrame, *prefixes: str) -> str | None:
 def _long(
     kind: str, df: pd.DataFrame, sid: Any, tcol: str, vcol: str | None, mask=None, **extra
 ) -> pd.DataFrame:
+    """Rows of `df` (within `mask`, with a value in `vcol`) as records of one `kind`.
+
+    Every layout reduces to this one long table -- kind ("reading", "finger_stick", "bolus",
+    "injection", "carbs", "exercise", "ketones"), subject, raw time, raw value, the source
+    columns and the line -- so units, time parsing and screening are written once.
+    """
     m = np.ones(len(df), bool) if mask is None else np.asarray(mask, bool)
     if vcol is not None:
         m = m & present(df[vcol])

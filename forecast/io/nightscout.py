@@ -72,7 +72,6 @@ DEXCOM_CODES = {
     12: "?RF bad RF",
     39: "LOW",
 }
-IGNORED_EVENTS_NOTE = "treatments without insulin, carbs, glucose or basal (notes, site changes...)"
 
 
 def read_nightscout(
