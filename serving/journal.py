@@ -340,6 +340,16 @@ class Journal:
         rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
 
+    def set_meta_many(self, values: dict[str, str]) -> None:
+        """Several meta keys in one transaction (all or none)."""
+        self._write(
+            "set meta",
+            [
+                ("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (k, v))
+                for k, v in values.items()
+            ],
+        )
+
     def set_meta(self, key: str, value: str) -> None:
         self._write(
             "set meta", [("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))]

@@ -286,13 +286,20 @@ class ControlLoop:
         j = self.journal
         known = j.meta("patients")
         names = ",".join(self.names)
-        if known is None:
-            j.set_meta("patients", names)
-            j.set_meta("run_start", self.backend.now().isoformat())
-            for k, v in (describe or {}).items():
-                j.set_meta(k, str(v))
+        describe = {k: str(v) for k, v in (describe or {}).items()}
+        if known is None:  # a new run: who, when and on what, in one transaction
+            j.set_meta_many(
+                {"patients": names, "run_start": self.backend.now().isoformat(), **describe}
+            )
         elif known != names:
             raise LoopError(f"journal {j.path} is for patients {known}, not {names}")
+        else:
+            for k, v in describe.items():
+                if j.meta(k) not in (None, v):
+                    raise LoopError(
+                        f"journal {j.path} belongs to another {k} ({j.meta(k)}), not {v}: "
+                        "a journal continues only the run it recorded"
+                    )
         self._run_start = pd.Timestamp(j.meta("run_start")).floor(SLOT)
         last_mode = j.meta("mode")
         if last_mode != self.mode:

@@ -328,7 +328,7 @@ def decide(
     pump_susp = np.broadcast_to(np.asarray(pump_suspended, dtype=bool), shape)
     journal_ok = np.broadcast_to(np.asarray(journal_ok, dtype=bool), shape)
     iob = np.where(np.isfinite(iob), iob, np.inf)  # unknown IOB: assume the worst
-    unconf = np.where(np.isfinite(unconf) & (unconf > 0), unconf, 0.0)
+    unconf = np.where(np.isnan(unconf) | (unconf < 0), 0.0, unconf)  # inf: unknown, blocks all
     vetoes = np.zeros(shape, dtype=np.int64)
 
     def veto(mask: np.ndarray, v: Veto) -> None:

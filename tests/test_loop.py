@@ -23,15 +23,17 @@ P = "adult#001"
 
 
 def make_loop(
-    tmp_path, *, faults=(), controller="physio-mpc", mode="closed", world=None, predictor=None
-):
+    tmp_path, *, faults=(), controller="physio-mpc", mode="closed", world=None, predictor=None,
+    describe=False,
+):  # fmt: skip
     world = world or SimulatedCohort(
         WorldConfig(patients=P, sensor="dexcom-noise", seed=11), state_path=tmp_path / "dev.db"
     )
     ctrl, pred = build_controller(controller, None)
     journal = Journal(tmp_path / "j.db", sync="normal")
-    loop = ControlLoop(SimBackend(world, faults), journal, ctrl, predictor or pred, mode=mode)
-    loop.start()
+    backend = SimBackend(world, faults)
+    loop = ControlLoop(backend, journal, ctrl, predictor or pred, mode=mode)
+    loop.start(describe=backend.describe() if describe else None)
     return loop
 
 
@@ -72,11 +74,15 @@ def test_a_journaled_cycle_is_not_run_again_after_a_restart(tmp_path):
     assert len(again.journal.cycles()) == 5
 
 
-def test_journal_for_other_patients_is_refused(tmp_path):
-    make_loop(tmp_path).journal.close()
+def test_a_journal_continues_only_its_own_run(tmp_path):
+    first = make_loop(tmp_path, describe=True)
+    first.journal.close()
     other = SimulatedCohort(WorldConfig(patients="child#002", sensor="none"))
     with pytest.raises(LoopError, match="is for patients"):
         make_loop(tmp_path, world=other)
+    same_patient = SimulatedCohort(WorldConfig(patients=P, sensor="none", seed=99))
+    with pytest.raises(LoopError, match="another world"):
+        make_loop(tmp_path, world=same_patient, describe=True)
 
 
 def test_cgm_dropout_falls_back_then_recovers(tmp_path):
