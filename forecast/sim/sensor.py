@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
-from numba import njit
 
 from forecast.sim.errors import SimInputError
 from forecast.sim.patient import data_dir
@@ -95,34 +94,28 @@ def spline_weights(sample_minutes: float) -> np.ndarray:
     return np.ascontiguousarray(w[1:])  # drop t=0 (the carried knot itself)
 
 
-@njit(cache=True)
-def _latent(first, innovations, pacf, out):  # pragma: no cover - compiled
-    """e_0 = first, e_k = pacf·(e_{k-1} + n_k), per row; same float order as simglucose."""
-    n, k = innovations.shape
-    for i in range(n):
-        e = first[i]
-        out[i, 0] = e
-        for j in range(k):
-            e = pacf * (e + innovations[i, j])
-            out[i, j + 1] = e
+def _latent(first: np.ndarray, innovations: np.ndarray, pacf: float) -> np.ndarray:
+    """[N, K+1]: e_0 = first, e_k = pacf·(e_{k-1} + n_k), the same float operations as
+    simglucose (so the same bits), vectorised over the N streams."""
+    out = np.empty((innovations.shape[0], innovations.shape[1] + 1))
+    e = first
+    out[:, 0] = e
+    for k in range(innovations.shape[1]):
+        e = pacf * (e + innovations[:, k])
+        out[:, k + 1] = e
+    return out
 
 
-@njit(cache=True)
-def _apply_spline(knots, weights, out):  # pragma: no cover - compiled
-    """out[i, c·m + j] = Σ_k weights[j, k]·knots[i, c, k], in a fixed order.
+def _apply_spline(knots: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[N, C·m]: Σ_k weights[j, k]·knots[i, c, k], summed in a fixed order.
 
-    A BLAS matmul would round differently depending on the batch shape; this makes a noise
-    value independent of how many chunks were generated at once.
+    A BLAS matmul would round differently depending on the batch shape; accumulating knot by
+    knot makes a noise value independent of how many chunks were generated at once.
     """
-    n, n_chunks, n_knots = knots.shape
-    m = weights.shape[0]
-    for i in range(n):
-        for c in range(n_chunks):
-            for j in range(m):
-                acc = 0.0
-                for k in range(n_knots):
-                    acc += weights[j, k] * knots[i, c, k]
-                out[i, c * m + j] = acc
+    acc = knots[:, :, :1] * weights[:, 0]  # [N, C, m]
+    for k in range(1, weights.shape[1]):
+        acc = acc + knots[:, :, k : k + 1] * weights[:, k]
+    return acc.reshape(knots.shape[0], -1)
 
 
 class NoiseStream:
@@ -149,8 +142,7 @@ class NoiseStream:
     def _chunks(self, n_chunks: int) -> np.ndarray:
         k = n_chunks * KNOTS_PER_CHUNK
         innov = np.array([r.randn(k) for r in self._rngs]).reshape(len(self._rngs), k)
-        lat = np.empty((len(self._rngs), k + 1))
-        _latent(self._e, innov, self.params.pacf, lat)
+        lat = _latent(self._e, innov, self.params.pacf)
         self._e = lat[:, -1].copy()
         eta = self._johnson(lat[:, 1:]).reshape(len(self._rngs), n_chunks, KNOTS_PER_CHUNK)
         knots = np.empty((len(self._rngs), n_chunks, KNOTS_PER_CHUNK + 1))
@@ -158,9 +150,7 @@ class NoiseStream:
         knots[:, 0, 0] = self._carry
         knots[:, 1:, 0] = eta[:, :-1, -1]
         self._carry = eta[:, -1, -1].copy()
-        out = np.empty((len(self._rngs), n_chunks * self.weights.shape[0]))
-        _apply_spline(knots, self.weights, out)
-        return out  # [N, chunks·n_out]
+        return _apply_spline(knots, self.weights)  # [N, chunks·n_out]
 
     def take(self, n: int) -> np.ndarray:
         """The next n noise values of every stream, [N, n] mg/dL."""
