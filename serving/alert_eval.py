@@ -36,6 +36,11 @@ with the 30-minute persistence switched off, so they fire at the first reading p
 threshold (lead 0 by construction) — the forecast's gain is the difference in lead at the
 cost of its false alerts.
 
+Episodes are found in the CGM (``glucose``, what the person sees) by default. On simulated
+frames ``episodes_from="bg_true"`` (or ``"gsub"``) scores the same CGM-driven alerts against
+the *true* hypoglycaemia instead — sensor artefacts (compression lows, noise dips) then stop
+counting as episodes, and sensor lag shows up as threshold alerts that come late.
+
 Forecasts only get what the runtime would know: by default (``future_inputs="known"``) the
 future insulin is the current basal carried forward and future boluses and carbs are zero —
 a meal eaten in 20 minutes is not an input at the origin (with ``"actual"`` the frame's
@@ -366,6 +371,7 @@ def evaluate_alerts(
     high: EpisodeRule = HIGH_EPISODE,
     window_min: float | None = None,
     future_inputs: str = "known",
+    episodes_from: str = "glucose",
 ) -> dict[str, Any]:
     """Replay `frame`, score predicted vs threshold alerts; the dict `--json` prints.
 
@@ -384,6 +390,7 @@ def evaluate_alerts(
         low=low,
         high=high,
         window_min=window_min,
+        episodes_from=episodes_from,
     )
     out["future_inputs"] = future_inputs
     return out
@@ -398,6 +405,7 @@ def evaluate_table(
     low: EpisodeRule = LOW_EPISODE,
     high: EpisodeRule = HIGH_EPISODE,
     window_min: float | None = None,
+    episodes_from: str = "glucose",
 ) -> dict[str, Any]:
     """`evaluate_alerts` on forecasts already made (compare alert rules on one forecast run)."""
     th = evaluation_thresholds(thresholds if thresholds is not None else AlertThresholds())
@@ -405,6 +413,11 @@ def evaluate_table(
     f = validate_frame(frame)
     if len(f) == 0 or not np.isfinite(f["glucose"].to_numpy(dtype=float)).any():
         raise AlertEvalError("no CGM readings to replay")
+    if episodes_from not in f.columns:
+        raise AlertEvalError(
+            f"episodes_from={episodes_from!r} is not a column of the frame (simulated frames "
+            "have 'bg_true', plasma glucose, and 'gsub', the noise-free sensor signal)"
+        )
     alerts = replay_alerts(f, table, th)
     eps_low: dict[str, np.ndarray] = {}
     eps_high: dict[str, np.ndarray] = {}
@@ -417,8 +430,9 @@ def evaluate_table(
         n_real += int(np.isfinite(g).sum())
         first = t[np.isfinite(g)][0] if np.isfinite(g).any() else t[0]
         scored_from[str(sid)] = first + skip
-        eps_low[str(sid)] = find_episodes(t, g, low)
-        eps_high[str(sid)] = find_episodes(t, g, high)
+        truth = sub[episodes_from].to_numpy(dtype=float)
+        eps_low[str(sid)] = find_episodes(t, truth, low)
+        eps_high[str(sid)] = find_episodes(t, truth, high)
     # a day of data = a day of readings at the sensor's own period (15 min for Libre exports)
     sampling = max(float(get_meta(frame).sampling_minutes or SLOT_MINUTES), SLOT_MINUTES)
     days = n_real * sampling / 1440.0
@@ -453,6 +467,7 @@ def evaluate_table(
         forecasts=0 if table is None else len(table.origin),
         forecast_sources=sources,
         window_min=window,
+        episodes_from=episodes_from,
         episode_rules={"low": asdict(low), "high": asdict(high)},
         thresholds=th.to_dict(),
     )

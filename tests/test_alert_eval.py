@@ -223,3 +223,26 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys):
                "--split", "all"])  # fmt: skip
     assert rc == 2
     assert "neither a baseline" in capsys.readouterr().err
+
+
+def test_episodes_can_come_from_true_glucose():
+    f = synthetic_days(1)
+    f["bg_true"] = f["glucose"] + 30.0  # the sensor reads 30 low: its lows are artefacts
+    res = evaluate_alerts(f, Extrapolate(), episodes_from="bg_true")
+    assert res["threshold_low"]["episodes"] == 0 and res["episodes_from"] == "bg_true"
+    assert res["threshold_low"]["false_alerts"] == res["threshold_low"]["alerts"] == 2
+    from serving.alert_eval import AlertEvalError
+
+    with pytest.raises(AlertEvalError, match="not a column"):
+        evaluate_alerts(f, Extrapolate(), episodes_from="gsub")
+
+
+def test_days_follow_the_sensor_period():
+    from forecast.schema import DatasetMeta, set_meta
+
+    f = synthetic_days(2)
+    f.loc[f.index % 3 != 0, "glucose"] = nan  # a reading every 15 minutes
+    set_meta(f, DatasetMeta(sampling_minutes=15))
+    res = evaluate_alerts(f, None)
+    assert res["days"] == 2.0
+    assert res["predicted_low"]["alerts"] == 0  # no forecaster, no predictions

@@ -193,3 +193,13 @@ def test_a_line_has_its_own_slope_whatever_is_missing(rate, base, keep):
         assert tr.roc_mgdl_min == pytest.approx(rate, abs=1e-7)
     else:
         assert tr.arrow is None
+
+
+def test_sparse_sensor_needs_the_scaled_rule():
+    g = np.full(30, np.nan)
+    g[::3] = 100 + 1.5 * 15 * np.arange(10)  # a 15-minute Libre export rising 1.5 mg/dL/min
+    f = frame(g)
+    assert add_trend(f)["trend_arrow"].isna().all()  # two readings per 15 min: never an arrow
+    out = add_trend(f, config=TrendConfig.for_sampling(15))
+    assert (out["trend_arrow"].iloc[6::3] == "↗").all()
+    assert TrendConfig.for_sampling(5) == TrendConfig()

@@ -71,6 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--separation", type=float, default=30.0, help="minutes between distinct episodes (30)"
     )
     s.add_argument(
+        "--episodes-from",
+        default="glucose",
+        metavar="COLUMN",
+        help="column whose episodes are scored: glucose (the CGM, default) or, on simulated "
+        "frames, bg_true / gsub (true hypoglycaemia, without sensor artefacts)",
+    )
+    s.add_argument(
         "--future-inputs",
         choices=("known", "actual"),
         default="known",
@@ -140,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         high=high,
         window_min=args.window,
         future_inputs=args.future_inputs,
+        episodes_from=args.episodes_from,
     )
     res = {"model": args.model, "data": str(args.data), "split": args.split, **res}
     if args.json:
