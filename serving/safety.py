@@ -49,7 +49,6 @@ from serving.hal.pump import (
     CommandKind,
     Pump,
     PumpError,
-    PumpFault,
     PumpStatus,
     resolve_command,
     send,
@@ -800,5 +799,4 @@ __all__ = [
     "max_basal",
     "predicted_low",
     "validate_settings",
-    "PumpFault",
 ]
