@@ -53,7 +53,7 @@ import numpy as np
 
 from forecast.insulin import CarbCurve, InsulinCurve
 from forecast.windows import WindowConfig
-from serving.controllers import basal_iob_u
+from serving.controllers import basal_iob_u, meal_bolus_u
 from serving.predictor import FallbackPredictor, Forecast
 from serving.types import ControlInput, Proposal
 
@@ -87,9 +87,13 @@ class MPCConfig:
     high_rates: tuple[float, ...] = (1.5, 3.0)  # multiples above it (30 min), capped
     bolus_rungs: int = 8  # J (K = 3 + 1 + 2 + J = 14 candidates: rows per patient per call)
     bolus_spacing: float = 1.5  # bolus_j = room × (j / J) ** spacing: finer near zero
-    smb_basal_minutes: float = 30.0  # bolus per cycle without newly announced carbs
+    smb_basal_minutes: float = 30.0  # automatic bolus per cycle, in minutes of basal
+    meal_fractions: tuple[float, float] = (0.4, 1.1)  # meal bolus rungs × the calculator's
+    correct_above_mgdl: float = 150.0  # the meal bolus corrects above this (IOB-aware)
+    correction_isf_scale: float = 1.0  # automatic corrections assume ISF × this
+    correction_basal_hours: float = 3.0  # net IOB from corrections ≤ this many hours of basal
     carb_uncertainty: float = 0.2  # fraction of announced carbs the lower bound does not count
-    isf_uncertainty: float = 0.3  # the lower bound lets insulin act this much harder than ISF
+    isf_uncertainty: float = 0.0  # the lower bound lets insulin act this much harder than ISF
     monotone: bool = True  # running minimum over rungs (more insulin never raises a forecast)
     insulin_curve: InsulinCurve = field(default_factory=InsulinCurve)
     carb_curve: CarbCurve = field(default_factory=CarbCurve)
@@ -189,7 +193,15 @@ class MPCController:
         rate[:, k_base:] = (top * basal_h)[:, None]
         bmax = self._bolus_room(inputs, net_iob, cob_g)  # [N]
         steps = (np.arange(1, c.bolus_rungs + 1) / c.bolus_rungs) ** c.bolus_spacing  # [J]
-        bol = np.round(bmax[:, None] * steps[None, :] / 0.05) * 0.05  # pump resolution
+        bol = bmax[:, None] * steps[None, :]  # [N, J] automatic boluses (no meal now)
+        if meal.any():  # a meal now: the calculator's bolus, scaled between min and max
+            fr = np.linspace(c.meal_fractions[0], c.meal_fractions[1], c.bolus_rungs)  # [J]
+            full = self._meal_bolus(inputs, net_iob)  # [N]
+            limit = np.array([_limit(i) for i in inputs])  # [N] max bolus, IOB room
+            bol = np.where(
+                meal[:, None], np.minimum(full[:, None] * fr[None, :], limit[:, None]), bol
+            )
+        bol = np.round(bol / 0.05) * 0.05  # pump resolution
         bolus = np.zeros((n, k, h))
         bolus[:, k_base:, 0] = bol
         labels = [name for name, _, _ in rungs] + [f"bolus{j + 1}" for j in range(c.bolus_rungs)]
@@ -204,22 +216,45 @@ class MPCController:
         predicting a rise cannot make the MPC stack insulin: net IOB after the bolus may not
         exceed what either the carbs on board (counted generously, + carb-count uncertainty)
         or the glucose above target justifies — the larger of the two, not their sum, since
-        a post-meal rise *is* the carbs on board showing up. Without new carbs, one cycle
-        adds at most `smb_basal_minutes` of basal (oref1's SMB rule); never above max bolus
-        or the room under max IOB.
+        a post-meal rise *is* the carbs on board showing up. Corrections add at most
+        `smb_basal_minutes` of basal a cycle (oref1's SMB rule) and never take net IOB above
+        `correction_basal_hours` of basal (a child's ISF in the settings can be half the
+        truth); never above max bolus or the room under max IOB.
         """
         c = self.config
         out = np.zeros(len(inputs))
         for i, inp in enumerate(inputs):
             s = inp.settings
             g = inp.glucose_mgdl
+            net = max(0.0, net_iob[i])
             carbs = (1.0 + c.carb_uncertainty) * cob_g[i] / s.carb_ratio_g_per_u
-            corr = max(0.0, (g - s.target_mgdl) / s.isf_mgdl_per_u) if np.isfinite(g) else 0.0
-            room = max(carbs, corr) - max(0.0, net_iob[i])
-            if inp.carbs_announced_g <= 0:
-                room = min(room, c.smb_basal_minutes / 60.0 * s.basal_u_per_h)
-            iob_room = s.max_iob_u - max(0.0, inp.iob_u)
-            out[i] = max(0.0, min(room, s.max_bolus_u, iob_room))
+            isf = s.isf_mgdl_per_u * c.correction_isf_scale
+            corr = max(0.0, (g - s.target_mgdl) / isf) if np.isfinite(g) else 0.0
+            corr = min(corr, c.correction_basal_hours * s.basal_u_per_h)  # oref0's max IOB idea
+            # carbs nobody bolused for (the supervisor held a meal bolus during a low) may be
+            # covered at once; corrections come at most `smb_basal_minutes` of basal a cycle
+            smb = c.smb_basal_minutes / 60.0 * s.basal_u_per_h
+            room = max(carbs - net, min(max(carbs, corr) - net, smb))
+            out[i] = max(0.0, min(room, _limit(inp)))
+        return out
+
+    def _meal_bolus(self, inputs: Sequence[ControlInput], net_iob: np.ndarray) -> np.ndarray:
+        """A bolus calculator's answer for the meal announced now, per patient (U).
+
+        Carbs / carb ratio, plus a correction above `correct_above_mgdl` minus positive net
+        IOB (what a pump's wizard does). The MPC scales it between `meal_fractions` — less
+        when the forecaster sees a low coming, never wildly more or less than the clinician's
+        settings say, however confident the forecaster is about a meal's rise.
+        """
+        c = self.config
+        out = np.zeros(len(inputs))
+        for i, inp in enumerate(inputs):
+            s = inp.settings
+            g = inp.glucose_mgdl
+            corr = 0.0
+            if np.isfinite(g) and g > c.correct_above_mgdl:
+                corr = max(0.0, (g - s.target_mgdl) / s.isf_mgdl_per_u - max(0.0, net_iob[i]))
+            out[i] = meal_bolus_u(inp.carbs_announced_g, s) + corr
         return out
 
     def _cob_now(self, past: np.ndarray, future: np.ndarray) -> np.ndarray:
@@ -386,6 +421,12 @@ class MPCController:
         if extra_mgdl is not None:  # partial corrections: re-planned every 5 minutes anyway
             reg = reg + z.w_extra * extra_mgdl**2
         return path + term + reg
+
+
+def _limit(inp: ControlInput) -> float:
+    """The largest bolus the supervisor would let through unchanged (max bolus, IOB room)."""
+    s = inp.settings
+    return max(0.0, min(s.max_bolus_u, s.max_iob_u - max(0.0, inp.iob_u)))
 
 
 def _finite0(x: np.ndarray) -> np.ndarray:
