@@ -483,27 +483,29 @@ def load_forecaster(
     *,
     config: WindowConfig | None = None,
     future_inputs: str = "known",
+    quantiles: tuple[float, ...] | None = None,
 ) -> Any:
     """A baseline fitted on `train` (``persistence|linear|ridge|physio``) or an ONNX model dir.
 
     Baselines are fitted on the training split's windows, with the same future-input masking
-    the replay uses, so a model never learns from inputs it will not get. ONNX models come
-    through `serving.predictor.Predictor` (hash and signature checked, physiological fallback
-    for implausible rows).
+    the replay uses, so a model never learns from inputs it will not get; ``quantiles`` (the
+    baseline's default when None) lets an alert rule ask for e.g. the 0.3 quantile. ONNX
+    models come through `serving.predictor.Predictor` (hash and signature checked,
+    physiological fallback for implausible rows) with the quantiles they were trained for.
     """
     if spec in BASELINE_NAMES:
         from forecast.baselines import BASELINES
 
+        if train is None:
+            raise AlertEvalError(f"baseline {spec!r} needs a training frame to be fitted on")
         cfg = config or WindowConfig()
-        model = BASELINES[spec]()
-        if train is not None:
-            w = make_windows(train, cfg)
-            if len(w) == 0:
-                raise AlertEvalError(f"the training split gives no windows to fit {spec!r}")
-            if future_inputs == "known":
-                w = known_future(w)
-            model = model.fit(w) or model
-        return model
+        model = BASELINES[spec]() if quantiles is None else BASELINES[spec](quantiles=quantiles)
+        w = make_windows(train, cfg)
+        if len(w) == 0:
+            raise AlertEvalError(f"the training split gives no windows to fit {spec!r}")
+        if future_inputs == "known":
+            w = known_future(w)
+        return model.fit(w) or model
     path = Path(spec)
     if not path.exists():
         raise AlertEvalError(

@@ -107,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
     train = splits["train"] if (splits is not None and is_baseline) else None
     data = splits["test"] if args.split == "test" else frame
     print(f"model {args.model}: loading/fitting", file=sys.stderr)
-    model = load_forecaster(args.model, train, future_inputs=args.future_inputs)
+    quantiles = None
+    if is_baseline and args.quantile is not None:  # fit the baseline for the quantile asked
+        quantiles = tuple(sorted({0.05, 0.5, 0.95, float(args.quantile)}))
+    model = load_forecaster(
+        args.model, train, future_inputs=args.future_inputs, quantiles=quantiles
+    )
 
     th = AlertThresholds()
     changes = {}
