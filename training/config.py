@@ -87,6 +87,10 @@ class HeadConfig:
     # Prior insulin sensitivity (mg/dL per U) scaling the insulin-effect head; the model
     # learns a context-dependent factor around it. Only the starting point, not a constraint.
     isf_prior: float = 40.0
+    insulin_gain: str = "lag"  # "lag": ISF-like gain × shared lag profile; "full": per (h, j)
+    carb_head: bool = False  # announced future carbs through a structured, positive head
+    csf_prior: float = 3.0  # mg/dL per g: the carb head's starting gain
+    dose_scaling: bool = True  # gain × (reference basal / window's mean past basal)^β
 
 
 @dataclass
@@ -100,6 +104,7 @@ class TrainerConfig:
     seed: int = 0
     threads: int = field(default_factory=lambda: int(os.environ.get("GLUCAST_TORCH_THREADS", "1")))
     max_train_windows: int = 0  # 0 = all; a random subset per epoch otherwise
+    freeze_insulin_epochs: int = 0  # hold the insulin head at its prior this many epochs
     accelerator: str = "cpu"
     devices: str = "1"
     strategy: str = "auto"
@@ -147,6 +152,8 @@ class TrainConfig:
         t = self.trainer
         if t.max_epochs < 1 or t.batch_size < 1 or t.lr <= 0:
             raise ConfigError("trainer.max_epochs, batch_size and lr must be positive")
+        if self.head.insulin_gain not in ("lag", "full"):
+            raise ConfigError(f"head.insulin_gain {self.head.insulin_gain!r}: use lag or full")
         if self.export.exporter not in ("torchscript", "dynamo"):
             raise ConfigError(
                 f"export.exporter {self.export.exporter!r}: use torchscript or dynamo"

@@ -39,9 +39,9 @@ class TorchForecaster:
         return predict_numpy(self.model, past, future)
 
 
-def score(forecaster: Any, windows: Any, *, bglp: bool = False) -> dict[str, Any]:
-    """forecast.metrics.evaluate_forecast of `forecaster` on `windows` (+ BGLP if asked)."""
-    from forecast.metrics import bglp_scores, evaluate_forecast
+def score(forecaster: Any, windows: Any) -> dict[str, Any]:
+    """forecast.metrics.evaluate_forecast of `forecaster` on `windows`."""
+    from forecast.metrics import evaluate_forecast
 
     cfg = windows.config
     pred = np.asarray(forecaster.predict(windows.past, windows.future), dtype=np.float64)
@@ -56,20 +56,47 @@ def score(forecaster: Any, windows: Any, *, bglp: bool = False) -> dict[str, Any
     )
     report["windows"] = len(windows)
     report["subjects"] = int(len(set(map(str, windows.subject_id))))
-    if bglp:
-        have = [m for m in (30, 60) if m <= cfg.horizon_slots * cfg.slot_minutes]
-        if not have:
-            raise EvaluationError("BGLP scores need a horizon of at least 30 minutes")
-        report["bglp"] = bglp_scores(
-            windows.target,
-            pred,
-            q,
-            subject_ids=windows.subject_id,
-            slot_minutes=cfg.slot_minutes,
-            horizons_min=have,
-        )
     report["_pred"] = pred  # for plots; removed before printing
     return report
+
+
+def bglp(forecaster: Any, test_frame: Any, window_config: Any) -> dict[str, Any]:
+    """OhioT1DM BGLP challenge scores (forecast.metrics.bglp_scores) on a test frame.
+
+    The challenge scores every test reading, so windows are cut with the past-gap rule
+    relaxed (a forecast is made after any gap, from the carried-forward value); the report
+    says how many test readings still got no forecast (no reading at the origin, or not
+    enough history at the start of the record).
+    """
+    import dataclasses
+
+    from forecast.metrics import bglp_scores
+    from forecast.windows import make_windows
+
+    wc = dataclasses.replace(window_config, max_past_gap_slots=window_config.past_slots)
+    have = [m for m in (30, 60) if m <= wc.horizon_slots * wc.slot_minutes]
+    if not have:
+        raise EvaluationError("BGLP scores need a horizon of at least 30 minutes")
+    w = make_windows(test_frame, wc)
+    pred = np.asarray(forecaster.predict(w.past, w.future), dtype=np.float64)
+    out = bglp_scores(
+        w.target,
+        pred,
+        tuple(forecaster.quantiles),
+        subject_ids=w.subject_id,
+        slot_minutes=wc.slot_minutes,
+        horizons_min=have,
+    )
+    for m in have:
+        h = m // wc.slot_minutes  # slots ahead
+        eligible = 0
+        for _, g in test_frame.groupby("subject_id", observed=True):
+            eligible += int(
+                np.isfinite(g["glucose"].to_numpy(float))[wc.past_slots - 1 + h :].sum()
+            )
+        out[str(m)]["readings_in_test"] = eligible
+        out[str(m)]["readings_without_forecast"] = eligible - int(out[str(m)]["n"])
+    return out
 
 
 def public(report: dict[str, Any]) -> dict[str, Any]:
@@ -136,8 +163,8 @@ def build_baseline(name: str, quantiles: tuple[float, ...]) -> Any:
 
 def resolve(
     model: str, frame: Any, *, config_path: str | None = None, split: str = "auto"
-) -> tuple[Any, Any, dict[str, Any]]:
-    """(forecaster, test windows, info) for `glucast evaluate --model MODEL`.
+) -> tuple[Any, Any, dict[str, Any], Any]:
+    """(forecaster, test windows, info, test frame) for `glucast evaluate --model MODEL`.
 
     MODEL is an exported model directory (its manifest says how the frame was split, so the
     same test split is rebuilt) or a baseline name (fitted on the frame's train split with
@@ -164,7 +191,8 @@ def resolve(
         fc = build_baseline(model, tuple(cfg.head.quantiles))
         fc.fit(splits.windows["train"])
         fc.calibrate(splits.windows["val"])
-        return fc, splits.windows["test"], {"model": model, "dataset_hash": splits.test_hash}
+        info = {"model": model, "dataset_hash": splits.test_hash}
+        return fc, splits.windows["test"], info, splits.frames["test"], splits.frames["test"]
     path = Path(model)
     if not path.exists():
         raise EvaluationError(
@@ -181,7 +209,7 @@ def resolve(
         if len(windows) == 0:
             raise EvaluationError("the frame gives no windows for this model's window config")
         info["dataset_hash"] = dataset_hash(frame)
-        return fc, windows, info
+        return fc, windows, info, frame
     s = fc.manifest.get("split") or {}
     data = DataConfig(
         split=s.get("split", "chronological"),
@@ -190,4 +218,4 @@ def resolve(
     )
     splits = build_splits(frame, data, wc, need=("test",))
     info["dataset_hash"] = splits.test_hash
-    return fc, splits.windows["test"], info
+    return fc, splits.windows["test"], info, splits.frames["test"]

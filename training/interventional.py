@@ -40,24 +40,51 @@ class InterventionalError(GlucastError, ValueError):
 
 
 def per_minute_inputs(
-    frame: pd.DataFrame, slot_minutes: int = 5
+    frame: pd.DataFrame, slot_minutes: int = 5, eat_rate_g_per_min: float = 5.0
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, pd.Timestamp]]:
-    """Per subject: carbs (g/min) and insulin (U/min) per minute from its first slot, and
-    that first slot's time (minute 0 of the replay)."""
+    """Per subject: carbs eaten (g/min) and insulin delivered (U/min) per minute from its
+    first slot, and that first slot's time (minute 0 of the replay).
+
+    Insulin: the slot's basal + bolus spread evenly over its minutes. Carbs: the grams
+    actually eaten (``carbs_eaten_g`` when the simulator recorded it, else ``carbs_g``) put
+    on the plate at the slot start and eaten at the simulator's 5 g/min.
+    """
     cho, ins, start = {}, {}, {}
+    carb_col = "carbs_g"
+    if "carbs_eaten_g" in frame.columns:
+        # Use the truth only where it is complete: a frame whose carbs_eaten_g records far
+        # fewer meals than carbs_g announces has lost them (not "did not eat").
+        eaten_meals = int((frame["carbs_eaten_g"].fillna(0) > 0).sum())
+        announced_meals = int((frame["carbs_g"].fillna(0) > 0).sum())
+        if eaten_meals >= 0.8 * announced_meals:
+            carb_col = "carbs_eaten_g"
     for sid, g in frame.groupby("subject_id", sort=False, observed=True):
         t = pd.to_datetime(g["time"], utc=True)
         t0 = t.iloc[0]
         slot = ((t - t0) / pd.Timedelta(minutes=slot_minutes)).to_numpy().astype(np.int64)
         n = int(slot[-1]) + 1
         per_slot_ins = np.zeros(n)
-        per_slot_cho = np.zeros(n)
         per_slot_ins[slot] = g["basal_u"].to_numpy(float) + g["bolus_u"].to_numpy(float)
-        per_slot_cho[slot] = np.nan_to_num(g["carbs_g"].to_numpy(float), nan=0.0)
+        plate = np.zeros(n * slot_minutes)
+        plate[slot * slot_minutes] = np.nan_to_num(g[carb_col].to_numpy(float), nan=0.0)
         ins[str(sid)] = np.repeat(per_slot_ins / slot_minutes, slot_minutes)
-        cho[str(sid)] = np.repeat(per_slot_cho / slot_minutes, slot_minutes)
+        cho[str(sid)] = _eat(plate, eat_rate_g_per_min)
         start[str(sid)] = t0
     return cho, ins, start
+
+
+def _eat(plate: np.ndarray, rate: float) -> np.ndarray:
+    """Grams eaten per minute when food put on the plate is eaten at `rate` g/min (the
+    simulator's eating rule), [T] -> [T]."""
+    eaten = np.zeros_like(plate)
+    left = 0.0
+    for m in range(int(np.argmax(plate > 0)) if (plate > 0).any() else len(plate), len(plate)):
+        left += plate[m]
+        if left > 0.0:
+            e = min(rate, left)
+            eaten[m] = e
+            left -= e
+    return eaten
 
 
 def interventional_accuracy(
@@ -177,6 +204,17 @@ def interventional_accuracy(
     out["monotonicity_violation_pct"] = max(
         v["monotonicity_violation_pct"] for v in out["interventions"].values()
     )
+    # The 60-minute bolus response by kind of subject (adult, adolescent, child...).
+    h = min(H, 60 // slot) - 1
+    kinds = np.array([str(s).split("#")[0] for s in w.subject_id])[ok]
+    out["bolus_by_group"] = {
+        g: {
+            "windows": int((kinds == g).sum()),
+            "mean_true_change": float(true_bolus[ok][kinds == g, h].mean()),
+            "mean_predicted_change": float(pred_bolus[ok][kinds == g, h].mean()),
+        }
+        for g in sorted(set(kinds.tolist()))
+    }
     return out
 
 

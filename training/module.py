@@ -40,6 +40,7 @@ class ForecastModule(L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         max_epochs: int = 10,
+        freeze_insulin_epochs: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -55,6 +56,15 @@ class ForecastModule(L.LightningModule):
 
     def forward(self, past: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
         return self.model(past, future)
+
+    def on_train_epoch_start(self) -> None:
+        # Early in training the free part has not learned what meals do, so glucose rising
+        # after a meal bolus reads as "insulin raises glucose" and would drive the insulin
+        # gain to zero, where softplus saturates and it cannot come back. Holding the
+        # insulin head at its physiological prior for the first epochs avoids that trap.
+        frozen = self.current_epoch < self.hparams.freeze_insulin_epochs
+        for p in self.model.insulin_parameters():
+            p.requires_grad_(not frozen)
 
     def _loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         past, future, target = batch

@@ -18,6 +18,7 @@ Output layout of ``--out DIR``::
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ def _layout(cfg: TrainConfig, wc: Any):
         past_slots=wc.past_slots,
         horizon_slots=wc.horizon_slots,
         quantiles=tuple(cfg.head.quantiles),
+        carb_head=cfg.head.carb_head,
     )
 
 
@@ -64,6 +66,9 @@ def _spec(cfg: TrainConfig, wc: Any) -> dict[str, Any]:
     head = {
         "quantiles": list(cfg.head.quantiles),
         "isf_prior": cfg.head.isf_prior,
+        "insulin_gain": cfg.head.insulin_gain,
+        "csf_prior": cfg.head.csf_prior,
+        "dose_scaling": cfg.head.dose_scaling,
         "insulin_peak_min": wc.insulin_peak_min,
         "insulin_dia_min": wc.insulin_dia_min,
     }
@@ -73,6 +78,11 @@ def _spec(cfg: TrainConfig, wc: Any) -> dict[str, Any]:
 def default_out(model: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("artifacts") / f"{model}-{stamp}"
+
+
+def ddp_worker() -> bool:
+    """True in the extra processes a Lightning DDP launcher starts (global rank > 0)."""
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
 def _progress(msg: str) -> None:
@@ -107,7 +117,11 @@ def fit_module(
     t = cfg.trainer
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = ForecastModule(
-        spec, lr=lr or t.lr, weight_decay=t.weight_decay, max_epochs=t.max_epochs
+        spec,
+        lr=lr or t.lr,
+        weight_decay=t.weight_decay,
+        max_epochs=t.max_epochs,
+        freeze_insulin_epochs=0 if init_state is not None else t.freeze_insulin_epochs,
     )
     if init_state is not None:
         module.model.load_state_dict(init_state)
@@ -213,6 +227,13 @@ def train(
     }
     if data_path:
         tags[tracking.TAG_DATA] = str(data_path)
+    if cfg.model in DEEP_MODELS and ddp_worker():
+        # Lightning's DDP launcher re-runs this command in one process per extra device;
+        # those only train (gradients are synchronised), rank 0 tracks and exports.
+        fit_module(
+            _spec(cfg, wc), splits, cfg, out, run_id=None, experiment=experiment, progress=False
+        )
+        return {}
     with tracking.run(experiment, run_name=f"{cfg.model}", tags=tags) as active:
         run_id = active.info.run_id
         tracking.log_params({**cfg.flat(), **{f"window.{k}": v for k, v in wc.to_dict().items()}})
@@ -461,6 +482,11 @@ def finetune(
     }
     if data_path:
         tags[tracking.TAG_DATA] = str(data_path)
+    if ddp_worker():
+        spec_ = _spec(cfg, wc)
+        fit_module(spec_, splits, cfg, out, run_id=None, experiment=experiment,
+                   init_state=state, fit_normalisation=False, lr=cfg.trainer.lr * 0.3, progress=False)  # fmt: skip
+        return {}
     with tracking.run(experiment, run_name=f"{cfg.model}-finetune-{subject}", tags=tags) as active:
         run_id = active.info.run_id
         tracking.log_params(cfg.flat())

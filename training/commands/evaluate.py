@@ -45,13 +45,17 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     from forecast.cli import emit_json
     from forecast.schema import read_parquet
-    from training.evaluate import public, resolve, save_plots, score
+    from training.evaluate import bglp, public, resolve, save_plots, score
 
     frame = read_parquet(args.data)
-    fc, windows, info = resolve(args.model, frame, config_path=args.config, split=args.split)
-    report = score(fc, windows, bglp=args.bglp)
+    fc, windows, info, test_frame = resolve(
+        args.model, frame, config_path=args.config, split=args.split
+    )
+    report = score(fc, windows)
     pred = report.pop("_pred")
     out = {**info, **public(report)}
+    if args.bglp:
+        out["bglp"] = bglp(fc, test_frame, windows.config)
     if args.interventional:
         from training.interventional import interventional_accuracy
 

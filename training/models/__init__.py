@@ -41,6 +41,9 @@ def build_model(kind: str, layout: Layout, options: dict, head: dict, slot_minut
         isf_prior=head.get("isf_prior", 40.0),
         insulin_peak_min=head.get("insulin_peak_min", 75.0),
         insulin_dia_min=head.get("insulin_dia_min", 360.0),
+        insulin_gain=head.get("insulin_gain", "lag"),
+        csf_prior=head.get("csf_prior", 3.0),
+        dose_scaling=head.get("dose_scaling", True),
     )
 
 
@@ -63,5 +66,6 @@ def model_from_spec(spec: dict):
         past_slots=int(lay["past_slots"]),
         horizon_slots=int(lay["horizon_slots"]),
         quantiles=tuple(float(q) for q in lay["quantiles"]),
+        carb_head=bool(lay.get("carb_head", False)),
     )
     return build_model(spec["kind"], layout, spec["options"], spec["head"], spec["slot_minutes"])

@@ -41,6 +41,7 @@ class Layout:
     past_slots: int
     horizon_slots: int
     quantiles: tuple[float, ...]
+    carb_head: bool = False  # future carbs go through the structured carb head only
 
     @property
     def glucose(self) -> int:
@@ -55,10 +56,15 @@ class Layout:
         return (self.future_features.index("basal_u"), self.future_features.index("bolus_u"))
 
     @property
+    def carbs(self) -> int:
+        return self.future_features.index("carbs_g")
+
+    @property
     def known(self) -> tuple[int, ...]:
-        """Future features the free part may see: everything but the planned insulin."""
-        ins = set(self.insulin)
-        return tuple(i for i in range(len(self.future_features)) if i not in ins)
+        """Future features the free part may see: everything but the planned insulin (and
+        the announced carbs when the carb head models them)."""
+        drop = set(self.insulin) | ({self.carbs} if self.carb_head else set())
+        return tuple(i for i in range(len(self.future_features)) if i not in drop)
 
     @property
     def median(self) -> int:
@@ -96,6 +102,13 @@ def insulin_effect_prior(
     return np.clip(frac, 0.0, 1.0)
 
 
+def carb_effect_prior(horizon_slots: int, slot_minutes: int, absorption_min: float = 180.0):
+    """[H] fraction of a meal absorbed after a lag of d + 1 slots (triangular absorption)."""
+    t = (np.arange(horizon_slots) + 1.0) * slot_minutes / absorption_min
+    t = np.clip(t, 0.0, 1.0)
+    return np.where(t <= 0.5, 2 * t**2, 1 - 2 * (1 - t) ** 2)
+
+
 class ForecastHead(nn.Module):
     """Wraps a backbone into the raw-unit, monotone, quantile forecaster of the contract."""
 
@@ -109,6 +122,9 @@ class ForecastHead(nn.Module):
         isf_prior: float = 40.0,
         insulin_peak_min: float = 75.0,
         insulin_dia_min: float = 360.0,
+        insulin_gain: str = "lag",
+        csf_prior: float = 3.0,
+        dose_scaling: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -142,14 +158,54 @@ class ForecastHead(nn.Module):
         self.register_buffer("outward", torch.from_numpy(outward))
         # Free part: median change and Q spreads per horizon step.
         self.out = nn.Linear(d_model, Q)
-        # Insulin gain k[h, j] from the past context; starts at isf_prior × insulin curve.
+        # Insulin gain k[h, j] ≥ 0 from the past context; starts at isf_prior × the insulin
+        # curve. "lag": k = isf_prior · g(ctx) · s[h − j], an ISF-like gain per window times
+        # one shared lag profile (every dose at every lag informs the same few numbers);
+        # "full": every (h, j) has its own context-dependent gain.
         self.isf_prior = float(isf_prior)
-        self.gain = nn.Linear(d_model, H * H)
+        self.insulin_gain = insulin_gain
         prior = insulin_effect_prior(H, slot_minutes, insulin_peak_min, insulin_dia_min)
-        with torch.no_grad():
-            self.gain.weight.mul_(0.1)  # context modulates the prior gently at first
-            self.gain.bias.copy_(torch.from_numpy(inverse_softplus(prior).reshape(-1)))
+        h_idx, j_idx = np.meshgrid(np.arange(H), np.arange(H), indexing="ij")
+        self.register_buffer("lag_idx", torch.from_numpy(np.maximum(h_idx - j_idx, 0)).long())
+        if insulin_gain == "full":
+            self.gain = nn.Linear(d_model, H * H)
+            with torch.no_grad():
+                self.gain.weight.mul_(0.1)  # context modulates the prior gently at first
+                self.gain.bias.copy_(torch.from_numpy(inverse_softplus(prior).reshape(-1)))
+        elif insulin_gain == "lag":
+            self.gain = nn.Linear(d_model, 1)
+            self.lag_shape = nn.Parameter(torch.from_numpy(inverse_softplus(prior[:, 0])).float())
+            with torch.no_grad():
+                self.gain.weight.mul_(0.1)
+                self.gain.bias.fill_(float(inverse_softplus(np.array(1.0))))
+        else:
+            raise ValueError(f"insulin_gain {insulin_gain!r} must be 'lag' or 'full'")
+        # Insulin sensitivity scales inversely with a person's insulin needs (the clinical
+        # "1800 rule": ISF ≈ 1800 / total daily dose). The window's mean past basal is a
+        # per-person dose scale, so the gain is multiplied by (ref / ū)^β with β learned
+        # (starting at 1) and ū clamped to [0.2, 5] × ref; ū is past data, so the effect
+        # stays linear and non-negative in the planned insulin.
+        self.dose_scaling = dose_scaling
+        self.register_buffer("basal_ref", torch.tensor(1.0))  # U/slot, set from training data
+        self.dose_beta = nn.Parameter(torch.tensor(1.0))
+        # Optional structured carb head: c[h, j] = csf_prior · g_c(ctx) · r[h − j] ≥ 0.
+        self.carb_head = layout.carb_head
+        self.csf_prior = float(csf_prior)
+        if self.carb_head:
+            self.carb_gain = nn.Linear(d_model, 1)
+            cprior = carb_effect_prior(H, slot_minutes)
+            self.carb_shape = nn.Parameter(torch.from_numpy(inverse_softplus(cprior)).float())
+            with torch.no_grad():
+                self.carb_gain.weight.mul_(0.1)
+                self.carb_gain.bias.fill_(float(inverse_softplus(np.array(1.0))))
         self.L, self.H, self.Q = L, H, Q
+
+    def insulin_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the insulin-effect head (gain, lag profile, dose exponent)."""
+        params = list(self.gain.parameters()) + [self.dose_beta]
+        if self.insulin_gain == "lag":
+            params.append(self.lag_shape)
+        return params
 
     @torch.no_grad()
     def fit_normalisation(self, past: np.ndarray, future: np.ndarray, target: np.ndarray) -> None:
@@ -165,6 +221,8 @@ class ForecastHead(nn.Module):
         scale = np.sqrt(np.nanmean(delta.astype(np.float64) ** 2, 0))
         scale = np.where(np.isfinite(scale), np.maximum(scale, 1.0), 10.0)
         self.delta_scale.copy_(torch.from_numpy(scale).float())
+        ref = float(np.nanmean(past[:, :, self.layout.past_basal]))
+        self.basal_ref.fill_(ref if np.isfinite(ref) and ref > 0 else 1.0)
 
     def parts(
         self, past: torch.Tensor, future: torch.Tensor
@@ -180,8 +238,21 @@ class ForecastHead(nn.Module):
         inc = F.softplus(raw) * scale * 0.5  # [B, H, Q] non-negative increments
         spread = inc @ self.outward + self.conformal  # [B, H, Q]
         spread = torch.relu(spread)  # conformal may narrow, never cross the median
-        k = F.softplus(self.gain(ctx)).view(-1, self.H, self.H)  # [B, H, H]
-        k = k * self.tril * self.isf_prior
+        if self.insulin_gain == "full":
+            k = F.softplus(self.gain(ctx)).view(-1, self.H, self.H)  # [B, H, H]
+        else:
+            shape = F.softplus(self.lag_shape)[self.lag_idx]  # [H, H] Toeplitz in the lag
+            k = F.softplus(self.gain(ctx))[:, :, None] * shape  # [B, 1, 1] × [H, H]
+        if self.dose_scaling:
+            u_ref = past[..., self.layout.past_basal].mean(1)  # [B] U/slot
+            rel = torch.clamp(u_ref / self.basal_ref, 0.2, 5.0)  # [B]
+            k = k * torch.exp(-self.dose_beta * torch.log(rel))[:, None, None]  # [B, H, H]
+        k = k * self.tril * self.isf_prior  # [B, H, H], zero above the diagonal (causal)
+        if self.carb_head:
+            cshape = F.softplus(self.carb_shape)[self.lag_idx]  # [H, H]
+            c = F.softplus(self.carb_gain(ctx))[:, :, None] * cshape * self.tril  # [B, H, H]
+            carbs = future[..., self.layout.carbs]  # [B, H] g per slot
+            free = free + self.csf_prior * torch.einsum("bhj,bj->bh", c, carbs)  # [B, H]
         g_last = past[:, -1, self.layout.glucose]  # [B]
         return g_last, free, spread, k
 
