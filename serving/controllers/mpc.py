@@ -95,6 +95,7 @@ class MPCConfig:
     carb_uncertainty: float = 0.2  # fraction of announced carbs the lower bound does not count
     isf_uncertainty: float = 0.0  # the lower bound lets insulin act this much harder than ISF
     monotone: bool = True  # running minimum over rungs (more insulin never raises a forecast)
+    decision_slot: str = "future"  # where this cycle's dose goes in the window (apply_plans)
     insulin_curve: InsulinCurve = field(default_factory=InsulinCurve)
     carb_curve: CarbCurve = field(default_factory=CarbCurve)
 
@@ -368,14 +369,26 @@ class MPCController:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Write every candidate plan into copies of the window.
 
-        `forecast.windows` puts the latest reading's slot last in `past`, with the insulin
-        delivered *during* that slot — the insulin this cycle decides. So slot 0 of a plan
-        goes into the last past slot (and the IOB there, which counts that slot's dose), and
-        slots 1…H into `future`, exactly as in the frames the model was trained on.
+        `forecast.windows` ends `past` with the latest reading's slot, whose insulin is the
+        insulin this cycle decides. A learned forecaster, though, only answers "what if"
+        questions causally for *future* insulin: its monotone insulin head (and the
+        interventional-accuracy check of `training.interventional`) acts on
+        ``future[..., basal_u / bolus_u]``, while insulin in the past window goes through
+        the encoder, which learned from data where a bolus in the last slot means a meal is
+        coming — so more insulin there can *raise* its forecast. With ``decision_slot =
+        "future"`` (default) the plan therefore starts at ``future[0]`` (the model sees the
+        dose 5 minutes late, a small conservative error) and the last past slot keeps what the
+        runtime put there (scheduled basal, no bolus). ``"past"`` writes slot 0 into the
+        last past slot (and its IOB) and slots 1…H into `future`, as the frames are laid out.
         """
         k = lad.basal.shape[1]
         pst = np.repeat(past[:, None], k, axis=1)  # [N, K, L, Fp]
         fut = np.repeat(future[:, None], k, axis=1)  # [N, K, H, Ff]
+        h = future.shape[1]
+        if self.config.decision_slot == "future":
+            fut[..., self._fb] = lad.basal[:, :, :h]
+            fut[..., self._fbo] = lad.bolus[:, :, :h]
+            return pst, fut
         given = past[:, -1, self._pb].astype(np.float64) + past[:, -1, self._pbo]  # [N]
         now = lad.basal[:, :, 0] + lad.bolus[:, :, 0]  # [N, K]
         pst[:, :, -1, self._pb] = lad.basal[:, :, 0]
