@@ -1,4 +1,9 @@
-"""The closed loop: one control cycle, and the runner that repeats it every 5 minutes.
+"""The runtime loop: one cycle, and the runner that repeats it every 5 minutes.
+
+The loop runs in one of three modes (`serving.modes`): ``monitor`` (CGM, forecast and
+alerts; the pump is never commanded), ``advisory`` (the supervisor-checked proposal is
+offered as advice; only what a person confirms is carried out, through the supervisor, see
+`serving.advisory`) and ``closed`` (the supervisor carries out every checked proposal).
 
 A cycle, for every patient of a backend at once:
 
@@ -7,13 +12,24 @@ A cycle, for every patient of a backend at once:
    unresolved, rebuild insulin on board from the delivered insulin (`insulin_history`);
 3. build the model inputs with `forecast.windows.inputs_at` (THE window builder) from a
    canonical frame of trusted readings, delivered insulin and announced carbs;
-4. the controller proposes (one batched call); the prediction that goes with a proposal is
-   the controller's, or the loop's own under the proposed plan;
-5. the supervisor checks each proposal and, in closed-loop mode, commands the pump with keys
-   derived from (patient, cycle time, kind) — the only road to the pump;
-6. the cycle is journaled whole (readings, prediction, proposal, verdict, fallback, mode).
+4. the controller proposes (one batched call; not in monitor mode, where the proposal is
+   the pump's schedule); the prediction that goes with a proposal is the controller's, or
+   the loop's own under the proposed plan;
+5. the supervisor checks each proposal and commands the pump with keys derived from
+   (patient, cycle time, kind) — the only road to the pump: in closed mode the verdict, in
+   advisory mode what the person confirmed this cycle (checked again now), in monitor mode
+   nothing;
+6. the alert engine (`serving.alerts`) takes the newest reading, the forecast of what the
+   pump will do (in advisory mode: of the schedule, as if nobody acted) and the pump's
+   faults;
+7. the cycle is journaled whole, in one transaction: readings, prediction, proposal,
+   verdict, fallback, mode, and its events — vetoes, faults, alerts, advice offered,
+   confirmed, refused or re-advised. The alert engine's state and the advice waiting for an
+   answer go into the cycle's detail, so a restarted loop neither repeats an alarm nor
+   forgets a question it asked.
 
-A killed loop restarts where it stopped: a cycle already journaled is not run again, a
+A mode is chosen at start; a journal that continues under another mode records the change
+(a ``mode`` event, and a warning on stderr). A killed loop restarts where it stopped: a cycle already journaled is not run again, a
 cycle interrupted halfway is re-run with the same keys (the supervisor reuses what the
 journal and the pump already know, never sends a key twice), and IOB comes back from the
 journal. A journal that cannot be written does not stop the loop: insulin is limited to
@@ -41,14 +57,28 @@ import pandas as pd
 
 from forecast.schema import SLOT, SLOT_MINUTES, GlucastError
 from forecast.windows import WindowConfig
+from serving.alerts import Alert, AlertEngine, AlertForecast, AlertThresholds
 from serving.hal.cgm import CGM, CGMError
 from serving.hal.pump import Delivery, Pump, PumpError, PumpStatus
 from serving.journal import InsulinRecord, Journal, JournalError
+from serving.modes import (
+    BOLUS_MIN_U,
+    MODE_ALIASES,
+    Mode,
+    ModeError,
+    advice_from_verdict,
+    bolus_advice,
+    is_actionable,
+    parse_mode,
+    same_plan,
+    schedule_verdict,
+    scheduled_proposal,
+)
 from serving.safety import CommandResult, SafetyState, Supervisor, assess_cgm
 from serving.types import ControlInput, PatientSettings, Proposal, Reading, Verdict
 
 CYCLE_MINUTES = SLOT_MINUTES
-MODES = ("closed", "open")
+MODES = (*(m.value for m in Mode), *MODE_ALIASES)  # "open": advisory with nobody to confirm
 
 
 class LoopError(GlucastError):
@@ -220,6 +250,10 @@ class PatientCycle:
     predictor: str = ""
     journal_ok: bool = True
     readings: list[Reading] = field(default_factory=list)
+    mode: str = Mode.CLOSED.value
+    alerts: list[Alert] = field(default_factory=list)  # raised this cycle
+    advice: list[dict[str, Any]] = field(default_factory=list)  # advice events this cycle
+    confirmed: Verdict | None = None  # advisory: the verdict on what the person confirmed
 
 
 @dataclass
@@ -240,7 +274,13 @@ class _Prepared:
 
 
 class ControlLoop:
-    """The cycle for every patient of a backend, journaled; see the module docstring."""
+    """The cycle for every patient of a backend, journaled; see the module docstring.
+
+    `mode` is ``monitor``, ``advisory`` or ``closed`` (``open``: advisory with nobody to
+    confirm). `person` answers advice in advisory mode (a `serving.advisory.AdvisoryPerson`
+    over the backend's patients; None: advice is journaled and never carried out).
+    `alert_thresholds` are every patient's alert settings (default: `AlertThresholds()`).
+    """
 
     def __init__(
         self,
@@ -249,19 +289,28 @@ class ControlLoop:
         controller: Any,
         predictor: Any,
         *,
-        mode: str = "closed",
+        mode: str | Mode = Mode.CLOSED,
         window: WindowConfig | None = None,
         log: Callable[[str], None] | None = None,
+        person: Any = None,
+        alert_thresholds: AlertThresholds | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise LoopError(f"mode must be one of {MODES}, got {mode!r}")
+        try:
+            self.mode = parse_mode(mode)
+        except ModeError as e:
+            raise LoopError(f"mode must be one of {MODES}, got {mode!r}") from e
         self.backend, self.journal, self.controller, self.predictor = (
             backend,
             journal,
             controller,
             predictor,
         )
-        self.mode = mode
+        if person is not None and self.mode is not Mode.ADVISORY:
+            raise LoopError(f"a person confirms advice in advisory mode only, not {self.mode}")
+        if person is not None and getattr(person, "n", len(backend.names)) != len(backend.names):
+            raise LoopError(f"the person answers for {person.n} patients, the backend has "
+                            f"{len(backend.names)}")  # fmt: skip
+        self.person = person
         self.window = window or getattr(predictor, "config", None) or WindowConfig()
         w = self.window
         self.k_ins = w.insulin_curve.iob_kernel(w.slot_minutes)  # [K], k[0] = 1
@@ -279,6 +328,9 @@ class ControlLoop:
         self._run_start = backend.now().floor(SLOT)
         self._last_label: dict[str, str] = {}
         self.cycles_run = 0
+        self.alert_thresholds = alert_thresholds or AlertThresholds()
+        self.alert_engines = [AlertEngine(self.alert_thresholds) for _ in self.names]
+        self._late_alerts: dict[str, list[Alert]] = {n: [] for n in self.names}
 
     # ---- start and stop
     def start(self, *, describe: dict[str, Any] | None = None) -> None:
@@ -301,14 +353,49 @@ class ControlLoop:
                         "a journal continues only the run it recorded"
                     )
         self._run_start = pd.Timestamp(j.meta("run_start")).floor(SLOT)
+        mode = self.mode.value
         last_mode = j.meta("mode")
-        if last_mode != self.mode:
-            j.set_meta("mode", self.mode)
-            j.event("mode", {"from": last_mode, "to": self.mode}, time=self.backend.now())
+        if last_mode != mode:  # a new run, or a journal continued under another mode
+            why = "run started" if last_mode is None else "restarted in another mode"
+            j.set_meta("mode", mode)
+            j.event("mode", {"from": last_mode, "to": mode, "why": why}, time=self.backend.now())
+            if last_mode is not None:
+                self.log(f"glucast loop: warning: {j.path} ran in {last_mode} mode; "
+                         f"continuing in {mode} mode (journaled)")  # fmt: skip
         for i, name in enumerate(self.names):
             j.reconcile(self.backend.pump(i), name)
-        j.event("start", {"mode": self.mode, "controller": getattr(self.controller, "name", type(self.controller).__name__),
-                          "predictor": _predictor_label(self.predictor)}, time=self.backend.now())  # fmt: skip
+            self._restore(i, name)
+        person = getattr(self.person, "describe", lambda: None)()
+        j.event("start", {"mode": mode, "controller": getattr(self.controller, "name", type(self.controller).__name__),
+                          "predictor": _predictor_label(self.predictor),
+                          "person": person if self.mode is Mode.ADVISORY else None,
+                          "alerts": self.alert_thresholds.to_dict()}, time=self.backend.now())  # fmt: skip
+
+    def _restore(self, i: int, name: str) -> None:
+        """Alert state and the advice awaiting an answer, from the patient's last cycle."""
+        import json
+
+        last = self.journal.cycles(name, last=1)
+        if not len(last):
+            return
+        try:
+            detail = json.loads(last["detail"].iloc[-1] or "{}")
+        except ValueError:
+            detail = {}
+        state = detail.get("alerts")
+        if state:
+            eng = AlertEngine.from_state(state)
+            eng.thresholds = self.alert_thresholds  # this run's settings, the episodes kept
+            self.alert_engines[i] = eng
+        waiting = detail.get("advice_open")
+        if not waiting:
+            return
+        if self.person is not None and str(last["mode"].iloc[-1]) == self.mode.value:
+            self.person.restore(i, waiting)
+        else:  # the question asked under another mode (or of a person now absent) is withdrawn
+            self.journal.event("advice", {"action": "withdrawn", "why": "loop restarted without it",
+                                          "offered": waiting.get("offered"), "advised": waiting.get("plan")},
+                               patient=name, time=self.backend.now())  # fmt: skip
 
     def sync(self) -> None:
         """Copy the pumps' newest deliveries into the journal (best effort; see `stop`)."""
@@ -355,7 +442,10 @@ class ControlLoop:
             )
             for i in todo
         ]
-        if live:
+        if self.mode is Mode.MONITOR:  # nothing is proposed: the pump runs its own program
+            proposals = [scheduled_proposal(self.settings[i], "monitor: the pump's schedule")
+                         for i in todo]  # fmt: skip
+        elif live:
             try:
                 got = self.controller.propose([inputs[k] for k in live])
                 for k, p in zip(live, got):
@@ -548,14 +638,7 @@ class ControlLoop:
         if pred is not None and proposal.predicted_mgdl is None:
             proposal = Proposal(proposal.temp_basal_u_per_h, proposal.duration_min, proposal.bolus_u,
                                 proposal.reason, pred)  # fmt: skip
-        state = SafetyState(now=now, iob_u=p.iob_u, cgm=p.cgm, pump=p.pump,
-                            unconfirmed_bolus_u=p.unconfirmed_u, journal_ok=p.journal_ok)  # fmt: skip
-        verdict = sup.check(proposal, state)
-        results: list[CommandResult] = []
         events = list(p.notes)
-        events += [("veto", {"reason": r, "fallback": verdict.fallback}) for r in verdict.vetoes]
-        if self.mode == "closed":  # open loop: the pump runs its schedule; the verdict is advice
-            results = sup.apply(verdict, t, journal_vetoes=False)  # vetoes go with the cycle
         last = getattr(self.predictor, "last", None)
         if source == "controller":  # the controller's forecast: say which forecaster made it
             source = getattr(last, "source", "controller")
@@ -566,21 +649,147 @@ class ControlLoop:
                 ("predictor", {"from": self._last_label.get(name), "to": label, "why": reasons})
             )
             self._last_label[name] = label
+        state = SafetyState(now=now, iob_u=p.iob_u, cgm=p.cgm, pump=p.pump,
+                            unconfirmed_bolus_u=p.unconfirmed_u, journal_ok=p.journal_ok)  # fmt: skip
+        results: list[CommandResult] = []
+        advice: list[dict[str, Any]] = []
+        confirmed: Verdict | None = None
+        alert_pred = pred
+        if self.mode is Mode.MONITOR:  # the supervisor has nothing to check, the pump nothing to do
+            verdict = schedule_verdict(self.settings[i])
+        else:
+            verdict = sup.check(proposal, state)
+            events += [
+                ("veto", {"reason": r, "fallback": verdict.fallback}) for r in verdict.vetoes
+            ]
+            if self.mode is Mode.CLOSED:
+                results = sup.apply(verdict, t, journal_vetoes=False)  # vetoes go with the cycle
+            else:
+                results, advice, confirmed, alert_pred = self._advise(
+                    i, p, proposal, verdict, state, t, events
+                )
+        alerts = self._alerts(i, p, now, t, alert_pred, source)
+        late, self._late_alerts[name] = self._late_alerts[name], []
+        events += [("alert", {**a.to_dict(), "late": True}) for a in late]
+        events += [("alert", a.to_dict()) for a in alerts]
+        events += [("advice", a) for a in advice]
+        detail: dict[str, Any] = {
+            "cgm": p.cgm.problem.label, "cgm_detail": p.cgm.detail,
+            "unconfirmed_bolus_u": p.unconfirmed_u,
+            "commands": [{"key": r.command.key, "status": r.status} for r in results],
+            "alerts": self.alert_engines[i].state_dict(),
+        }  # fmt: skip
+        if self.person is not None:
+            detail["advice_open"] = self.person.state(i)
+        if confirmed is not None:
+            detail["confirmed"] = {"temp_basal_u_per_h": confirmed.temp_basal_u_per_h,
+                                   "duration_min": confirmed.duration_min,
+                                   "bolus_u": confirmed.bolus_u, "fallback": confirmed.fallback}  # fmt: skip
         journal_ok = p.journal_ok
         try:
             self.journal.record_cycle(
                 patient=name, time=t, readings=p.readings, glucose=p.cgm.glucose_mgdl, iob_u=p.iob_u,
-                verdict=verdict, mode=self.mode, proposal=proposal, prediction=pred, carbs_g=p.carbs_g,
-                predictor=label, events=events,
-                detail={"cgm": p.cgm.problem.label, "cgm_detail": p.cgm.detail,
-                        "unconfirmed_bolus_u": p.unconfirmed_u,
-                        "commands": [{"key": r.command.key, "status": r.status} for r in results]},
+                verdict=verdict, mode=self.mode.value, proposal=proposal, prediction=pred,
+                carbs_g=p.carbs_g, predictor=label, events=events, detail=detail,
             )  # fmt: skip
         except JournalError as e:
             journal_ok = False
             self._journal_down(t, e)
+            self._late_alerts[name] = [*late, *alerts]  # journaled with the next cycle that can be
+        for a in alerts:
+            self.log(f"glucast loop: ALERT {name} {a.time:%H:%M} [{a.severity}] {a.message}")
         return PatientCycle(name, t, p.cgm.glucose_mgdl, p.iob_u, proposal, verdict, results,
-                            label, journal_ok, p.readings)  # fmt: skip
+                            label, journal_ok, p.readings, self.mode.value, alerts, advice,
+                            confirmed)  # fmt: skip
+
+    def _advise(
+        self,
+        i: int,
+        p: _Prepared,
+        proposal: Proposal,
+        verdict: Verdict,
+        state: SafetyState,
+        t: pd.Timestamp,
+        events: list[tuple[str, dict[str, Any]]],
+    ) -> tuple[list[CommandResult], list[dict[str, Any]], Verdict | None, np.ndarray | None]:
+        """Advisory mode: offer the verdict as advice; carry out what the person confirms.
+
+        Returns (commands sent, advice events, verdict on the confirmed plan, the forecast
+        the alerts should see: that of the pump's schedule, as if nobody acted).
+        """
+        s, sup = self.settings[i], self.supervisors[i]
+        advice = advice_from_verdict(verdict, proposal, s)
+        running = p.pump.current_rate_u_per_h if p.pump is not None else s.basal_u_per_h
+        bolus = None
+        if advice.bolus_u >= BOLUS_MIN_U or proposal.bolus_u >= BOLUS_MIN_U:
+            bolus = bolus_advice(time=t, glucose_mgdl=p.cgm.glucose_mgdl, iob_u=p.iob_u,
+                                 carbs_g=p.carbs_g, settings=s, proposed_u=proposal.bolus_u,
+                                 advised_u=advice.bolus_u, predicted=proposal.predicted_mgdl,
+                                 vetoes=verdict.vetoes, slot_minutes=self.window.slot_minutes)  # fmt: skip
+        out: list[dict[str, Any]] = []
+        results: list[CommandResult] = []
+        confirmed: Verdict | None = None
+        if self.person is None:  # nobody to confirm: the advice is journaled, nothing more
+            if is_actionable(advice, running):
+                out.append({"action": "offered", "confirm": "nobody", "plan": _plan(advice),
+                            "bolus": None if bolus is None else bolus.to_dict()})  # fmt: skip
+        else:
+            offer, answer = self.person.step(
+                i, t, advice, glucose_mgdl=p.cgm.glucose_mgdl, iob_u=p.iob_u, settings=s,
+                carbs_g=p.carbs_g, running_u_per_h=running, bolus=bolus,
+            )  # fmt: skip
+            said = [] if answer is None else [answer.event()]
+            shown = [] if offer is None else [offer.event()]
+            # the withdrawn suggestion goes first; an answer to a new one after its offer
+            out += (
+                said + shown
+                if answer is not None and answer.action == "superseded"
+                else shown + said
+            )
+            if answer is not None and answer.proposal is not None:
+                plan = answer.proposal
+                if same_plan(plan, advice):
+                    plan = advice
+                else:  # forecast the confirmed plan from now before the supervisor judges it
+                    plan = Proposal(plan.temp_basal_u_per_h, plan.duration_min, plan.bolus_u,
+                                    plan.reason)  # fmt: skip
+                    got, _ = self._predict(i, p, plan)
+                    plan.predicted_mgdl = got
+                confirmed = sup.check(plan, state)
+                events += [("veto", {"reason": r, "fallback": confirmed.fallback, "confirmed": True})
+                           for r in confirmed.vetoes]  # fmt: skip
+                results = sup.apply(confirmed, t, journal_vetoes=False)
+        # the alerts see what happens if nobody acts (or what was just confirmed)
+        if confirmed is not None:
+            return results, out, confirmed, proposal.predicted_mgdl
+        neutral = scheduled_proposal(s)
+        if same_plan(proposal, neutral):
+            return results, out, confirmed, proposal.predicted_mgdl
+        pred, _ = self._predict(i, p, neutral)
+        return results, out, confirmed, pred
+
+    def _alerts(
+        self, i: int, p: _Prepared, now: pd.Timestamp, t: pd.Timestamp,
+        pred: np.ndarray | None, source: str,
+    ) -> list[Alert]:  # fmt: skip
+        """One step of the patient's alert engine: newest reading, forecast, pump faults."""
+        reading = max(p.readings, key=lambda r: r.time) if p.readings else None
+        fc = None
+        q = tuple(getattr(self.predictor, "quantiles", ()) or ())
+        if pred is not None and source not in ("failed", "none"):
+            g = np.asarray(pred, dtype=float)
+            if g.ndim == 2 and g.shape[1] == len(q) and np.isfinite(g).all():
+                primary = type(getattr(self.predictor, "primary", None)).__name__.lower()
+                physio = source in ("fallback", "mixed") or "physio" in primary
+                fc = AlertForecast(t, g, q, source="physio" if physio else "model",
+                                   slot_minutes=self.window.slot_minutes)  # fmt: skip
+        faults = None if p.pump is None else ([str(p.pump.fault)] if p.pump.fault else [])
+        return self.alert_engines[i].update(now, reading, forecast=fc, pump_faults=faults)
+
+
+def _plan(p: Proposal) -> dict[str, Any]:
+    return {"temp_basal_u_per_h": p.temp_basal_u_per_h, "duration_min": p.duration_min,
+            "bolus_u": p.bolus_u, "reason": p.reason}  # fmt: skip
 
 
 def plan_window(

@@ -158,12 +158,14 @@ def test_unreachable_pump_never_gets_blind_retries(tmp_path):
 
 
 def test_open_mode_only_advises(tmp_path):
-    loop = make_loop(tmp_path, mode="open")
+    loop = make_loop(tmp_path, mode="open")  # the old name: advisory with nobody to confirm
     run_loop(loop, max_cycles=6)
     assert loop.backend.pump(0).firmware.acks == {}
     v = verdicts(loop.journal)
-    assert (v["mode"] == "open").all() and len(v) == 6
-    assert loop.journal.meta("mode") == "open"
+    assert (v["mode"] == "advisory").all() and len(v) == 6
+    assert loop.journal.meta("mode") == "advisory"
+    answers = [json.loads(d)["action"] for d in loop.journal.events("advice")["detail"]]
+    assert set(answers) <= {"offered"}  # offered, never confirmed
 
 
 def test_sigterm_finishes_the_cycle_and_stops_cleanly(tmp_path):

@@ -1,8 +1,16 @@
-"""`glucast loop`: run the closed loop on simulated or replayed devices (stdlib imports only here).
+"""`glucast loop`: run the runtime on simulated or replayed devices (stdlib imports only here).
 
     glucast loop --backend sim --patient adult#001 --journal run.db --speed fast --hours 24
     glucast loop --model DIR --backend sim --patient adult#001 --journal run.db --speed realtime
     glucast loop --backend replay --replay frame.parquet --patient ohio-559 --journal r.db
+    glucast loop --mode monitor --journal m.db --speed fast --hours 24
+    glucast loop --mode advisory --accept-prob 0.8 --accept-delay 10 --journal a.db --speed fast
+
+``--mode``: ``monitor`` (CGM, forecast and alerts; the pump is never commanded),
+``advisory`` (advice a simulated person confirms with ``--accept-prob`` after
+``--accept-delay`` minutes; only confirmed advice goes, through the supervisor, to the pump)
+or ``closed`` (the default). ``open`` is advisory with nobody to confirm (advice journaled
+only). Alerts run in every mode.
 
 Restarting the same command continues the same run: the journal and the simulated devices'
 state file (``--device-state``, default ``<journal>.device.db``) carry everything over, and
@@ -56,8 +64,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--controller", choices=CONTROLLERS, help="default: mpc with --model, else physio-mpc"
     )
     p.add_argument(
-        "--mode", choices=("closed", "open"), default="closed", help="open: journal advice only"
+        "--mode",
+        choices=("monitor", "advisory", "closed", "open"),
+        default="closed",
+        help="monitor: alerts only, the pump runs its schedule; advisory: advice a person "
+        "confirms; closed: the loop acts (default); open: advisory with nobody to confirm",
     )
+    p.add_argument("--accept-prob", type=float, default=0.8, metavar="P",
+                   help="advisory: probability the simulated person accepts advice (default 0.8)")  # fmt: skip
+    p.add_argument("--accept-delay", type=float, default=10.0, metavar="MIN",
+                   help="advisory: minutes before the person answers (default 10)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sim: meals, sensor noise")
     p.add_argument(
         "--sensor", default="dexcom", help="sim: dexcom | dexcom-noise | none | simglucose"
@@ -131,8 +147,13 @@ def run(args: argparse.Namespace) -> int:
             else pd.read_csv(src, parse_dates=["time"])
         )
         backend = ReplayBackend(frame, args.patient, window=predictor.config, faults=args.fault)
+    person = None
+    if args.mode == "advisory":
+        from serving.advisory import AdvisoryPerson
+
+        person = AdvisoryPerson(len(backend.names), args.accept_prob, args.accept_delay, args.seed)
     journal = Journal(journal_path, sync=args.journal_sync)
-    loop = ControlLoop(backend, journal, controller, predictor, mode=args.mode)
+    loop = ControlLoop(backend, journal, controller, predictor, mode=args.mode, person=person)
     loop.start(describe=backend.describe())
     until = None
     if args.hours is not None:
@@ -142,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag()
     print(f"glucast loop: {', '.join(backend.names)} from {backend.now()} ({args.speed}, {args.mode})",
           file=sys.stderr, flush=True)  # fmt: skip
-    on_cycle = None if args.quiet else _printer()
+    on_cycle = None if args.quiet else _printer(loop.mode.value)
     summary = run_loop(loop, until=until, speed=args.speed, stop=stop, on_cycle=on_cycle)
     info = journal.summary()
     journal.close()
@@ -153,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
         emit_json(
             {
+                "mode": loop.mode.value,
                 "cycles_this_run": summary.cycles,
                 "start": summary.start.isoformat(),
                 "end": summary.end.isoformat(),
@@ -166,16 +188,23 @@ def run(args: argparse.Namespace) -> int:
     return 0 if not info["problems"] else 1
 
 
-def _printer():
+def _printer(mode: str = "closed"):
+    """One line per patient per cycle on stderr (alerts are printed by the loop itself)."""
+
     def show(recs) -> None:
         for r in recs:
             v = r.verdict
             g = "---" if r.glucose != r.glucose else f"{r.glucose:3.0f}"
             sent = ",".join(f"{c.command.kind}:{c.status}" for c in r.results) or "-"
+            if mode == "monitor":
+                what = "schedule"
+            else:
+                what = (f"{'advice ' if mode != 'closed' else ''}{v.temp_basal_u_per_h:5.2f} U/h "
+                        f"{v.duration_min}m +{v.bolus_u:4.2f} U {v.fallback or ''}")  # fmt: skip
+            said = " ".join(a["action"] for a in r.advice)
             print(
-                f"{r.time:%Y-%m-%d %H:%M} {r.patient} g={g} iob={r.iob_u:5.2f} → "
-                f"{v.temp_basal_u_per_h:5.2f} U/h {v.duration_min}m +{v.bolus_u:4.2f} U "
-                f"{v.fallback or ''} [{sent}]",
+                f"{r.time:%Y-%m-%d %H:%M} {r.patient} g={g} iob={r.iob_u:5.2f} → {what} "
+                f"[{sent}]{' ' + said if said else ''}",
                 file=sys.stderr,
                 flush=True,
             )
