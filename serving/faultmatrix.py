@@ -569,7 +569,8 @@ def plan(cfg: MatrixConfig) -> list[_Group]:
     for c in chosen:
         patients = list(cfg.patients) or [c.patient]
         for p in patients:
-            key = ("device", c.minutes + c.tail) if c.group == "device" else (c.name,)
+            length = occurrences(c, cfg)[1] if cfg.long else c.minutes + c.tail
+            key = ("device", length) if c.group == "device" else (c.name,)
             home = next((g for g in groups if g.key == key and p not in [q for _, q in g.pairs]), None)  # fmt: skip
             if home is None:
                 groups.append(_Group(key, [(c, p)]))
@@ -959,17 +960,30 @@ def check_pump_unreachable(run: CaseRun) -> list[str]:
     return v
 
 
+def _alarm_due(run: CaseRun, w: Window) -> bool:
+    """Whether scheduled basal alone pushes enough insulin in the window to trip the alarm
+    (1 U missed for an occlusion, the reservoir's last units): a low-basal child's occluded
+    line can go unnoticed for hours, on real pumps as here — the loop then over-counts IOB,
+    the safe direction, and the matrix reports it instead of failing it."""
+    minutes = (w.end - w.start).total_seconds() / 60 if w.end is not None else math.inf
+    pushed = run.settings.basal_u_per_h * minutes / 60
+    need = 1.0 if run.case.spec.startswith("occlusion") else 0.2
+    return pushed >= 1.5 * need
+
+
 def check_pump_fault(run: CaseRun) -> list[str]:
     """Occlusion / empty reservoir: the alarm fires, the supervisor commands a faulted pump
     nothing (no ack between the alarm and the fix), `pump_fault` journaled."""
     v = []
     alarms = [r.time for r in run.records if r.cycle and any(x.startswith("pump_fault") for x in r.cycle.verdict.vetoes)]  # fmt: skip
-    if not alarms:
-        return ["the pump alarm never reached the supervisor"]
+    silent = 0
     for w in run.windows:
         first = next((t for t in alarms if w.active(t)), None)
         if first is None:
-            v.append(f"no alarm during the occurrence at {w.start}")
+            if _alarm_due(run, w):
+                v.append(f"no alarm during the occurrence at {w.start}")
+            else:
+                silent += 1
             continue
         sent = [a for a in run.acks.values() if first <= a.time < w.end]
         if sent:
@@ -978,7 +992,8 @@ def check_pump_fault(run: CaseRun) -> list[str]:
             r.cycle and r.cycle.verdict.suspend for r in run.records if first <= r.time < w.end
         ):
             v.append("no suspend verdict while the pump was faulted")
-    if _journaled_vetoes(run, "pump_fault") == 0:
+    run.notes["silent_occurrences"] = silent
+    if alarms and _journaled_vetoes(run, "pump_fault") == 0:
         v.append("no pump_fault veto journaled")
     return v
 
@@ -1137,6 +1152,8 @@ def evaluate(runs: Sequence[CaseRun]) -> CaseResult:
             "glucose_during": _outcome(bg_during),
             "glucose_after": _outcome(bg_after),
             "violations": len(v),
+            **({"undetected_occurrences": run.notes["silent_occurrences"]}
+               if run.notes.get("silent_occurrences") else {}),
         })  # fmt: skip
     return CaseResult(
         name=case.name,
@@ -1153,8 +1170,16 @@ def evaluate(runs: Sequence[CaseRun]) -> CaseResult:
     )
 
 
-def run_matrix(cfg: MatrixConfig = MatrixConfig(), *, log: Callable[[str], None] | None = None) -> list[CaseResult]:  # fmt: skip
-    """Run every chosen case and return its result (in CASES order)."""
+def run_matrix(
+    cfg: MatrixConfig = MatrixConfig(),
+    *,
+    log: Callable[[str], None] | None = None,
+    runs_out: dict[str, list[CaseRun]] | None = None,
+) -> list[CaseResult]:
+    """Run every chosen case and return its result (in CASES order).
+
+    `runs_out` receives the raw `CaseRun`s (journals open; give `cfg.workdir` so they are
+    not deleted) for callers that inspect them further."""
     log = log or (lambda msg: None)
     own = cfg.workdir is None
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="glucast-faults-"))
@@ -1167,8 +1192,11 @@ def run_matrix(cfg: MatrixConfig = MatrixConfig(), *, log: Callable[[str], None]
                 runs.setdefault(run.case.name, []).append(run)
             log(f"ran {', '.join(c.name for c, _ in g.pairs)} in {_time.monotonic() - t:.1f} s")
         results = [evaluate(runs[c.name]) for c in CASES if c.name in runs]
-        for rs in runs.values():
-            rs[0].journal.close()
+        if runs_out is not None:
+            runs_out.update(runs)
+        else:
+            for rs in runs.values():
+                rs[0].journal.close()
         return results
     finally:
         if own:
