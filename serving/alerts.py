@@ -10,8 +10,10 @@ Kinds (thresholds per user in `AlertThresholds`):
 
 * ``urgent_low`` reading < 55; re-alerts every 30 min while it lasts (a safety alarm);
 * ``low`` reading < 70;
-* ``predicted_low`` the forecast's lower quantile goes below 70 within 30 min, for
-  `predicted_cycles` consecutive cycles (one noisy forecast does not wake anybody);
+* ``predicted_low`` the forecast goes below 70 within 30 min — its median by default, or any
+  quantile the user picks (the lower quantile warns earlier and more often), optionally for
+  several consecutive cycles — from the ONNX model or, when the model is unavailable, the
+  physiological fallback (the alert says which);
 * ``high`` readings > 250 for 30 min; ``predicted_high`` the median forecast above 250
   within 30 min (optional);
 * ``rapid_rise`` / ``rapid_fall`` from the trend (`forecast.trend`, ≥ 3 mg/dL/min);
@@ -138,18 +140,21 @@ class AlertThresholds:
     low_mgdl: float | None = 70.0
     high_mgdl: float | None = 250.0
     high_sustain_min: float = 30.0
-    # predicted low: the `predicted_low_quantile` forecast (None = the lowest the forecast
-    # has) below `predicted_low_mgdl + predicted_low_margin_mgdl` within the horizon, on
-    # `predicted_cycles` consecutive evaluable cycles
+    # predicted low: the `predicted_low_quantile` forecast (nearest quantile the forecast has;
+    # None = its lowest) below `predicted_low_mgdl + predicted_low_margin_mgdl` within the
+    # horizon, on `predicted_cycles` consecutive evaluable cycles. The median, on one cycle:
+    # on held-out simulated days the 5 % quantile (30 mg/dL under the median at 30 min) fired
+    # hours early and 4-5 times a day, and a second cycle cost more lead than it saved alarms
+    # (see `glucast alerts evaluate` and docs in serving/alert_eval.py).
     predicted_low_mgdl: float | None = 70.0
     predicted_low_margin_mgdl: float = 0.0
-    predicted_low_quantile: float | None = None
+    predicted_low_quantile: float | None = 0.5
     predicted_horizon_min: float = 30.0
-    predicted_cycles: int = 2
+    predicted_cycles: int = 1
     # a predicted episode ends once the forecast clears the bar by `predicted_hysteresis_mgdl`
     # on `predicted_clear_cycles` consecutive cycles, or when the low it predicted begins
     predicted_hysteresis_mgdl: float = 5.0
-    predicted_clear_cycles: int = 1
+    predicted_clear_cycles: int = 2
     # only while the trend falls at least this fast (mg/dL/min, e.g. -0.5); None = any trend
     predicted_low_max_roc: float | None = None
     # predicted high: the median forecast above this within the horizon

@@ -146,7 +146,10 @@ def synthetic_days(days=3):
 
 
 def test_replay_with_known_answers():
-    res = evaluate_alerts(synthetic_days(3), Extrapolate())
+    from serving.alerts import AlertThresholds
+
+    two = AlertThresholds(predicted_low_quantile=None, predicted_cycles=2)
+    res = evaluate_alerts(synthetic_days(3), Extrapolate(), thresholds=two)
     pl, tl = res["predicted_low"], res["threshold_low"]
     # extrapolation reaches < 70 within 30 min at 120 mg/dL, confirmed one cycle later at
     # 110: 25 minutes before the first reading below 70 (60 mg/dL)
@@ -159,6 +162,10 @@ def test_replay_with_known_answers():
     assert (tl["sensitivity"], tl["lead_min"], tl["false_per_day"]) == (1.0, 0.0, 0.0)
     assert res["predicted_high"]["episodes"] == 0
     assert res["forecast_sources"] == {"model": res["forecasts"]}
+    # the default rule (one cycle) alerts at 120 mg/dL: 30 minutes ahead, same false alarms
+    res = evaluate_alerts(synthetic_days(3), Extrapolate())
+    pl = res["predicted_low"]
+    assert (pl["sensitivity"], pl["lead_min"], pl["false_alerts"]) == (1.0, 30.0, 3)
 
 
 def test_a_gap_before_a_low_gives_signal_loss_not_a_prediction():

@@ -158,8 +158,24 @@ def test_pump_fault_once_per_code_until_it_clears():
 # --------------------------------------------------------------------------- predicted
 
 
-def test_predicted_low_needs_two_cycles_and_says_its_source():
+LOWER_Q_TWO_CYCLES = AlertThresholds(
+    predicted_low_quantile=None, predicted_cycles=2, predicted_clear_cycles=1
+)
+
+
+def test_predicted_low_by_default_is_the_median_on_one_cycle():
     eng = AlertEngine()
+    got = run(
+        eng,
+        [130, 125, 120, 115, 110],
+        forecasts=lambda i, v: flat_forecast(at(i), 40, med=60 if i >= 3 else 75),
+    )
+    assert list(got) == [3] and got[3][0].kind is AlertKind.PREDICTED_LOW
+    assert got[3][0].value == 60 and got[3][0].detail == "q0.5"
+
+
+def test_predicted_low_on_the_lower_quantile_for_two_cycles_says_its_source():
+    eng = AlertEngine(LOWER_Q_TWO_CYCLES)
     got = run(
         eng,
         [130, 125, 120, 115, 110],
@@ -173,7 +189,7 @@ def test_predicted_low_needs_two_cycles_and_says_its_source():
 
 
 def test_predicted_low_looks_only_within_the_horizon():
-    eng = AlertEngine()
+    eng = AlertEngine(LOWER_Q_TWO_CYCLES)
     lo = np.r_[np.full(6, 90.0), np.full(6, 50.0)]  # the dip is 35+ minutes away
     g = np.column_stack([lo, lo + 20, lo + 40])
     got = run(eng, [130, 125, 120, 115, 110], forecasts=lambda i, v: AlertForecast(at(i), g, Q))
@@ -181,7 +197,7 @@ def test_predicted_low_looks_only_within_the_horizon():
 
 
 def test_predicted_low_is_not_repeated_until_the_forecast_clears():
-    eng = AlertEngine()
+    eng = AlertEngine(LOWER_Q_TWO_CYCLES)
     lows = {2: 60, 3: 60, 4: 72, 5: 60, 6: 60, 7: 95, 8: 60, 9: 60}
 
     def fc(i, v):
@@ -192,8 +208,25 @@ def test_predicted_low_is_not_repeated_until_the_forecast_clears():
     assert pred == [3, 9]  # 72 is inside the 70–75 band; 95 clears it
 
 
-def test_signal_loss_instead_of_predicted_low_across_a_gap():
+def test_predicted_low_clears_only_after_enough_clear_cycles():
+    eng = AlertEngine()  # median, one cycle to alert, two clear cycles to end
+    meds = {2: 60, 3: 95, 4: 60, 5: 95, 6: 95, 7: 60}
+    got = run(eng, [130] * 8, forecasts=lambda i, v: flat_forecast(at(i), 40, med=meds.get(i, 95)))
+    pred = [i for i, v in got.items() for a in v if a.kind is AlertKind.PREDICTED_LOW]
+    assert pred == [2, 7]  # one clear cycle (3) is not enough; two (5, 6) are
+
+
+def test_a_low_that_arrives_ends_its_prediction():
     eng = AlertEngine()
+    fc = lambda i, v: flat_forecast(at(i), 40, med=60)  # noqa: E731 — always predicting a low
+    got = run(eng, [100, 90, 80, 68, 66, 75, 85, 90, 88], forecasts=fc)
+    kinds_at = [(i, a.kind.value) for i, v in got.items() for a in v]
+    # predicted at 2; the low at 3 takes over; after recovery (85) a new prediction speaks
+    assert kinds_at == [(2, "predicted_low"), (3, "low"), (6, "predicted_low")]
+
+
+def test_signal_loss_instead_of_predicted_low_across_a_gap():
+    eng = AlertEngine(LOWER_Q_TWO_CYCLES)
     nan = float("nan")
     values = [150, 148, 146] + [nan] * 5 + [140, 138, 136, 134]
 
