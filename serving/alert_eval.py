@@ -44,13 +44,16 @@ counting as episodes, and sensor lag shows up as threshold alerts that come late
 Forecasts only get what the runtime would know: by default (``future_inputs="known"``) the
 future insulin is the current basal carried forward and future boluses and carbs are zero —
 a meal eaten in 20 minutes is not an input at the origin (with ``"actual"`` the frame's
-future inputs are used, as in training windows).
+future inputs are used, as in training windows). A cycle has a forecast where
+`forecast.windows.make_windows` builds a window (a reading at the origin, a short enough gap
+in the past, the next hour's rows present): the last hour of a split replays without
+forecasts, so a low there can only be caught by the threshold.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -210,9 +213,6 @@ def score_alerts(
 
 
 # --------------------------------------------------------------------------- forecasts
-
-
-Predict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass

@@ -250,6 +250,23 @@ class AlertForecast:
         object.__setattr__(self, "glucose", g)
         object.__setattr__(self, "time", _utc(self.time))
 
+    @classmethod
+    def from_prediction(
+        cls, time: pd.Timestamp, prediction: Any, quantiles: Sequence[float], row: int = 0
+    ) -> AlertForecast:
+        """One row of a `serving.predictor.Forecast` (``glucose [B, H, Q]``, ``fallback [B]``).
+
+        The row's source is ``physio`` when the predictor answered it with its fallback, so
+        the alert says that the model was not used.
+        """
+        fallback = bool(np.asarray(prediction.fallback)[row])
+        return cls(
+            time,
+            np.asarray(prediction.glucose)[row],
+            tuple(float(q) for q in quantiles),
+            source="physio" if fallback else "model",
+        )
+
     def column(self, quantile: float | None) -> np.ndarray:
         """The forecast at the quantile nearest `quantile` (None = the lowest)."""
         return self.glucose[:, self.quantile_index(quantile)]

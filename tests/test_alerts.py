@@ -413,3 +413,15 @@ def test_predictions_only_on_fresh_continuous_data(values, lows):
                 window = values[max(0, i - 3) : i + 1]
                 assert not math.isnan(values[i])
                 assert sum(not math.isnan(v) for v in window) >= 3
+
+
+def test_forecast_from_a_predictor_batch_keeps_the_fallback_source():
+    class Batch:  # the shape of serving.predictor.Forecast
+        glucose = np.stack([np.full((12, 3), 100.0), np.full((12, 3), 50.0)])
+        fallback = np.array([False, True])
+
+    fc = AlertForecast.from_prediction(at(0), Batch(), Q, row=1)
+    assert fc.source == "physio" and fc.glucose.shape == (12, 3)
+    assert AlertForecast.from_prediction(at(0), Batch(), Q).source == "model"
+    with pytest.raises(ValueError):
+        AlertForecast(at(0), np.zeros((12, 2)), Q)
