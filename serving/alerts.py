@@ -367,7 +367,9 @@ class AlertEngine:
         """Advance one cycle; return (and send to the sink) the alerts raised now.
 
         ``pump_faults=None`` means "no news from the pump this cycle" (fault episodes are
-        kept); an empty list means the pump reports no fault (they end).
+        kept); an empty list means the pump reports no fault (they end). Codes are strings,
+        e.g. ``[pump.status().fault]`` — `PumpFault.NONE` is the empty string and counts as
+        no fault — plus whatever the loop adds (``"no_response"`` after a `PumpTimeout`).
         """
         now = _utc(now)
         if self._last_ok_at is None:

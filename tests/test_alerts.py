@@ -425,3 +425,14 @@ def test_forecast_from_a_predictor_batch_keeps_the_fallback_source():
     assert AlertForecast.from_prediction(at(0), Batch(), Q).source == "model"
     with pytest.raises(ValueError):
         AlertForecast(at(0), np.zeros((12, 2)), Q)
+
+
+def test_pump_status_fault_codes_plug_in_directly():
+    from serving.hal.pump import PumpFault
+
+    eng = AlertEngine(AlertThresholds(signal_loss_min=None))
+    assert eng.update(at(0), pump_faults=[PumpFault.NONE]) == []
+    (a,) = eng.update(at(1), pump_faults=[PumpFault.OCCLUSION])
+    assert a.detail == "occlusion" and a.message == "Pump fault: occlusion"
+    assert eng.update(at(2), pump_faults=[PumpFault.NONE]) == []
+    assert AlertKind.PUMP_FAULT not in eng.active()
