@@ -443,3 +443,18 @@ def test_advice_shows_the_verdict_not_the_raw_proposal():
     v = check_batch([SETTINGS], [bolus_plan(3.0)], cohort_state(1, g=60.0))[0]
     a = advice_from_verdict(v, bolus_plan(3.0), SETTINGS)
     assert (a.temp_basal_u_per_h, a.bolus_u) == (0.0, 0.0)  # a low: suspend, no bolus
+
+
+def test_an_alarm_is_not_repeated_after_a_restart(tmp_path):
+    first = make_loop(tmp_path, "monitor", w=world(tmp_path))
+    first.backend.pump(0).set_reservoir(0.5)  # empty within the half hour: a pump fault
+    run_loop(first, max_cycles=8)
+    kinds = [json.loads(d)["kind"] for d in first.journal.events("alert")["detail"]]
+    assert kinds == ["pump_fault"]
+    first.journal.close()
+    first.backend.world.close()
+    again = make_loop(tmp_path, "monitor", w=SimulatedCohort.open(tmp_path / "dev.db"))
+    run_loop(again, max_cycles=4)  # the pump still reports the fault
+    assert again.backend.pump(0).status().fault
+    kinds = [json.loads(d)["kind"] for d in again.journal.events("alert")["detail"]]
+    assert kinds == ["pump_fault"]  # the episode goes on; a fresh engine would alarm again
