@@ -29,10 +29,10 @@ A cycle, for every patient of a backend at once:
    forgets a question it asked.
 
 A mode is chosen at start; a journal that continues under another mode records the change
-(a ``mode`` event, and a warning on stderr). A killed loop restarts where it stopped: a cycle already journaled is not run again, a
-cycle interrupted halfway is re-run with the same keys (the supervisor reuses what the
-journal and the pump already know, never sends a key twice), and IOB comes back from the
-journal. A journal that cannot be written does not stop the loop: insulin is limited to
+(a ``mode`` event, and a warning on stderr). A killed loop restarts where it stopped: a
+cycle already journaled is not run again, a cycle interrupted halfway is re-run with the
+same keys (the supervisor reuses what the journal and the pump already know, never sends a
+key twice), and IOB comes back from the journal. A journal that cannot be written does not stop the loop: insulin is limited to
 scheduled basal (see `serving.journal`), a warning is printed every cycle and the recovery
 is journaled.
 
@@ -43,6 +43,7 @@ current cycle always finishes and the journal is closed cleanly.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -373,8 +374,6 @@ class ControlLoop:
 
     def _restore(self, i: int, name: str) -> None:
         """Alert state and the advice awaiting an answer, from the patient's last cycle."""
-        import json
-
         last = self.journal.cycles(name, last=1)
         if not len(last):
             return
