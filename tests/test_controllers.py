@@ -259,3 +259,21 @@ def test_pid_integrates_over_cycles_and_keeps_patients_apart():
     assert rates[-1] > rates[0]  # a steady error accumulates
     (blind,) = pid.propose([control_input(float("nan"), a)])
     assert blind.temp_basal_u_per_h == a.basal_u_per_h
+
+
+def test_autosens_makes_the_mpc_gentler_after_a_low(predictor):
+    mpc = MPCController(predictor)
+    s = patient("kid", basal=0.4, isf=40, cr=20)
+    (before,) = mpc.propose([control_input(140, s, carbs=60.0)])
+    assert mpc.sensitivity(control_input(140, s)) == 1.0
+    low = control_input(62, s)
+    mpc.propose([low])  # a low episode: evidence the settings underestimate sensitivity
+    mpc.propose([control_input(60, s)])  # the same episode counts once
+    assert mpc.sensitivity(low) == pytest.approx(mpc.config.autosens_step)
+    later = control_input(140, s, carbs=60.0)
+    later.time = low.time + pd.Timedelta(minutes=30)
+    (after,) = mpc.propose([later])
+    assert after.bolus_u < before.bolus_u
+    later.time = low.time + pd.Timedelta(days=10)  # the factor relaxes back without lows
+    mpc.propose([later])
+    assert mpc.sensitivity(later) < 1.05

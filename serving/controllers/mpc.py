@@ -42,6 +42,12 @@ Cost (per patient, per rung; mg/dL² units):
 
 A 60-minute forecast sees only a fraction of a bolus act; without the terminal term an MPC
 keeps stacking insulin. The terminal term is what makes the decision IOB-aware.
+
+Autosens: the simulator's children respond to insulin up to twice as strongly as their
+clinical ISF says, and no population forecaster knows a patient that well. Each new low
+episode (CGM < 70) makes the MPC treat that patient as more sensitive (ISF × 1.5, up to × 3,
+relaxing over days): meal boluses shrink, the insulin tail grows. It is per patient state,
+so a controller instance belongs to one loop or one trial.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from forecast.insulin import CarbCurve, InsulinCurve
 from forecast.windows import WindowConfig
@@ -88,14 +95,26 @@ class MPCConfig:
     bolus_rungs: int = 8  # J (K = 3 + 1 + 2 + J = 14 candidates: rows per patient per call)
     bolus_spacing: float = 1.5  # bolus_j = room × (j / J) ** spacing: finer near zero
     smb_basal_minutes: float = 30.0  # automatic bolus per cycle, in minutes of basal
-    meal_fractions: tuple[float, float] = (0.4, 1.1)  # meal bolus rungs × the calculator's
-    correct_above_mgdl: float = 150.0  # the meal bolus corrects above this (IOB-aware)
+    # meal bolus rungs span these fractions of the carb-ratio bolus: at most the part of the
+    # announced carbs that the carb-count error cannot take away (1 - 0.2); if the meal was
+    # bigger, glucose rises and automatic corrections follow
+    meal_fractions: tuple[float, float] = (0.4, 0.8)
+    carb_room_factor: float = 0.8  # carbs on board may justify this × COB / CR of net IOB
+    meal_correction: bool = False  # add a wizard-style correction to meal boluses
+    correct_above_mgdl: float = 150.0  # … above this (IOB-aware), when meal_correction
     correction_isf_scale: float = 1.0  # automatic corrections assume ISF × this
-    correction_basal_hours: float = 3.0  # net IOB from corrections ≤ this many hours of basal
+    correction_basal_hours: float = 2.0  # net IOB from corrections ≤ this many hours of basal
     carb_uncertainty: float = 0.2  # fraction of announced carbs the lower bound does not count
-    isf_uncertainty: float = 0.0  # the lower bound lets insulin act this much harder than ISF
+    isf_uncertainty: float = 0.3  # the lower bound lets insulin act this much harder than ISF
     monotone: bool = True  # running minimum over rungs (more insulin never raises a forecast)
     decision_slot: str = "future"  # where this cycle's dose goes in the window (apply_plans)
+    # autosens: each new low (CGM < autosens_low_mgdl) makes the MPC treat the patient as
+    # `autosens_step` times more insulin-sensitive (up to `autosens_max`), decaying back
+    # over `autosens_tau_h`; 1.0 / 0 switch it off
+    autosens_step: float = 1.5
+    autosens_max: float = 3.0
+    autosens_tau_h: float = 72.0
+    autosens_low_mgdl: float = 70.0
     insulin_curve: InsulinCurve = field(default_factory=InsulinCurve)
     carb_curve: CarbCurve = field(default_factory=CarbCurve)
 
@@ -142,6 +161,7 @@ class MPCController:
         self.last_forecast: Forecast | None = None
         self.last_cost: np.ndarray | None = None  # [N, K]
         self.last_ladder: Ladder | None = None
+        self._sens: dict[str, _Autosens] = {}
 
     # -- candidate plans -----------------------------------------------------------------
 
@@ -208,6 +228,31 @@ class MPCController:
         labels = [name for name, _, _ in rungs] + [f"bolus{j + 1}" for j in range(c.bolus_rungs)]
         return Ladder(basal, bolus, rate, bolus[:, :, 0].copy(), labels)
 
+    def sensitivity(self, inp: ControlInput) -> float:
+        """How many times more insulin-sensitive than its ISF this patient has proven."""
+        a = self._sens.get(inp.settings.name)
+        return 1.0 if a is None else a.factor
+
+    def _update_sensitivity(self, inp: ControlInput) -> None:
+        """Autosens in its simplest form: a low is evidence that insulin works harder than
+        the settings say (a child's ISF in the settings can be half the truth). Each new low
+        episode multiplies the factor; it relaxes back to 1 over days without lows."""
+        c = self.config
+        a = self._sens.setdefault(inp.settings.name, _Autosens())
+        t = pd.Timestamp(inp.time)
+        if a.time is not None and c.autosens_tau_h > 0:
+            hours = max(0.0, (t - a.time).total_seconds() / 3600.0)
+            a.factor = 1.0 + (a.factor - 1.0) * float(np.exp(-hours / c.autosens_tau_h))
+        a.time = t
+        g = inp.glucose_mgdl
+        if not np.isfinite(g):
+            return
+        if g < c.autosens_low_mgdl and not a.in_low:
+            a.factor = min(c.autosens_max, a.factor * c.autosens_step)
+            a.in_low = True
+        elif g >= c.autosens_low_mgdl + 20.0:
+            a.in_low = False
+
     def _bolus_room(
         self, inputs: Sequence[ControlInput], net_iob: np.ndarray, cob_g: np.ndarray
     ) -> np.ndarray:
@@ -228,8 +273,8 @@ class MPCController:
             s = inp.settings
             g = inp.glucose_mgdl
             net = max(0.0, net_iob[i])
-            carbs = (1.0 + c.carb_uncertainty) * cob_g[i] / s.carb_ratio_g_per_u
-            isf = s.isf_mgdl_per_u * c.correction_isf_scale
+            carbs = c.carb_room_factor * cob_g[i] / s.carb_ratio_g_per_u
+            isf = s.isf_mgdl_per_u * c.correction_isf_scale * self.sensitivity(inp)
             corr = max(0.0, (g - s.target_mgdl) / isf) if np.isfinite(g) else 0.0
             corr = min(corr, c.correction_basal_hours * s.basal_u_per_h)  # oref0's max IOB idea
             # carbs nobody bolused for (the supervisor held a meal bolus during a low) may be
@@ -242,20 +287,25 @@ class MPCController:
     def _meal_bolus(self, inputs: Sequence[ControlInput], net_iob: np.ndarray) -> np.ndarray:
         """A bolus calculator's answer for the meal announced now, per patient (U).
 
-        Carbs / carb ratio, plus a correction above `correct_above_mgdl` minus positive net
-        IOB (what a pump's wizard does). The MPC scales it between `meal_fractions` — less
-        when the forecaster sees a low coming, never wildly more or less than the clinician's
-        settings say, however confident the forecaster is about a meal's rise.
+        Carbs / carb ratio (/ the autosens factor), plus — with `meal_correction` — a
+        correction above `correct_above_mgdl` minus positive net IOB (a pump wizard's). The
+        MPC scales it between `meal_fractions`: less when the forecaster sees a low coming,
+        never more than the clinician's settings say, however confident the forecaster is
+        about a meal's rise. Trial data say corrections are safer on the automatic path
+        (capped per cycle and in net IOB) than folded into a meal bolus.
         """
         c = self.config
         out = np.zeros(len(inputs))
         for i, inp in enumerate(inputs):
             s = inp.settings
             g = inp.glucose_mgdl
+            sens = self.sensitivity(inp)
             corr = 0.0
-            if np.isfinite(g) and g > c.correct_above_mgdl:
-                corr = max(0.0, (g - s.target_mgdl) / s.isf_mgdl_per_u - max(0.0, net_iob[i]))
-            out[i] = meal_bolus_u(inp.carbs_announced_g, s) + corr
+            if c.meal_correction and np.isfinite(g) and g > c.correct_above_mgdl:
+                corr = max(
+                    0.0, (g - s.target_mgdl) / (s.isf_mgdl_per_u * sens) - max(0.0, net_iob[i])
+                )
+            out[i] = meal_bolus_u(inp.carbs_announced_g, s) / sens + corr
         return out
 
     def _cob_now(self, past: np.ndarray, future: np.ndarray) -> np.ndarray:
@@ -272,6 +322,8 @@ class MPCController:
     def propose(self, inputs: Sequence[ControlInput]) -> list[Proposal]:
         inputs = list(inputs)
         out: list[Proposal | None] = [None] * len(inputs)
+        for inp in inputs:
+            self._update_sensitivity(inp)
         live = [i for i, inp in enumerate(inputs) if np.isfinite(inp.glucose_mgdl)]
         for i, inp in enumerate(inputs):
             if i not in live:  # no reading to forecast from: scheduled basal, no bolus
@@ -294,6 +346,7 @@ class MPCController:
         future = np.stack([i.future for i in inputs]).astype(np.float32)  # [N, H, Ff]
         settings = [i.settings for i in inputs]
         isf = np.array([s.isf_mgdl_per_u for s in settings])  # [N]
+        sens = np.array([self.sensitivity(i) for i in inputs])  # [N] autosens factor ≥ 1
         cr = np.array([s.carb_ratio_g_per_u for s in settings])  # [N]
         basal_h = np.array([s.basal_u_per_h for s in settings])  # [N]
         curve = c.insulin_curve
@@ -337,14 +390,14 @@ class MPCController:
         temp_h = c.temp_minutes / 60.0
         extra_u = lad.bolus_now + np.maximum(lad.rate_u_per_h - basal_h[:, None], 0.0) * temp_h
         carbs_now = np.array([max(i.carbs_announced_g, 0.0) for i in inputs])  # [N]
-        meal_sure = (1.0 - c.carb_uncertainty) * carbs_now / cr  # [N] U nobody doubts
+        meal_sure = (1.0 - c.carb_uncertainty) * carbs_now / cr / sens  # [N] U nobody doubts
         cost = self.cost(
             pred,
             carb_tail=(isf / cr) * cob_end,
-            insulin_tail=isf[:, None] * ins_end,
+            insulin_tail=(isf * sens)[:, None] * ins_end,
             insulin_u=planned - scheduled[:, None],
             targets=np.array([s.target_mgdl for s in settings]),
-            extra_mgdl=isf[:, None] * np.maximum(extra_u - meal_sure[:, None], 0.0),
+            extra_mgdl=(isf * sens)[:, None] * np.maximum(extra_u - meal_sure[:, None], 0.0),
         )  # [N, K]
         best = np.argmin(cost, axis=1)  # first (least insulin) among ties
         self.last_forecast, self.last_cost, self.last_ladder = fc, cost, lad
@@ -434,6 +487,13 @@ class MPCController:
         if extra_mgdl is not None:  # partial corrections: re-planned every 5 minutes anyway
             reg = reg + z.w_extra * extra_mgdl**2
         return path + term + reg
+
+
+@dataclass
+class _Autosens:
+    factor: float = 1.0
+    time: pd.Timestamp | None = None
+    in_low: bool = False
 
 
 def _limit(inp: ControlInput) -> float:
