@@ -566,8 +566,9 @@ def plan(cfg: MatrixConfig) -> list[_Group]:
     if unknown:
         raise FaultMatrixError(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASE_NAMES)}")
     groups: list[_Group] = []
+    soak = _soak_patients(chosen) if cfg.long and not cfg.patients else {}
     for c in chosen:
-        patients = list(cfg.patients) or [c.patient]
+        patients = list(cfg.patients) or [soak.get(c.name, c.patient)]
         for p in patients:
             length = occurrences(c, cfg)[1] if cfg.long else c.minutes + c.tail
             key = ("device", length) if c.group == "device" else (c.name,)
@@ -577,6 +578,27 @@ def plan(cfg: MatrixConfig) -> list[_Group]:
             else:
                 home.pairs.append((c, p))
     return groups
+
+
+def _soak_patients(cases: Sequence[FaultCase]) -> dict[str, str]:
+    """--long without --patients: one distinct virtual patient per device case, so all of
+    them soak together in one cohort (the short matrix's choice kept where it is free)."""
+    from forecast.sim import load_patients
+
+    pool = [str(n) for n in load_patients("all").names]
+    taken: set[str] = set()
+    out: dict[str, str] = {}
+    device = [c for c in cases if c.group == "device"]
+    for c in device:  # first come, first served for the defaults
+        if c.patient not in taken:
+            out[c.name] = c.patient
+            taken.add(c.patient)
+    for c in device:
+        if c.name not in out:
+            spare = next((p for p in pool if p not in taken), c.patient)
+            out[c.name] = spare
+            taken.add(spare)
+    return out
 
 
 def run_group(group: _Group, cfg: MatrixConfig, workdir: Path, log: Callable[[str], None]) -> list[CaseRun]:  # fmt: skip

@@ -172,6 +172,8 @@ def test_plan_batches_device_cases_and_isolates_the_others():
     )
     with pytest.raises(FaultMatrixError):
         plan(MatrixConfig(cases=("no-such-fault",)))
+    soak = plan(MatrixConfig(long=True))  # --long: every device case in one cohort
+    assert len([g for g in soak if g.key[0] == "device"]) == 1
 
 
 def test_cli_json_and_exit_code(capsys):
