@@ -74,7 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="advisory: probability the simulated person accepts advice (default 0.8)")  # fmt: skip
     p.add_argument("--accept-delay", type=float, default=10.0, metavar="MIN",
                    help="advisory: minutes before the person answers (default 10)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="sim: meals, sensor noise")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sim: meals, sensor noise; advisory: the simulated person",
+    )
     p.add_argument(
         "--sensor", default="dexcom", help="sim: dexcom | dexcom-noise | none | simglucose"
     )
