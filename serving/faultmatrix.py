@@ -541,6 +541,7 @@ def _controller(cfg: MatrixConfig, fault: ForecasterFault | None = None, *, dead
         primary = FaultyModel(checked.model, fault)
         fb = None if dead else checked.fallback
         pred = FallbackPredictor(primary, fb, rules=checked.rules)
+        pred.manifest = checked.manifest  # the journal names the model by its hash
         return MPCController(pred, name="mpc"), pred
     from forecast.windows import WindowConfig
 
