@@ -204,7 +204,7 @@ def _check_day(journal: Path, state: Path) -> None:
     assert given == pytest.approx(pump_hist["units"].sum(), abs=1e-9)
     # no bolus twice: per key, delivered == what the pump acknowledged, once
     boluses = pump_hist[pump_hist["kind"] == "bolus"].groupby("key")["units"].sum()
-    assert len(boluses) > 10, "the day should contain boluses to protect"
+    assert len(boluses) >= 5, "the day should contain boluses to protect"
     for key, units in boluses.items():
         assert acks[key]["accepted"] and units == pytest.approx(acks[key]["amount"], abs=1e-9), key
         assert j.command(key).status == "acked"
