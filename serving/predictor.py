@@ -342,9 +342,9 @@ class OnnxForecaster:
                     raise ModelSignatureError(
                         f"'{name}' {what} axis is {got} in the graph, {exp} in the manifest"
                     )
-        self._dynamic_batch = not all(
-            isinstance(d, int) and d > 0 for d in [inputs[INPUT_PAST].shape[0]]
-        )
+        b = inputs[INPUT_PAST].shape[0]
+        # a graph exported with batch 1 still works, one window at a time (slower, correct)
+        self._dynamic_batch = not (isinstance(b, int) and b == 1)
 
     def _probe(self) -> None:
         """Run two steady-state windows once: dims the graph leaves symbolic are checked."""

@@ -165,3 +165,24 @@ def test_bad_configs_are_typed_errors(capsys):
         run_trial(TrialConfig(controller="mpc", patients="adult#001", days=0.01))
     assert main(["trial", "--controller", "mpc", "--patients", "adult#001", "--days", "0.01"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trial_can_be_logged_to_mlflow(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    # a file store keeps this test fast (no database migrations); the logging code is the same
+    mlflow_uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    rc = main(
+        ["trial", "--controller", "basal-bolus", "--patients", "adult#005", "--days", "0.05",
+         "--mlflow", "--experiment", "trials-test", "--report", str(tmp_path / "rep"), "--json"]
+    )  # fmt: skip
+    assert rc == 0
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["trials-test"])
+    assert len(runs) == 1
+    assert runs["params.controller"].iloc[0] == "basal-bolus"
+    assert "metrics.cohort_tir" in runs.columns
