@@ -33,7 +33,7 @@ FUTURE = ("basal_u", "bolus_u", "carbs_g", "tod_sin", "tod_cos")
 
 
 def layout(L=12, H=6, q=(0.05, 0.5, 0.95)) -> Layout:
-    return Layout(PAST, FUTURE, L, H, q)
+    return Layout(PAST, FUTURE, L, H, q, carb_head=True)  # the default configuration
 
 
 def raw_inputs(B: int, L: int, H: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,3 +184,46 @@ def test_config_defaults_yaml_and_errors(tmp_path):
         TrainConfig.from_dict({"data": {"split": "subjects"}})
     with pytest.raises(ConfigError, match="include 0.5"):
         TrainConfig.from_dict({"head": {"quantiles": [0.1, 0.9]}})
+
+
+def test_gain_is_isf_like_and_scales_with_insulin_needs():
+    """k = isf · g · (ref / ū)^β · s[lag]: halving the past basal doubles the gain (β = 1 at
+    the start), and k is Toeplitz in the lag and zero for future slots."""
+    m = fitted("lstm", layout())
+    past, future = raw_inputs(4, 12, 6, seed=7)
+    with torch.no_grad():
+        k1 = m.parts(past, future)["k"]
+        less = past.clone()
+        less[..., PAST.index("basal_u")] *= 0.5
+        k2 = m.parts(less, future)["k"]
+    assert torch.allclose(k2, 2 * k1, rtol=1e-4)
+    assert torch.allclose(k1[:, 5, 2], k1[:, 4, 1]) and (k1[:, 1, 3] == 0).all()
+
+
+def test_announced_carbs_never_lower_the_forecast():
+    m = fitted("lstm", layout())
+    past, future = raw_inputs(16, 12, 6, seed=8)
+    more = future.clone()
+    more[:, 2, FUTURE.index("carbs_g")] += 40.0
+    with torch.no_grad():
+        assert (m(past, more) >= m(past, future) - 1e-4).all()
+
+
+def test_expected_plan_head_learns_only_from_its_own_loss():
+    """The plan expectation centres u but is detached from the forecast: the forecast loss
+    gives its weights no gradient, its own loss does."""
+    m = fitted("lstm", layout())
+    past, future = raw_inputs(32, 12, 6, seed=9)
+    target = past[:, -1:, 0].expand(32, 6)
+    pred, aux = m.forward_train(past, future)
+    pinball_loss(pred, target, torch.tensor([0.05, 0.5, 0.95]), m.delta_scale).backward()
+    assert m.plan.weight.grad is None or (m.plan.weight.grad == 0).all()
+    assert m.backbone.encoder.weight_ih_l0.grad.abs().sum() > 0
+    m.zero_grad()
+    _, aux = m.forward_train(past, future)
+    aux.backward()
+    assert m.plan.weight.grad.abs().sum() > 0
+    assert (
+        m.backbone.encoder.weight_ih_l0.grad is None
+        or (m.backbone.encoder.weight_ih_l0.grad == 0).all()
+    )

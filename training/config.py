@@ -88,9 +88,14 @@ class HeadConfig:
     # learns a context-dependent factor around it. Only the starting point, not a constraint.
     isf_prior: float = 40.0
     insulin_gain: str = "lag"  # "lag": ISF-like gain × shared lag profile; "full": per (h, j)
-    carb_head: bool = False  # announced future carbs through a structured, positive head
+    carb_head: bool = True  # announced future carbs through a structured, positive head
     csf_prior: float = 3.0  # mg/dL per g: the carb head's starting gain
     dose_scaling: bool = True  # gain × (reference basal / window's mean past basal)^β
+    center: str = "expected"  # plan centring: "expected" (learned from the past) or "basal"
+    # Let the ISF-like gain depend on the past context (beyond the dose scaling)? Off by
+    # default: on the excitation cohort a context-dependent gain learned to shrink itself
+    # wherever insulin comes with meals (confounding), under-predicting a 1 U bolus by 60 %.
+    gain_context: bool = False
 
 
 @dataclass
@@ -103,8 +108,8 @@ class TrainerConfig:
     gradient_clip: float = 1.0
     seed: int = 0
     threads: int = field(default_factory=lambda: int(os.environ.get("GLUCAST_TORCH_THREADS", "1")))
-    max_train_windows: int = 0  # 0 = all; a random subset per epoch otherwise
-    freeze_insulin_epochs: int = 0  # hold the insulin head at its prior this many epochs
+    max_train_windows: int = 32768  # per epoch, drawn at random (0 = all windows)
+    freeze_insulin_epochs: int = 3  # hold the insulin head at its prior this many epochs
     accelerator: str = "cpu"
     devices: str = "1"
     strategy: str = "auto"
@@ -154,6 +159,8 @@ class TrainConfig:
             raise ConfigError("trainer.max_epochs, batch_size and lr must be positive")
         if self.head.insulin_gain not in ("lag", "full"):
             raise ConfigError(f"head.insulin_gain {self.head.insulin_gain!r}: use lag or full")
+        if self.head.center not in ("expected", "basal"):
+            raise ConfigError(f"head.center {self.head.center!r}: use expected or basal")
         if self.export.exporter not in ("torchscript", "dynamo"):
             raise ConfigError(
                 f"export.exporter {self.export.exporter!r}: use torchscript or dynamo"

@@ -14,6 +14,8 @@ import torch
 
 from training.models import model_from_spec
 
+AUX_WEIGHT = 1.0
+
 
 def pinball_loss(
     pred: torch.Tensor, target: torch.Tensor, quantiles: torch.Tensor, scale: torch.Tensor
@@ -66,18 +68,24 @@ class ForecastModule(L.LightningModule):
         for p in self.model.insulin_parameters():
             p.requires_grad_(not frozen)
 
-    def _loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(
+        self, batch: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pinball loss, expected-plan loss, forecast)."""
         past, future, target = batch
-        pred = self.model(past, future)  # [B, H, Q]
-        return pinball_loss(pred, target, self.quantiles, self.model.delta_scale), pred
+        pred, aux = self.model.forward_train(past, future)  # [B, H, Q], scalar
+        return pinball_loss(pred, target, self.quantiles, self.model.delta_scale), aux, pred
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
+        loss, aux, _ = self._loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
-        return loss
+        self.log("train_plan_loss", aux, batch_size=batch[0].shape[0])
+        # The expected-plan head sees only detached features and is detached in the
+        # forecast, so adding its loss trains it without touching anything else.
+        return loss + AUX_WEIGHT * aux
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        loss, pred = self._loss(batch)
+        loss, _, pred = self._loss(batch)
         self.log("val_loss", loss, prog_bar=True, batch_size=batch[0].shape[0], sync_dist=True)
         self._val.append((pred[..., self.median].detach(), batch[2]))
 

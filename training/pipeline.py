@@ -69,6 +69,8 @@ def _spec(cfg: TrainConfig, wc: Any) -> dict[str, Any]:
         "insulin_gain": cfg.head.insulin_gain,
         "csf_prior": cfg.head.csf_prior,
         "dose_scaling": cfg.head.dose_scaling,
+        "center": cfg.head.center,
+        "gain_context": cfg.head.gain_context,
         "insulin_peak_min": wc.insulin_peak_min,
         "insulin_dia_min": wc.insulin_dia_min,
     }

@@ -44,6 +44,8 @@ def build_model(kind: str, layout: Layout, options: dict, head: dict, slot_minut
         insulin_gain=head.get("insulin_gain", "lag"),
         csf_prior=head.get("csf_prior", 3.0),
         dose_scaling=head.get("dose_scaling", True),
+        center=head.get("center", "expected"),
+        gain_context=head.get("gain_context", False),
     )
 
 

@@ -5,17 +5,25 @@ A backbone (lstm.py, transformer.py) only maps normalised inputs to features:
 
     backbone(past_n [B, L, F_past], known_n [B, H, F_known]) -> (seq [B, H, D], ctx [B, D])
 
-where `known_n` are the future known inputs *without* the planned insulin. The forecast is
+where `known_n` are the future known inputs *without* the planned insulin (and without the
+announced carbs, which get their own structured head). The forecast is
 
-    median[h] = g_last + free[h] - Σ_{j≤h} k[h, j] · (u_j − ū)
+    median[h] = g_last + free[h] + Σ_{j≤h} c[h, j] · carbs_j − Σ_{j≤h} k[h, j] · (u_j − û_j)
     q-th quantile = median ∓ spread_q[h],   spread_q ≥ 0
 
-with u_j the planned insulin (basal + bolus, U per slot), ū the mean past basal (a constant
-for the plan, so it only centres the input), and k[h, j] = isf_prior · softplus(a[h, j](ctx))
-≥ 0. Neither `free` nor the spreads see u, so every quantile is non-increasing in every
-u_j *by construction*: more planned insulin can never raise a predicted quantile, which is
-what the MPC relies on. The lag structure of k starts from the oref0 exponential insulin
-curve (fraction of a dose's glucose effect realised after the lag) and is learned from there.
+with u_j the planned insulin (basal + bolus, U per slot) and û_j the insulin the past
+context leads one to expect (a small head trained only to predict the plan; it depends on
+the past alone, so it merely centres u). The insulin gain is ISF-like and non-negative:
+
+    k[h, j] = isf_prior · softplus(a) · (ū_ref / ū)^β · s[h − j]
+
+— a learned gain a, a dose scaling by the window's mean past basal ū (insulin sensitivity
+falls as insulin needs rise, the clinical "1800 rule"), and one shared lag profile s ≥ 0
+that starts from oref0's exponential insulin curve. Neither `free`, the carb term nor the
+spreads see u, so every quantile is non-increasing in every u_j *by construction*: more
+planned insulin can never raise a predicted quantile, which is what the MPC relies on.
+(HeadConfig.insulin_gain = "full" and gain_context = True give k a free per-(h, j) or
+per-window context dependence instead; see training/config.py for why they are off.)
 
 Everything is in raw units at the boundary (mg/dL, U per slot, g per slot), so the exported
 ONNX graph carries the normalisation and serving never re-implements it.
@@ -125,6 +133,8 @@ class ForecastHead(nn.Module):
         insulin_gain: str = "lag",
         csf_prior: float = 3.0,
         dose_scaling: bool = True,
+        center: str = "expected",
+        gain_context: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -188,6 +198,23 @@ class ForecastHead(nn.Module):
         self.dose_scaling = dose_scaling
         self.register_buffer("basal_ref", torch.tensor(1.0))  # U/slot, set from training data
         self.dose_beta = nn.Parameter(torch.tensor(1.0))
+        # Centering of the planned insulin: the head acts on u_j − û_j. With "expected", û
+        # is the insulin the past context leads one to expect (a small head trained only to
+        # predict the plan, never through the forecast loss). The free part then carries
+        # the effect of the *expected* insulin and the gain is learned from deviations
+        # from it — without this, whatever the free part can foresee of the plan (more
+        # insulin when glucose is high, meal boluses...) is counted twice and the gain is
+        # shrunk to compensate. "basal": û = the window's mean past basal. Either way û
+        # depends on the past only, so monotonicity in the plan is untouched.
+        if center not in ("expected", "basal"):
+            raise ValueError(f"center {center!r} must be 'expected' or 'basal'")
+        self.center = center
+        self.register_buffer("plan_scale", torch.tensor(1.0))  # U/slot, training mean
+        self.register_buffer("plan_std", torch.tensor(1.0))  # U/slot, training std
+        self.plan = nn.Linear(d_model, H)
+        with torch.no_grad():
+            self.plan.weight.mul_(0.1)
+            self.plan.bias.fill_(float(inverse_softplus(np.array(1.0))))
         # Optional structured carb head: c[h, j] = csf_prior · g_c(ctx) · r[h − j] ≥ 0.
         self.carb_head = layout.carb_head
         self.csf_prior = float(csf_prior)
@@ -198,6 +225,7 @@ class ForecastHead(nn.Module):
             with torch.no_grad():
                 self.carb_gain.weight.mul_(0.1)
                 self.carb_gain.bias.fill_(float(inverse_softplus(np.array(1.0))))
+        self.gain_context = gain_context
         self.L, self.H, self.Q = L, H, Q
 
     def insulin_parameters(self) -> list[nn.Parameter]:
@@ -223,11 +251,19 @@ class ForecastHead(nn.Module):
         self.delta_scale.copy_(torch.from_numpy(scale).float())
         ref = float(np.nanmean(past[:, :, self.layout.past_basal]))
         self.basal_ref.fill_(ref if np.isfinite(ref) and ref > 0 else 1.0)
+        ib, il = self.layout.insulin
+        plan = float(np.nanmean(future[:, :, ib] + future[:, :, il]))
+        self.plan_scale.fill_(plan if np.isfinite(plan) and plan > 0 else 1.0)
+        sd = float(np.nanstd(future[:, :, ib] + future[:, :, il]))
+        self.plan_std.fill_(sd if np.isfinite(sd) and sd > 0 else 1.0)
 
-    def parts(
-        self, past: torch.Tensor, future: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(g_last [B], free median change [B, H], spreads [B, H, Q], gain k [B, H, H])."""
+    def parts(self, past: torch.Tensor, future: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The pieces of the forecast (all mg/dL unless said):
+
+        g_last [B]; free [B, H] median change without the plan; spread [B, H, Q];
+        k [B, H, H] insulin gain (mg/dL per U); u [B, H] planned insulin (U per slot);
+        u_ref [B, H] its centring; u_hat [B, H] the expected plan (for the auxiliary loss).
+        """
         past_n = (past - self.past_mean) / self.past_std  # [B, L, F_past]
         future_n = (future - self.future_mean) / self.future_std  # [B, H, F_future]
         known_n = future_n.index_select(2, self.known_idx)  # [B, H, F_known]
@@ -242,10 +278,11 @@ class ForecastHead(nn.Module):
             k = F.softplus(self.gain(ctx)).view(-1, self.H, self.H)  # [B, H, H]
         else:
             shape = F.softplus(self.lag_shape)[self.lag_idx]  # [H, H] Toeplitz in the lag
-            k = F.softplus(self.gain(ctx))[:, :, None] * shape  # [B, 1, 1] × [H, H]
+            a = self.gain(ctx) if self.gain_context else self.gain.bias.expand(ctx.shape[0], 1)
+            k = F.softplus(a)[:, :, None] * shape  # [B, 1, 1] × [H, H]
+        basal = past[..., self.layout.past_basal].mean(1)  # [B] U/slot
         if self.dose_scaling:
-            u_ref = past[..., self.layout.past_basal].mean(1)  # [B] U/slot
-            rel = torch.clamp(u_ref / self.basal_ref, 0.2, 5.0)  # [B]
+            rel = torch.clamp(basal / self.basal_ref, 0.2, 5.0)  # [B]
             k = k * torch.exp(-self.dose_beta * torch.log(rel))[:, None, None]  # [B, H, H]
         k = k * self.tril * self.isf_prior  # [B, H, H], zero above the diagonal (causal)
         if self.carb_head:
@@ -253,21 +290,40 @@ class ForecastHead(nn.Module):
             c = F.softplus(self.carb_gain(ctx))[:, :, None] * cshape * self.tril  # [B, H, H]
             carbs = future[..., self.layout.carbs]  # [B, H] g per slot
             free = free + self.csf_prior * torch.einsum("bhj,bj->bh", c, carbs)  # [B, H]
-        g_last = past[:, -1, self.layout.glucose]  # [B]
-        return g_last, free, spread, k
-
-    def insulin_effect(
-        self, past: torch.Tensor, future: torch.Tensor, k: torch.Tensor
-    ) -> torch.Tensor:
-        """Σ_j k[h, j] (u_j − ū): glucose lowered by the planned insulin, [B, H] mg/dL."""
         ib, il = self.layout.insulin
         u = future[..., ib] + future[..., il]  # [B, H] U per slot
-        u_ref = past[..., self.layout.past_basal].mean(1, keepdim=True)  # [B, 1]
-        return torch.einsum("bhj,bj->bh", k, u - u_ref)  # [B, H]
+        # The expectation reads the backbone's summary but does not train it (detach): the
+        # backbone stays shaped by the forecast alone.
+        u_hat = F.softplus(self.plan(ctx.detach())) * self.plan_scale  # [B, H]
+        if self.center == "expected":
+            u_ref = u_hat.detach()  # the forecast loss must not shape the expectation
+        else:
+            u_ref = basal[:, None].expand_as(u)  # [B, H]
+        g_last = past[:, -1, self.layout.glucose]  # [B]
+        return {
+            "g_last": g_last,
+            "free": free,
+            "spread": spread,
+            "k": k,
+            "u": u,
+            "u_ref": u_ref,
+            "u_hat": u_hat,
+        }
+
+    def _assemble(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        effect = torch.einsum("bhj,bj->bh", p["k"], p["u"] - p["u_ref"])  # [B, H] mg/dL
+        median = p["g_last"][:, None] + p["free"] - effect  # [B, H]
+        return median[..., None] + p["spread"] * self.side  # [B, H, Q]
 
     def forward(self, past: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
         """Raw units in, mg/dL quantiles out: past [B, L, F_past], future [B, H, F_future]
         -> glucose [B, H, Q]."""
-        g_last, free, spread, k = self.parts(past, future)
-        median = g_last[:, None] + free - self.insulin_effect(past, future, k)  # [B, H]
-        return median[..., None] + spread * self.side  # [B, H, Q]
+        return self._assemble(self.parts(past, future))
+
+    def forward_train(
+        self, past: torch.Tensor, future: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forecast [B, H, Q], auxiliary loss): the expected-plan head's squared error."""
+        p = self.parts(past, future)
+        aux = (((p["u_hat"] - p["u"]) / self.plan_std) ** 2).mean()
+        return self._assemble(p), aux
