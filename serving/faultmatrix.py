@@ -984,14 +984,19 @@ def check_pump_unreachable(run: CaseRun) -> list[str]:
 
 
 def _alarm_due(run: CaseRun, w: Window) -> bool:
-    """Whether scheduled basal alone pushes enough insulin in the window to trip the alarm
-    (1 U missed for an occlusion, the reservoir's last units): a low-basal child's occluded
-    line can go unnoticed for hours, on real pumps as here — the loop then over-counts IOB,
-    the safe direction, and the matrix reports it instead of failing it."""
-    minutes = (w.end - w.start).total_seconds() / 60 if w.end is not None else math.inf
-    pushed = run.settings.basal_u_per_h * minutes / 60
-    need = 1.0 if run.case.spec.startswith("occlusion") else 0.2
-    return pushed >= 1.5 * need
+    """Whether the pump pushed enough insulin early enough in the window to trip its alarm
+    (1 U missed for an occlusion, the reservoir's last units) and tell the supervisor at a
+    later cycle. A suspended pump or a low-basal child's occluded line can stay silent for
+    hours, on real pumps as here — the loop then over-counts IOB, the safe direction — so
+    the matrix reports such an occurrence instead of failing it."""
+    if w.start is None or w.end is None:
+        return True
+    pushed = sum(d.units for d in run.history if w.start <= d.time < w.end - SLOT)
+    if run.case.spec.startswith("occlusion"):
+        need = 1.0  # PumpFirmware.occlusion_alarm_u
+    else:
+        need = float(run.case.spec.partition("units=")[2] or 0.2)
+    return pushed >= 1.05 * need
 
 
 def check_pump_fault(run: CaseRun) -> list[str]:
