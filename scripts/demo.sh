@@ -1,7 +1,64 @@
 #!/usr/bin/env bash
-# The main job on the embedded default. Grows as capabilities land (issue 7).
+# The main job on the embedded default, end to end:
+#   simulate a cohort -> train baselines and the LSTM (MLflow) -> export ONNX -> evaluate on
+#   held-out days (accuracy, error grids, interventional check) -> closed-loop trials of MPC
+#   and basal-bolus on all 30 virtual patients -> alerts -> reports/demo/index.html
+# Sizes come from the environment so the tests can run the same script small:
+#   GLUCAST_DEMO_PATIENTS (all), GLUCAST_DEMO_DAYS (14), GLUCAST_DEMO_TRIAL_DAYS (7),
+#   GLUCAST_DEMO_EPOCHS (default from training/config.py), GLUCAST_DEMO_OUT (reports/demo)
 set -euo pipefail
-mkdir -p reports/demo
-echo "== glucast demo: ingest the shipped ShanghaiT1DM sample =="
-glucast data ingest tests/fixtures/shanghai/*.xls* --format shanghai --out reports/demo/shanghai.parquet
-glucast data describe reports/demo/shanghai.parquet
+
+PATIENTS=${GLUCAST_DEMO_PATIENTS:-all}
+DAYS=${GLUCAST_DEMO_DAYS:-14}
+TRIAL_DAYS=${GLUCAST_DEMO_TRIAL_DAYS:-7}
+OUT=${GLUCAST_DEMO_OUT:-reports/demo}
+EPOCHS=${GLUCAST_DEMO_EPOCHS:+--max-epochs $GLUCAST_DEMO_EPOCHS}
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+EXP=${GLUCAST_DEMO_EXPERIMENT:-demo}
+SEED=1
+mkdir -p "$OUT"
+START=$(date +%s)
+step() { printf '\n\033[1m== [%4ss] %s\033[0m\n' "$(( $(date +%s) - START ))" "$*" >&2; }
+
+step "1/7 simulate $PATIENTS virtual patients x $DAYS days (excitation dosing, Dexcom-like CGM)"
+glucast simulate --patients "$PATIENTS" --days "$DAYS" --policy excitation --seed $SEED \
+  --out "$OUT/cohort.parquet" --json > "$OUT/simulate.json"
+
+step "2/7 baselines: persistence, linear trend, ridge, physiological (fit on train days, scored on held-out days)"
+for m in persistence linear ridge physio; do
+  glucast train --model $m --data "$OUT/cohort.parquet" --experiment "$EXP" \
+    --out "$OUT/models/$m" --json > "$OUT/train_$m.json"
+done
+
+step "3/7 train the LSTM with Lightning, calibrate its interval, export ONNX + manifest, log to MLflow"
+# shellcheck disable=SC2086
+glucast train --model lstm --data "$OUT/cohort.parquet" --experiment "$EXP" $EPOCHS \
+  --out "$OUT/models/lstm" --json > "$OUT/train_lstm.json"
+
+step "4/7 evaluate the exported ONNX model on held-out days (+ interventional re-simulation)"
+glucast evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --interventional \
+  --plots "$OUT/forecast" --json > "$OUT/evaluate_lstm.json"
+glucast compare --experiment "$EXP" --latest --plot "$OUT/compare.png" --json > "$OUT/compare.json"
+
+step "5/7 closed-loop trials, $TRIAL_DAYS days, random meals announced with 20% carb error"
+glucast trial --controller basal-bolus --patients "$PATIENTS" --days "$TRIAL_DAYS" --seed $SEED \
+  --carb-error 0.2 --report "$OUT/trial-basal-bolus" --mlflow --experiment "$EXP" --json \
+  > "$OUT/trial_basal-bolus.json"
+glucast trial --controller mpc --model "$OUT/models/lstm/model" --patients "$PATIENTS" \
+  --days "$TRIAL_DAYS" --seed $SEED --carb-error 0.2 --report "$OUT/trial-mpc" --mlflow \
+  --experiment "$EXP" --json > "$OUT/trial_mpc.json"
+
+step "6/7 predicted-low alerts vs threshold alerts on held-out days"
+glucast alerts evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --json \
+  > "$OUT/alerts.json"
+
+step "7/7 the report"
+python scripts/demo_report.py "$OUT"
+
+step "done"
+cat >&2 <<MSG
+
+  Report:  $OUT/index.html   (open it in a browser: xdg-open $OUT/index.html)
+  MLflow:  .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI
+           then http://127.0.0.1:5000 (experiment "$EXP")
+MSG
