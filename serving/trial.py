@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
-from forecast.schema import SLOT_MINUTES, GlucastError
+from forecast.schema import GLUCOSE_MIN_MGDL, SLOT_MINUTES, GlucastError
 from forecast.windows import WindowConfig
 from serving.controllers import CONTROLLER_NAMES, Controller, basal_iob_u, make_controller
 from serving.types import CGMStatus, ControlInput, PatientSettings, Proposal, Reading
@@ -386,6 +386,7 @@ class TrialResult:
     decision_s: np.ndarray  # [T] controller + supervisor time per cycle (whole cohort)
     forecaster_calls: int = -1
     info: dict[str, Any] = field(default_factory=dict)
+    out_of_range: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [N] sim flag
 
     @property
     def days(self) -> float:
@@ -402,8 +403,9 @@ class TrialResult:
         t = len(self.times)
         for i, name in enumerate(self.names):
             cgm = outcomes(self.log["cgm"][i], expected_slots=t)
-            # the simulator can be driven outside physiology (it flags it); outcomes need > 0
-            bg = outcomes(np.clip(self.log["bg"][i], 1.0, None))
+            # the simulator can be driven outside physiology (it flags it: `sim_out_of_range`);
+            # such values are scored at the CGM floor so that outcomes stay defined
+            bg = outcomes(np.clip(self.log["bg"][i], GLUCOSE_MIN_MGDL, None))
             m: dict[str, float] = {
                 k: cgm[k]
                 for k in ("tir", "tbr70", "tbr54", "tar180", "tar250", "cv", "mean", "sd",
@@ -420,6 +422,9 @@ class TrialResult:
             m["veto_cycles"] = float(self.log["vetoed"][i].sum())
             m["suspend_fallbacks"] = float((self.log["fallback"][i] == 2).sum())
             m["forecast_fallbacks"] = float(self.log["forecast_fallback"][i].sum())
+            m["sim_out_of_range"] = (
+                float(bool(self.out_of_range[i])) if len(self.out_of_range) else 0.0
+            )
             out[name] = m
         return out
 
@@ -672,6 +677,7 @@ def run_trial(
         decision_s=decision_s,
         forecaster_calls=calls,
         info={**info, "controller_name": getattr(controller, "name", config.controller)},
+        out_of_range=np.asarray(sim.out_of_range, dtype=bool).copy(),
     )
 
 
@@ -728,7 +734,9 @@ def write_report(result: TrialResult, out_dir: str | Path) -> Path:
     rep.add_figure(fig, caption="Median, 25–75 % and 5–95 % of CGM readings by time of day")
     plt.close(fig)
     rep.add_heading("Control-variability grid")
-    bg = {n: np.clip(result.log["bg"][i], 1.0, None) for i, n in enumerate(result.names)}
+    bg = {
+        n: np.clip(result.log["bg"][i], GLUCOSE_MIN_MGDL, None) for i, n in enumerate(result.names)
+    }
     grid = cvga(bg, percentiles=(2.5, 97.5))
     fig = cvga_plot(grid, title="CVGA (true BG, 2.5th/97.5th percentiles)")
     rep.add_figure(fig)
