@@ -63,8 +63,9 @@ def accuracy_table(out: Path) -> pd.DataFrame:
             row[f"RMSE {h}"] = hm.get("rmse")
             row[f"MAE {h}"] = hm.get("mae")
             row[f"MARD {h} %"] = hm.get("mard")
-            row[f"Clarke A {h} %"] = (hm.get("clarke") or {}).get("A")
+            row[f"Clarke A {h} %"] = hm.get("clarke_A", (hm.get("clarke") or {}).get("A"))
             row[f"coverage {h} %"] = hm.get("coverage")
+            row[f"lag {h} min"] = hm.get("lag_min")
         rows[m] = row
     table = pd.DataFrame(rows).T
     if len(hashes) > 1:
