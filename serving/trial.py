@@ -9,7 +9,11 @@ Every 5 minutes, for all N patients at once:
     `forecast.sim.Simulator.step`.
 
 Only the supervisor's verdicts reach the pump: a controller's proposal never touches
-delivery. `CohortPump` is the thin cohort stand-in for a pump HAL: it executes the exact
+delivery. `TrialConfig.mode` runs the same patients in the three operating modes of
+`serving.modes`: closed (the above), advisory (the verdict is offered as advice to a
+simulated person, `serving.advisory.AdvisoryPerson`, and only what they confirm is checked
+again and sent: `serving.advisory.confirm_batch`) and monitor (the controller is never asked;
+the pump runs its schedule). `CohortPump` is the thin cohort stand-in for a pump HAL: it executes the exact
 commands a real pump would get (temp basals that expire after their duration, cancels,
 boluses) on the simulator's vectorised pump.
 
@@ -66,10 +70,23 @@ class TrialConfig:
     model_dir: str | None = None
     start: str = "2018-01-01 00:00"
     target_mgdl: float = 110.0
+    mode: str = "closed"  # closed | advisory | monitor (see serving.modes)
+    accept_prob: float = 0.8  # advisory: chance the simulated person accepts an advice
+    accept_delay_min: float = 10.0  # advisory: minutes before the person answers
 
     def __post_init__(self) -> None:
+        from serving.modes import ModeError, parse_mode
+
         if self.controller not in CONTROLLER_NAMES:
             raise TrialError(f"unknown controller {self.controller!r}; choose {CONTROLLER_NAMES}")
+        try:
+            object.__setattr__(self, "mode", parse_mode(self.mode).value)
+        except ModeError as e:
+            raise TrialError(str(e)) from None
+        if not 0.0 <= self.accept_prob <= 1.0:
+            raise TrialError(f"accept_prob must be in [0, 1], got {self.accept_prob}")
+        if not (math.isfinite(self.accept_delay_min) and self.accept_delay_min >= 0.0):
+            raise TrialError(f"accept_delay_min must be >= 0 minutes, got {self.accept_delay_min}")
         if not (self.days > 0 and math.isfinite(self.days)):
             raise TrialError(f"days must be a positive number, got {self.days}")
         if self.scenario != "random":
@@ -368,7 +385,11 @@ LOG_FIELDS = (
     "intervened",  # 1 when what the supervisor let through differs from the proposal
     "fallback",  # 0 none, 1 scheduled basal, 2 suspend
     "forecast_fallback",  # the controller's forecaster fell back this cycle
+    "acted",  # 1 when the cycle's verdict was sent to the pump (always, in closed loop)
+    "advice",  # advisory: 1 when an advice was offered this cycle
+    "answer",  # advisory: the person's answer this cycle (see ANSWER_CODES; 0 = none)
 )
+ANSWER_CODES = {"confirmed": 1, "refused": 2, "readvised": 3, "superseded": 4}
 
 
 @dataclass
@@ -425,8 +446,29 @@ class TrialResult:
             m["sim_out_of_range"] = (
                 float(bool(self.out_of_range[i])) if len(self.out_of_range) else 0.0
             )
+            m["acted_cycles"] = float(self.log["acted"][i].sum())
+            if self.config.mode == "advisory":
+                m.update(self._advice_counts(i))
             out[name] = m
         return out
+
+    def _advice_counts(self, i: int) -> dict[str, float]:
+        """What the simulated person did with patient `i`'s advice (counts of cycles)."""
+        ans = self.log["answer"][i]
+        n = {k: float((ans == code).sum()) for k, code in ANSWER_CODES.items()}
+        offered = float(self.log["advice"][i].sum())
+        answered = n["confirmed"] + n["refused"] + n["readvised"]
+        return {
+            "advice_offered": offered,
+            "advice_accepted": n["confirmed"] + n["readvised"],  # carried out (maybe updated)
+            "advice_confirmed": n["confirmed"],  # carried out as offered
+            "advice_readvised": n["readvised"],  # stale when confirmed: recalculated
+            "advice_refused": n["refused"],
+            "advice_superseded": n["superseded"],  # withdrawn unanswered for a meal bolus
+            "advice_accept_rate": (
+                (n["confirmed"] + n["readvised"]) / answered if answered else math.nan
+            ),
+        }
 
     def cohort_metrics(self, patients: dict[str, dict[str, float]] | None = None) -> dict:
         """Mean over patients of every patient metric (equal-length traces: the pooled
@@ -568,8 +610,17 @@ def run_trial(
     window: WindowConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TrialResult:
-    """Run the cohort in closed loop for `config.days`; every dose through the supervisor."""
+    """Run the cohort for `config.days` in `config.mode`; every dose through the supervisor.
+
+    closed: each cycle's verdict goes to the pump. advisory: the verdict is offered as
+    advice to a simulated person (`serving.advisory.AdvisoryPerson`: accepts with
+    `accept_prob`, answers after `accept_delay_min`); only what they release is checked
+    again by the supervisor and sent. monitor: the controller is never asked; the pump runs
+    its schedule (the supervisor still judges the schedule, for the record).
+    """
     from forecast.sim import load_patients
+    from serving.advisory import confirm_batch, confirmer_for
+    from serving.modes import scheduled_proposal
     from serving.safety import SafetyState, Supervisor, assess_cgm, check_batch, max_basal
 
     info: dict[str, Any] = {}
@@ -594,6 +645,15 @@ def run_trial(
     log = {k: np.zeros((n, cycles)) for k in LOG_FIELDS}
     veto_kinds: list[dict[str, int]] = [{} for _ in range(n)]
     decision_s = np.zeros(cycles)
+    person = None
+    if config.mode != "closed":
+        person = confirmer_for(
+            config.mode,
+            n,
+            accept_prob=config.accept_prob,
+            delay_min=config.accept_delay_min,
+            seed=config.seed,
+        )
     predictor = getattr(controller, "predictor", None)
     calls0 = predictor.calls if predictor is not None else 0
     t_start = time.perf_counter()
@@ -622,15 +682,34 @@ def run_trial(
             for i in range(n)
         ]
         t0 = time.perf_counter()
-        proposals: list[Proposal] = controller.propose(inputs)
+        if config.mode == "monitor":  # the controller is never asked
+            proposals: list[Proposal] = [scheduled_proposal(s) for s in settings]
+        else:
+            proposals = controller.propose(inputs)
         states = [
             SafetyState(now=now, iob_u=float(iob[i]), cgm=assess_cgm(recent[i], now))
             for i in range(n)
         ]
-        verdicts = check_batch(settings, proposals, states)
+        answers: list[Any] = [None] * n
+        if person is None:
+            verdicts, act = check_batch(settings, proposals, states), np.ones(n, bool)
+            judged = proposals
+        else:
+            running = np.where(minute < pump.temp_until, pump.temp_rate, pump.scheduled)
+            res = confirm_batch(
+                person, now, settings, proposals, states, inputs, running_u_per_h=running
+            )
+            verdicts, act, judged = res.verdicts, res.act, res.advice
+            answers = list(res.answers) if res.answers else answers
         decision_s[c] = time.perf_counter() - t0
         for i in range(n):
-            pump.execute(i, sups[i].commands_for(verdicts[i], now, None), minute)
+            if act[i]:
+                pump.execute(i, sups[i].commands_for(verdicts[i], now, None), minute)
+        # what the supervisor said of the controller's proposal (in advisory and monitor
+        # modes the verdicts above judge what the person released; the advice's own
+        # verdict is recomputed here, outside the timed decision, for the record)
+        advised = verdicts if person is None else check_batch(settings, proposals, states)
+        offers = getattr(person, "last_offers", [None] * n)
         rate, bolus = pump.step_inputs(minute)
         eaten = sim.eaten_carbs(minute, minute + SLOT_MINUTES)
         sim.step(SLOT_MINUTES, rate, bolus)
@@ -650,14 +729,17 @@ def run_trial(
             "delivered_u": sim.delivered_u,
             "carbs_announced": carbs,
             "carbs_eaten": eaten,
-            "vetoed": [bool(v.vetoes) for v in verdicts],
-            "intervened": [_changed(p, v) for p, v in zip(proposals, verdicts)],
-            "fallback": [{"": 0, "scheduled_basal": 1, "suspend": 2}[v.fallback] for v in verdicts],
+            "vetoed": [bool(v.vetoes) for v in advised],
+            "intervened": [_changed(p, v) for p, v in zip(proposals, judged)],
+            "fallback": [{"": 0, "scheduled_basal": 1, "suspend": 2}[v.fallback] for v in advised],
             "forecast_fallback": ["forecast fallback" in p.reason for p in proposals],
+            "acted": act,
+            "advice": [o is not None for o in offers],
+            "answer": [0 if a is None else ANSWER_CODES.get(a.action, 0) for a in answers],
         }
         for k, v in row.items():
             log[k][:, c] = v
-        for i, v in enumerate(verdicts):
+        for i, v in enumerate(advised):
             for reason in v.vetoes:
                 kind = reason.split(":", 1)[0]
                 veto_kinds[i][kind] = veto_kinds[i].get(kind, 0) + 1
@@ -691,7 +773,7 @@ REPORT_COLUMNS = (
 
 def write_report(result: TrialResult, out_dir: str | Path) -> Path:
     """index.html (cohort and per-patient tables, AGP, CVGA, traces, supervisor record),
-    trial.json and patients.csv in `out_dir`. Returns the index path."""
+    trial.json, patients.csv, agp.png and cvga.png in `out_dir`. Returns the index path."""
     import json
 
     import matplotlib
@@ -711,10 +793,15 @@ def write_report(result: TrialResult, out_dir: str | Path) -> Path:
     table.index.name = "patient"
     table.to_csv(out / "patients.csv")
     cfg = result.config
+    mode = {
+        "closed": "closed loop",
+        "advisory": f"advisory (accepts {cfg.accept_prob:g} after {cfg.accept_delay_min:g} min)",
+        "monitor": "monitor (scheduled basal only)",
+    }[cfg.mode]
     rep = HtmlReport(
-        f"glucast trial: {cfg.controller}",
-        subtitle=f"{len(result.names)} patients · {result.days:g} days · seed {cfg.seed} · "
-        f"carb error {cfg.carb_error:g} · sensor {cfg.sensor}"
+        f"glucast trial: {cfg.controller}" + ("" if cfg.mode == "closed" else f", {cfg.mode}"),
+        subtitle=f"{len(result.names)} patients · {result.days:g} days · {mode} · seed "
+        f"{cfg.seed} · carb error {cfg.carb_error:g} · sensor {cfg.sensor}"
         + (" · unannounced meals" if cfg.unannounced else ""),
     )
     rep.add_text(
@@ -728,9 +815,20 @@ def write_report(result: TrialResult, out_dir: str | Path) -> Path:
     rep.add_table(cohort, caption="Mean over patients, with medians and worst cases")
     rep.add_heading("Patients")
     rep.add_table(table[[c for c in REPORT_COLUMNS if c in table.columns]].astype(float).round(2))
+    if cfg.mode == "advisory":
+        rep.add_heading("Advice")
+        rep.add_text(
+            "Each cycle's supervisor-checked plan is offered as advice when it changes "
+            "something; a simulated person answers after the delay and accepts with the given "
+            "probability. Stale confirmations (older than 15 min, or glucose moved > 30 mg/dL) "
+            "are recalculated (re-advised); a meal bolus supersedes a waiting temp basal."
+        )
+        adv = [c for c in table.columns if str(c).startswith("advice_")]
+        rep.add_table(table[adv].astype(float).round(2), caption="Per patient, in cycles")
     rep.add_heading("Ambulatory glucose profile")
     frame = result.frame()
     fig = agp_plot(frame, title="AGP, all patients pooled (CGM)", timezone="UTC")
+    fig.savefig(out / "agp.png", dpi=110, bbox_inches="tight")
     rep.add_figure(fig, caption="Median, 25–75 % and 5–95 % of CGM readings by time of day")
     plt.close(fig)
     rep.add_heading("Control-variability grid")
@@ -739,6 +837,7 @@ def write_report(result: TrialResult, out_dir: str | Path) -> Path:
     }
     grid = cvga(bg, percentiles=(2.5, 97.5))
     fig = cvga_plot(grid, title="CVGA (true BG, 2.5th/97.5th percentiles)")
+    fig.savefig(out / "cvga.png", dpi=110, bbox_inches="tight")
     rep.add_figure(fig)
     plt.close(fig)
     rep.add_table(grid[["min", "max", "zone"]].round(1))

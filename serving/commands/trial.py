@@ -2,6 +2,8 @@
 
     glucast trial --controller mpc --model artifacts/lstm --patients all --days 7 \
         --scenario random --seed 1 --carb-error 0.2 --json --report reports/trial-mpc
+    glucast trial --controller physio-mpc --patients adults --days 2 --mode advisory \
+        --accept-prob 0.8 --accept-delay 10 --json
 
 Standard-library imports only at the top (the CLI must start fast and never load torch);
 the simulator, onnxruntime and matplotlib load inside `run`. MLflow is imported only when
@@ -14,6 +16,7 @@ import argparse
 import sys
 
 CONTROLLERS = ("mpc", "physio-mpc", "basal-bolus", "pid")
+MODES = ("closed", "advisory", "monitor")
 GROUPS = ("all", "adults", "adolescents", "children")
 
 
@@ -51,6 +54,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Dexcom noise model only; none: noise-free (default dexcom)",
     )
     p.add_argument("--target", type=float, default=110.0, help="glucose target mg/dL")
+    p.add_argument(
+        "--mode",
+        default="closed",
+        choices=MODES,
+        help="closed: the supervisor's verdicts go to the pump; advisory: they are offered as "
+        "advice to a simulated person who confirms some of them, late; monitor: the pump "
+        "runs its schedule, the controller is never asked (default closed)",
+    )
+    p.add_argument(
+        "--accept-prob",
+        type=float,
+        default=0.8,
+        metavar="P",
+        help="advisory: probability that the person accepts an advice (default 0.8)",
+    )
+    p.add_argument(
+        "--accept-delay",
+        type=float,
+        default=10.0,
+        metavar="MIN",
+        help="advisory: minutes before the person answers an advice (default 10)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--report", metavar="DIR", help="write index.html, trial.json, patients.csv")
     p.add_argument("--mlflow", action="store_true", help="log the trial as an MLflow run")
@@ -73,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         sensor=args.sensor,
         model_dir=args.model,
         target_mgdl=args.target,
+        mode=args.mode,
+        accept_prob=args.accept_prob,
+        accept_delay_min=args.accept_delay,
     )
     controller, window, info = build_controller(config)
     result = _run_with_progress(run_trial, config, controller, window, quiet=args.json)
@@ -99,7 +127,7 @@ def _run_with_progress(run_trial, config, controller, window, *, quiet: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn(f"trial {config.controller}"),
+        TextColumn(f"trial {config.controller} ({config.mode})"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} cycles"),
         TimeElapsedColumn(),
@@ -123,8 +151,14 @@ def _print_summary(data: dict) -> None:
     for name, m in data["patients"].items():
         print(f"{name:18s}" + "".join(_fmt(m.get(k)) for k in keys))
     print(f"{'cohort (mean)':18s}" + "".join(_fmt(c.get(k)) for k in keys))
+    if "advice_offered" in c:
+        print(
+            f"advice per patient: offered {c['advice_offered']:.1f}, accepted "
+            f"{c['advice_accepted']:.1f} (re-advised {c['advice_readvised']:.1f}), refused "
+            f"{c['advice_refused']:.1f}, superseded {c['advice_superseded']:.1f}"
+        )
     print(
-        f"median TBR<70 {c['tbr70_median']:.2f} %, patients with TBR<54 "
+        f"mode {r['mode']}; median TBR<70 {c['tbr70_median']:.2f} %, patients with TBR<54 "
         f"{c['patients_with_tbr54']:.0f}, limit violations {c['limit_violations']:.0f}; "
         f"{r['cycles']} cycles in {r['wall_s']:.1f} s, decision p99 {r['decision_ms_p99']:.1f} ms"
     )
@@ -143,7 +177,7 @@ def _log_mlflow(experiment: str, data: dict, report) -> None:
     params = {k: v for k, v in data["run"].items() if isinstance(v, str | int | float | bool)}
     metrics = {f"cohort_{k}": float(v) for k, v in data["cohort"].items() if v is not None}
     if tracking is not None:
-        with tracking.run(experiment, run_name=f"trial-{data['run']['controller']}"):
+        with tracking.run(experiment, run_name=_run_name(data)):
             tracking.log_params(params)
             tracking.log_metrics(metrics)
             if report is not None:
@@ -155,8 +189,14 @@ def _log_mlflow(experiment: str, data: dict, report) -> None:
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"trial-{data['run']['controller']}"):
+    with mlflow.start_run(run_name=_run_name(data)):
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         if report is not None:
             mlflow.log_artifacts(str(report.parent), artifact_path="trial_report")
+
+
+def _run_name(data: dict) -> str:
+    r = data["run"]
+    mode = r.get("mode", "closed")
+    return f"trial-{r['controller']}" + ("" if mode == "closed" else f"-{mode}")
