@@ -693,7 +693,7 @@ def run_trial(
         answers: list[Any] = [None] * n
         if person is None:
             verdicts, act = check_batch(settings, proposals, states), np.ones(n, bool)
-            judged = proposals
+            judged: Sequence[Any] = verdicts
         else:
             running = np.where(minute < pump.temp_until, pump.temp_rate, pump.scheduled)
             res = confirm_batch(

@@ -102,6 +102,8 @@ def test_mpc_trial_calls_the_forecaster_once_per_cycle(tmp_path):
     report = write_report(r, tmp_path / "report")
     html = report.read_text()
     assert report.name == "index.html" and "<img" in html and "Control-variability" in html
+    for png in ("agp.png", "cvga.png"):  # the demo index embeds these
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (
         json.loads((tmp_path / "report" / "trial.json").read_text())["run"]["controller"] == "mpc"
     )
@@ -156,11 +158,109 @@ def test_trial_json_from_the_command_line(capsys):
     assert 0.0 <= data["cohort"]["tir"] <= 100.0
 
 
+# --------------------------------------------------------------------------- modes
+
+MODES_COHORT = dict(patients="adult#001,child#002", days=0.5, seed=3, carb_error=0.2)
+
+
+@pytest.fixture(scope="module")
+def closed_bb():
+    return run_trial(TrialConfig(controller="basal-bolus", **MODES_COHORT))
+
+
+def test_advisory_accepting_everything_at_once_is_the_closed_loop(closed_bb):
+    r = run_trial(
+        TrialConfig(
+            controller="basal-bolus", mode="advisory", accept_prob=1.0, accept_delay_min=0.0,
+            **MODES_COHORT,
+        )
+    )  # fmt: skip
+    assert closed_bb.log["sent_bolus"].sum() > 0
+    np.testing.assert_allclose(r.log["sent_bolus"], closed_bb.log["sent_bolus"])
+    np.testing.assert_allclose(r.log["bg"], closed_bb.log["bg"])
+    m = r.to_json()["patients"]["adult#001"]
+    assert m["advice_offered"] == m["advice_accepted"] == m["advice_confirmed"] > 0
+    assert m["advice_refused"] == 0 and m["advice_accept_rate"] == 1.0
+    assert r.to_json()["run"]["mode"] == "advisory"
+    assert "advice_offered" not in closed_bb.to_json()["cohort"]
+
+
+def test_advisory_refusing_everything_delivers_basal_only(closed_bb):
+    r = run_trial(TrialConfig(controller="basal-bolus", mode="advisory", accept_prob=0.0,
+                              **MODES_COHORT))  # fmt: skip
+    assert r.log["prop_bolus"].max() > 0  # the controller did ask for boluses
+    assert r.log["sent_bolus"].sum() == 0 and r.log["acted"].sum() == 0
+    sched = np.array([s.basal_u_per_h for s in r.settings])
+    inc = 0.05
+    expected = np.broadcast_to((np.round(sched / inc) * inc)[:, None], r.log["sent_rate"].shape)
+    np.testing.assert_allclose(r.log["sent_rate"], expected)
+    c = r.to_json()["cohort"]
+    assert c["advice_offered"] > 0 and c["advice_refused"] == c["advice_offered"]
+    assert c["advice_accepted"] == 0 and c["limit_violations"] == 0
+
+
+def test_advisory_late_partial_acceptance_is_audited():
+    r = run_trial(TrialConfig(controller="basal-bolus", mode="advisory", accept_prob=0.5,
+                              accept_delay_min=10.0, **MODES_COHORT))  # fmt: skip
+    assert r.limit_violations() == []
+    lg = r.log
+    # a bolus reaches the pump only on a cycle the person answered yes
+    sent = lg["sent_bolus"] > 0
+    assert sent.any() and np.isin(lg["answer"][sent], (1, 3)).all()
+    assert (lg["prop_bolus"] > 0).sum() > sent.sum()  # some advice was refused
+    m = r.to_json()["cohort"]
+    answered = m["advice_accepted"] + m["advice_refused"]
+    assert answered > 0 and m["advice_offered"] >= answered
+
+
+class Spy:
+    """A controller that records whether it was ever asked."""
+
+    name = "spy"
+    calls = 0
+
+    def propose(self, inputs):
+        self.calls += 1
+        return [Proposal(temp_basal_u_per_h=50.0, duration_min=30, bolus_u=5.0) for _ in inputs]
+
+
+def test_monitor_mode_never_asks_the_controller():
+    spy = Spy()
+    cfg = TrialConfig(controller="basal-bolus", patients="adult#002", days=0.25, seed=1,
+                      mode="monitor")  # fmt: skip
+    r = run_trial(cfg, controller=spy)
+    assert spy.calls == 0
+    assert r.log["sent_bolus"].sum() == 0 and r.log["acted"].sum() == 0
+    assert r.limit_violations() == []
+    assert r.to_json()["run"]["mode"] == "monitor"
+
+
+def test_trial_mode_from_the_command_line(capsys):
+    rc = main(
+        ["trial", "--controller", "basal-bolus", "--patients", "adult#004", "--days", "0.1",
+         "--seed", "5", "--mode", "advisory", "--accept-prob", "0.6", "--accept-delay", "5",
+         "--json"]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["run"]["mode"] == "advisory"
+    assert data["run"]["accept_prob"] == 0.6 and data["run"]["accept_delay_min"] == 5.0
+    assert "advice_offered" in data["cohort"] and "advice_refused" in data["patients"]["adult#004"]
+    with pytest.raises(SystemExit):
+        main(["trial", "--controller", "pid", "--mode", "sometimes"])
+
+
 def test_bad_configs_are_typed_errors(capsys):
     with pytest.raises(TrialError):
         TrialConfig(controller="magic")
     with pytest.raises(TrialError):
         TrialConfig(days=0)
+    with pytest.raises(TrialError, match="mode"):
+        TrialConfig(mode="autopilot")
+    with pytest.raises(TrialError, match="accept_prob"):
+        TrialConfig(mode="advisory", accept_prob=1.5)
+    with pytest.raises(TrialError, match="accept_delay"):
+        TrialConfig(mode="advisory", accept_delay_min=-1)
     with pytest.raises(TrialError, match="--model"):
         run_trial(TrialConfig(controller="mpc", patients="adult#001", days=0.01))
     assert main(["trial", "--controller", "mpc", "--patients", "adult#001", "--days", "0.01"]) == 2
