@@ -199,7 +199,7 @@ def test_advisory_refusing_everything_delivers_basal_only(closed_bb):
     assert c["advice_accepted"] == 0 and c["limit_violations"] == 0
 
 
-def test_advisory_late_partial_acceptance_is_audited():
+def test_advisory_late_partial_acceptance_is_audited(tmp_path):
     r = run_trial(TrialConfig(controller="basal-bolus", mode="advisory", accept_prob=0.5,
                               accept_delay_min=10.0, **MODES_COHORT))  # fmt: skip
     assert r.limit_violations() == []
@@ -211,6 +211,8 @@ def test_advisory_late_partial_acceptance_is_audited():
     m = r.to_json()["cohort"]
     answered = m["advice_accepted"] + m["advice_refused"]
     assert answered > 0 and m["advice_offered"] >= answered
+    html = write_report(r, tmp_path / "rep").read_text()
+    assert "advisory" in html and "advice_refused" in html
 
 
 class Spy:
