@@ -96,7 +96,9 @@ def main() -> int:
         past = rng.normal(120, 30, (1, m["past_slots"], len(m["past_features"]))).astype(np.float32)
         future = np.abs(rng.normal(0, 0.1, (1, m["horizon_slots"], len(m["future_features"]))))
         r = {"model": m.get("model"), "model_dir": args.model_dir}
-        r["onnx"] = bench_session(fc.session, past, future.astype(np.float32), args.calls, args.batch)
+        r["onnx"] = bench_session(
+            fc.session, past, future.astype(np.float32), args.calls, args.batch
+        )
         results.append(r)
     for kind in [] if args.model_dir else args.models:
         cfg = TrainConfig.from_dict({"model": kind})
