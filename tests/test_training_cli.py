@@ -121,6 +121,7 @@ def test_evaluate_json_shape_and_same_hash(capsys, lstm_run, frame_path, store):
         # the ONNX model scores what the torch model scored at training time
         assert m["rmse"] == pytest.approx(lstm_run["metrics"][h]["rmse"], abs=1e-2)
     assert set(r["bglp"]) >= {"30", "60", "subjects"}
+    assert r["bglp"]["60"]["readings_without_forecast"] >= 0
     assert any(p.endswith("clarke_30min.png") for p in r["plots"])
 
 

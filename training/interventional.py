@@ -68,12 +68,12 @@ def per_minute_inputs(
         plate = np.zeros(n * slot_minutes)
         plate[slot * slot_minutes] = np.nan_to_num(g[carb_col].to_numpy(float), nan=0.0)
         ins[str(sid)] = np.repeat(per_slot_ins / slot_minutes, slot_minutes)
-        cho[str(sid)] = _eat(plate, eat_rate_g_per_min)
+        cho[str(sid)] = eaten_per_minute(plate, eat_rate_g_per_min)
         start[str(sid)] = t0
     return cho, ins, start
 
 
-def _eat(plate: np.ndarray, rate: float) -> np.ndarray:
+def eaten_per_minute(plate: np.ndarray, rate: float = 5.0) -> np.ndarray:
     """Grams eaten per minute when food put on the plate is eaten at `rate` g/min (the
     simulator's eating rule), [T] -> [T]."""
     eaten = np.zeros_like(plate)

@@ -61,7 +61,12 @@ def replay_cohort(
         # correction/excitation boluses a few times a day, independent of meals
         k = rng.random(slots) < 3.0 / (24 * 60 / slot)
         bolus_slot[i, k] += np.round(rng.uniform(0.3, 2.0, k.sum()), 1)
-    cho = np.repeat(carbs_slot / slot, slot, axis=1)  # [N, T] g/min
+    # Meals go on the plate at the slot start and are eaten at the simulator's 5 g/min.
+    from training.interventional import eaten_per_minute
+
+    plate = np.zeros((n, slots * slot))
+    plate[:, ::slot] = carbs_slot
+    cho = np.stack([eaten_per_minute(row) for row in plate])  # [N, T] g/min
     ins = np.repeat((basal_slot + bolus_slot) / slot, slot, axis=1)  # [N, T] U/min
     r = replay(patients, cho, ins, return_states=False)
     read = np.arange(slots) * slot
