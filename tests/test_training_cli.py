@@ -21,6 +21,7 @@ def store(tmp_path_factory):
     """One MLflow store per module (creating a sqlite store costs seconds)."""
     d = tmp_path_factory.mktemp("mlflow")
     with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(d)  # MLflow's artifact store and default outputs land here, not in the repo
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{d / 'mlflow.db'}")
         mp.setenv("GLUCAST_TORCH_THREADS", "1")
         yield d

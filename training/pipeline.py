@@ -212,11 +212,11 @@ def train(
     """Train (or fit) `cfg.model` on `frame`, score it on the test split, log everything."""
     cfg.validate()
     _threads(cfg.trainer.threads)
-    out = Path(out_dir) if out_dir else default_out(cfg.model)
-    out.mkdir(parents=True, exist_ok=True)
     wc = cfg.window_config()
     t0 = time.perf_counter()
-    splits = build_splits(frame, cfg.data, wc)
+    splits = build_splits(frame, cfg.data, wc)  # fails early, before anything is written
+    out = Path(out_dir) if out_dir else default_out(cfg.model)
+    out.mkdir(parents=True, exist_ok=True)
     _progress(
         "windows: "
         + ", ".join(f"{k} {len(w)}" for k, w in splits.windows.items())

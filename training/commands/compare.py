@@ -125,8 +125,8 @@ def _tables(out: dict) -> None:
         console.print(f"no finished glucast runs in experiment {out['experiment']!r}")
     for g in out["groups"]:
         t = Table(title=f"test dataset {g['dataset_hash'][:16]} ({len(g['runs'])} runs)")
-        t.add_column("model")
-        t.add_column("run")
+        t.add_column("model", no_wrap=True, min_width=11)
+        t.add_column("run", no_wrap=True, min_width=8)
         for name, _ in COLUMNS:
             t.add_column(name, justify="right")
         for r in g["runs"]:
