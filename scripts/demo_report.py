@@ -119,7 +119,17 @@ def build(out: Path) -> Path:
             "predicted change is compared with the true change, and more planned insulin must "
             "never raise the predicted median."
         )
-        rep.add_json(ev["interventional"])
+        rows = {}
+        for name, res in ev["interventional"].get("interventions", {}).items():
+            for h, v in res.get("horizons", {}).items():
+                rows[f"{name} @ {h} min"] = {
+                    "true change mg/dL": v.get("mean_true_change"),
+                    "predicted change mg/dL": v.get("mean_predicted_change"),
+                    "relative error": v.get("relative_error_of_mean"),
+                    "correlation": v.get("correlation"),
+                    "median raised by more insulin %": res.get("monotonicity_violation_pct"),
+                }
+        rep.add_table(pd.DataFrame(rows).T.astype(float).round(2))
 
     trials = trial_table(out)
     if len(trials):
@@ -136,10 +146,11 @@ def build(out: Path) -> Path:
     alerts = _load(out / "alerts.json")
     if alerts:
         rep.add_heading("Alerts: warned before the low, not after")
+        keep = ("sensitivity", "false_per_day", "lead_min", "episodes", "warned", "alerts")
         rows = {
-            k: {kk: _fmt(vv) for kk, vv in v.items() if not isinstance(vv, (dict, list))}
+            k: {kk: _fmt(v.get(kk)) for kk in keep}
             for k, v in alerts.items()
-            if isinstance(v, dict)
+            if isinstance(v, dict) and "sensitivity" in v
         }
         rep.add_table(pd.DataFrame(rows).T)
 
