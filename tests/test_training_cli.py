@@ -30,6 +30,8 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def frame_path(store):
     frame = replay_cohort("adult#001,adolescent#001", days=2.5, seed=2)
+    # small epochs keep the test fast (finetune inherits this from the manifest)
+    (store / "small.yaml").write_text("trainer:\n  max_train_windows: 1024\n")
     return write_parquet(frame, store / "frame.parquet")
 
 
@@ -53,23 +55,11 @@ def lstm_run(store, frame_path):
     import io
 
     out = io.StringIO()
+    argv = ["train", "--model", "lstm", "--data", str(frame_path), "--max-epochs", "1"]
+    argv += ["--config", str(store / "small.yaml"), "--experiment", "cli"]
+    argv += ["--out", str(store / "lstm"), "--json"]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        rc = main(
-            [
-                "train",
-                "--model",
-                "lstm",
-                "--data",
-                str(frame_path),
-                "--max-epochs",
-                "1",
-                "--experiment",
-                "cli",
-                "--out",
-                str(store / "lstm"),
-                "--json",
-            ]  # fmt: skip
-        )
+        rc = main(argv)
     assert rc == 0
     return json.loads(out.getvalue())
 
@@ -279,6 +269,7 @@ def test_too_little_data_for_a_split(capsys, store, frame_path):
     p = write_parquet(short, store / "short.parquet")
     err = run_fail(capsys, ["train", "--model", "lstm", "--data", str(p), "--max-epochs", "1"])
     assert "too little data" in err or "no windows" in err
+    assert not (store / "artifacts").exists()  # nothing is written before the data check
 
 
 def test_manifest_not_matching_onnx(capsys, lstm_run, frame_path, store):

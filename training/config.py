@@ -108,7 +108,7 @@ class TrainerConfig:
     gradient_clip: float = 1.0
     seed: int = 0
     threads: int = field(default_factory=lambda: int(os.environ.get("GLUCAST_TORCH_THREADS", "1")))
-    max_train_windows: int = 32768  # per epoch, drawn at random (0 = all windows)
+    max_train_windows: int = 32768  # windows per epoch, drawn at random (0 = one pass)
     freeze_insulin_epochs: int = 3  # hold the insulin head at its prior this many epochs
     accelerator: str = "cpu"
     devices: str = "1"

@@ -18,8 +18,9 @@ class GlucoseDataModule(L.LightningDataModule):
     """Serves the windows of a `Splits` as (past, future, target) float32 batches.
 
     Windows with no real target at all are dropped from training (nothing to learn).
-    `max_train_windows` > 0 draws that many training windows at random each epoch (a cheap
-    way to bound epoch time on big cohorts).
+    `max_train_windows` > 0 makes every epoch that many windows drawn at random (without
+    replacement from a big cohort, with replacement from a small one), so training time and
+    the number of optimiser steps do not depend on the data size.
     """
 
     def __init__(
@@ -46,8 +47,16 @@ class GlucoseDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
-        if self.max_train_windows and self.max_train_windows < len(self.train):
-            sampler = RandomSampler(self.train, num_samples=self.max_train_windows, generator=g)
+        if self.max_train_windows:
+            # A fixed number of windows per epoch, whatever the data size: a big cohort is
+            # subsampled, a small one is cycled through several times, so the default
+            # epoch count means the same amount of training on both.
+            sampler = RandomSampler(
+                self.train,
+                replacement=self.max_train_windows > len(self.train),
+                num_samples=self.max_train_windows,
+                generator=g,
+            )
             return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler)
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=g)
 

@@ -180,11 +180,7 @@ def fit_module(
         "global_zero": trainer.is_global_zero,
     }
     info["windows_per_second"] = (
-        (
-            info["train_windows"]
-            if not t.max_train_windows
-            else min(t.max_train_windows, len(dm.train))
-        )
+        (info["train_windows"] if not t.max_train_windows else t.max_train_windows)
         * max(1, info["epochs"])
         / max(seconds, 1e-9)
     )
