@@ -59,14 +59,17 @@ class ForecastModule(L.LightningModule):
     def forward(self, past: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
         return self.model(past, future)
 
-    def on_train_epoch_start(self) -> None:
+    def on_after_backward(self) -> None:
         # Early in training the free part has not learned what meals do, so glucose rising
         # after a meal bolus reads as "insulin raises glucose" and would drive the insulin
         # gain to zero, where softplus saturates and it cannot come back. Holding the
         # insulin head at its physiological prior for the first epochs avoids that trap.
-        frozen = self.current_epoch < self.hparams.freeze_insulin_epochs
-        for p in self.model.insulin_parameters():
-            p.requires_grad_(not frozen)
+        # (Gradients are zeroed rather than requires_grad switched off: DDP needs the same
+        # parameters to take part in every step; Adam makes no step on a zero gradient.)
+        if self.current_epoch < self.hparams.freeze_insulin_epochs:
+            for p in self.model.insulin_parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
 
     def _loss(
         self, batch: tuple[torch.Tensor, ...]

@@ -183,11 +183,15 @@ class ForecastHead(nn.Module):
                 self.gain.weight.mul_(0.1)  # context modulates the prior gently at first
                 self.gain.bias.copy_(torch.from_numpy(inverse_softplus(prior).reshape(-1)))
         elif insulin_gain == "lag":
-            self.gain = nn.Linear(d_model, 1)
+            # Only parameters that reach the loss exist (DDP insists): a context-free gain
+            # is one number.
+            self.gain = nn.Linear(d_model, 1) if gain_context else None
+            self.gain_bias = nn.Parameter(torch.tensor(float(inverse_softplus(np.array(1.0)))))
             self.lag_shape = nn.Parameter(torch.from_numpy(inverse_softplus(prior[:, 0])).float())
-            with torch.no_grad():
-                self.gain.weight.mul_(0.1)
-                self.gain.bias.fill_(float(inverse_softplus(np.array(1.0))))
+            if self.gain is not None:
+                with torch.no_grad():
+                    self.gain.weight.mul_(0.1)
+                    self.gain.bias.zero_()
         else:
             raise ValueError(f"insulin_gain {insulin_gain!r} must be 'lag' or 'full'")
         # Insulin sensitivity scales inversely with a person's insulin needs (the clinical
@@ -197,7 +201,7 @@ class ForecastHead(nn.Module):
         # stays linear and non-negative in the planned insulin.
         self.dose_scaling = dose_scaling
         self.register_buffer("basal_ref", torch.tensor(1.0))  # U/slot, set from training data
-        self.dose_beta = nn.Parameter(torch.tensor(1.0))
+        self.dose_beta = nn.Parameter(torch.tensor(1.0)) if dose_scaling else None
         # Centering of the planned insulin: the head acts on u_j − û_j. With "expected", û
         # is the insulin the past context leads one to expect (a small head trained only to
         # predict the plan, never through the forecast loss). The free part then carries
@@ -230,9 +234,11 @@ class ForecastHead(nn.Module):
 
     def insulin_parameters(self) -> list[nn.Parameter]:
         """The parameters of the insulin-effect head (gain, lag profile, dose exponent)."""
-        params = list(self.gain.parameters()) + [self.dose_beta]
+        params = [] if self.gain is None else list(self.gain.parameters())
+        if self.dose_beta is not None:
+            params.append(self.dose_beta)
         if self.insulin_gain == "lag":
-            params.append(self.lag_shape)
+            params += [self.gain_bias, self.lag_shape]
         return params
 
     @torch.no_grad()
@@ -278,10 +284,12 @@ class ForecastHead(nn.Module):
             k = F.softplus(self.gain(ctx)).view(-1, self.H, self.H)  # [B, H, H]
         else:
             shape = F.softplus(self.lag_shape)[self.lag_idx]  # [H, H] Toeplitz in the lag
-            a = self.gain(ctx) if self.gain_context else self.gain.bias.expand(ctx.shape[0], 1)
+            a = self.gain_bias.expand(ctx.shape[0], 1)  # [B, 1]
+            if self.gain is not None:
+                a = a + self.gain(ctx)  # [B, 1]
             k = F.softplus(a)[:, :, None] * shape  # [B, 1, 1] × [H, H]
         basal = past[..., self.layout.past_basal].mean(1)  # [B] U/slot
-        if self.dose_scaling:
+        if self.dose_beta is not None:
             rel = torch.clamp(basal / self.basal_ref, 0.2, 5.0)  # [B]
             k = k * torch.exp(-self.dose_beta * torch.log(rel))[:, None, None]  # [B, H, H]
         k = k * self.tril * self.isf_prior  # [B, H, H], zero above the diagonal (causal)
