@@ -11,9 +11,9 @@ announced carbs, which get their own structured head). The forecast is
     median[h] = g_last + free[h] + Σ_{j≤h} c[h, j] · carbs_j − Σ_{j≤h} k[h, j] · (u_j − û_j)
     q-th quantile = median ∓ spread_q[h],   spread_q ≥ 0
 
-with u_j the planned insulin (basal + bolus, U per slot) and û_j the insulin the past
-context leads one to expect (a small head trained only to predict the plan; it depends on
-the past alone, so it merely centres u). The insulin gain is ISF-like and non-negative:
+with u_j the planned insulin (basal + bolus, U per slot) and û_j the insulin one expects
+from the past context and the announced carbs (a small head trained only to predict the
+plan; it does not depend on the plan, so it merely centres u). The insulin gain is ISF-like and non-negative:
 
     k[h, j] = isf_prior · softplus(a) · (ū_ref / ū)^β · s[h − j]
 
@@ -209,16 +209,25 @@ class ForecastHead(nn.Module):
         # from it — without this, whatever the free part can foresee of the plan (more
         # insulin when glucose is high, meal boluses...) is counted twice and the gain is
         # shrunk to compensate. "basal": û = the window's mean past basal. Either way û
-        # depends on the past only, so monotonicity in the plan is untouched.
+        # does not depend on the plan, so monotonicity in the plan is untouched.
         if center not in ("expected", "basal"):
             raise ValueError(f"center {center!r} must be 'expected' or 'basal'")
         self.center = center
         self.register_buffer("plan_scale", torch.tensor(1.0))  # U/slot, training mean
         self.register_buffer("plan_std", torch.tensor(1.0))  # U/slot, training std
         self.plan = nn.Linear(d_model, H)
+        # ...plus the meal boluses the announced carbs lead one to expect: carbs_j × an
+        # insulin-to-carb ratio read from the context. Partialling the meals out of u this
+        # way leaves the gain to be learned from insulin that varies independently of the
+        # meals (corrections, temp basals, extra boluses), not from the meal boluses whose
+        # effect is entangled with the carbs'.
+        self.plan_ratio = nn.Linear(d_model, 1)
+        self.register_buffer("ratio_scale", torch.tensor(0.1))  # U per g, training ratio
         with torch.no_grad():
             self.plan.weight.mul_(0.1)
             self.plan.bias.fill_(float(inverse_softplus(np.array(1.0))))
+            self.plan_ratio.weight.mul_(0.1)
+            self.plan_ratio.bias.fill_(float(inverse_softplus(np.array(1.0))))
         # Optional structured carb head: c[h, j] = csf_prior · g_c(ctx) · r[h − j] ≥ 0.
         self.carb_head = layout.carb_head
         self.csf_prior = float(csf_prior)
@@ -262,6 +271,11 @@ class ForecastHead(nn.Module):
         self.plan_scale.fill_(plan if np.isfinite(plan) and plan > 0 else 1.0)
         sd = float(np.nanstd(future[:, :, ib] + future[:, :, il]))
         self.plan_std.fill_(sd if np.isfinite(sd) and sd > 0 else 1.0)
+        carbs = future[:, :, self.layout.carbs].astype(np.float64)
+        meal = carbs > 0
+        if meal.any():
+            ratio = float(np.nanmedian(future[:, :, il][meal] / carbs[meal]))
+            self.ratio_scale.fill_(ratio if np.isfinite(ratio) and ratio > 0 else 0.1)
 
     def parts(self, past: torch.Tensor, future: torch.Tensor) -> dict[str, torch.Tensor]:
         """The pieces of the forecast (all mg/dL unless said):
@@ -302,7 +316,10 @@ class ForecastHead(nn.Module):
         u = future[..., ib] + future[..., il]  # [B, H] U per slot
         # The expectation reads the backbone's summary but does not train it (detach): the
         # backbone stays shaped by the forecast alone.
-        u_hat = F.softplus(self.plan(ctx.detach())) * self.plan_scale  # [B, H]
+        cd = ctx.detach()
+        carbs_in = future[..., self.layout.carbs]  # [B, H] g per slot (known, not planned)
+        ratio = F.softplus(self.plan_ratio(cd)) * self.ratio_scale  # [B, 1] U per g
+        u_hat = F.softplus(self.plan(cd)) * self.plan_scale + ratio * carbs_in  # [B, H]
         if self.center == "expected":
             u_ref = u_hat.detach()  # the forecast loss must not shape the expectation
         else:
