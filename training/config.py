@@ -90,7 +90,8 @@ class HeadConfig:
     insulin_gain: str = "lag"  # "lag": ISF-like gain × shared lag profile; "full": per (h, j)
     carb_head: bool = True  # announced future carbs through a structured, positive head
     csf_prior: float = 3.0  # mg/dL per g: the carb head's starting gain
-    dose_scaling: bool = True  # gain × (reference basal / window's mean past basal)^β
+    dose_scaling: bool = True  # gain × (reference dose / window's mean past dose)^β
+    dose_feature: str = "basal_u"  # the past feature whose window mean is the dose scale
     center: str = "expected"  # plan centring: "expected" (learned from the past) or "basal"
     # Let the ISF-like gain depend on the past context (beyond the dose scaling)? Off by
     # default: on the excitation cohort a context-dependent gain learned to shrink itself

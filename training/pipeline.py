@@ -71,6 +71,7 @@ def _spec(cfg: TrainConfig, wc: Any) -> dict[str, Any]:
         "dose_scaling": cfg.head.dose_scaling,
         "center": cfg.head.center,
         "gain_context": cfg.head.gain_context,
+        "dose_feature": cfg.head.dose_feature,
         "insulin_peak_min": wc.insulin_peak_min,
         "insulin_dia_min": wc.insulin_dia_min,
     }

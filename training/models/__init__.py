@@ -46,6 +46,7 @@ def build_model(kind: str, layout: Layout, options: dict, head: dict, slot_minut
         dose_scaling=head.get("dose_scaling", True),
         center=head.get("center", "expected"),
         gain_context=head.get("gain_context", False),
+        dose_feature=head.get("dose_feature", "basal_u"),
     )
 
 

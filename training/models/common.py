@@ -135,6 +135,7 @@ class ForecastHead(nn.Module):
         dose_scaling: bool = True,
         center: str = "expected",
         gain_context: bool = False,
+        dose_feature: str = "basal_u",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -200,7 +201,8 @@ class ForecastHead(nn.Module):
         # (starting at 1) and ū clamped to [0.2, 5] × ref; ū is past data, so the effect
         # stays linear and non-negative in the planned insulin.
         self.dose_scaling = dose_scaling
-        self.register_buffer("basal_ref", torch.tensor(1.0))  # U/slot, set from training data
+        self.register_buffer("basal_ref", torch.tensor(1.0))  # dose scale of the training data
+        self.dose_idx = layout.past_features.index(dose_feature)
         self.dose_beta = nn.Parameter(torch.tensor(1.0)) if dose_scaling else None
         # Centering of the planned insulin: the head acts on u_j − û_j. With "expected", û
         # is the insulin the past context leads one to expect (a small head trained only to
@@ -264,7 +266,7 @@ class ForecastHead(nn.Module):
         scale = np.sqrt(np.nanmean(delta.astype(np.float64) ** 2, 0))
         scale = np.where(np.isfinite(scale), np.maximum(scale, 1.0), 10.0)
         self.delta_scale.copy_(torch.from_numpy(scale).float())
-        ref = float(np.nanmean(past[:, :, self.layout.past_basal]))
+        ref = float(np.nanmean(past[:, :, self.dose_idx]))
         self.basal_ref.fill_(ref if np.isfinite(ref) and ref > 0 else 1.0)
         ib, il = self.layout.insulin
         plan = float(np.nanmean(future[:, :, ib] + future[:, :, il]))
@@ -304,7 +306,8 @@ class ForecastHead(nn.Module):
             k = F.softplus(a)[:, :, None] * shape  # [B, 1, 1] × [H, H]
         basal = past[..., self.layout.past_basal].mean(1)  # [B] U/slot
         if self.dose_beta is not None:
-            rel = torch.clamp(basal / self.basal_ref, 0.2, 5.0)  # [B]
+            dose = past[..., self.dose_idx].mean(1)  # [B] this window's insulin scale
+            rel = torch.clamp(dose / self.basal_ref, 0.2, 5.0)  # [B]
             k = k * torch.exp(-self.dose_beta * torch.log(rel))[:, None, None]  # [B, H, H]
         k = k * self.tril * self.isf_prior  # [B, H, H], zero above the diagonal (causal)
         if self.carb_head:
