@@ -94,8 +94,8 @@ class HeadConfig:
     dose_feature: str = "basal_u"  # the past feature whose window mean is the dose scale
     center: str = "expected"  # plan centring: "expected" (learned from the past) or "basal"
     # Let the ISF-like gain depend on the past context (beyond the dose scaling)? Off by
-    # default: on the excitation cohort a context-dependent gain learned to shrink itself
-    # wherever insulin comes with meals (confounding), under-predicting a 1 U bolus by 60 %.
+    # default: on the 30-patient excitation cohort a context-dependent gain shrank itself
+    # (predicted 60-min response to +1 U: -0.6 to -1.3 mg/dL against a true -6.1).
     gain_context: bool = False
 
 
