@@ -117,10 +117,13 @@ def _plot(group: dict, path: str) -> str:
 
 
 def _tables(out: dict) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # a pipe or a log file gets the full table, not one squeezed to 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 160)
     if not out["groups"]:
         console.print(f"no finished glucast runs in experiment {out['experiment']!r}")
     for g in out["groups"]:

@@ -105,7 +105,9 @@ def _table(out: dict) -> None:
             f(m["coverage"]),
             f(m["lag_min"], 0),
         )
-    Console().print(t)
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
     if "bglp" in out:
         b = out["bglp"]
         print(
