@@ -258,31 +258,8 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
         mbg = typ == "mbg"
         if mbg.any():
             raw = _col(df, "mbg")[mbg]
-            ok = screen_amounts(
-                sink,
-                file=f,
-                field="finger_stick",
-                time=t[mbg],
-                time_raw=traw[mbg],
-                amount=numbers(raw),
-                amount_raw=raw,
-                record=rec[mbg],
-                time_field="date",
-                value_field="mbg",
-                minimum=20.0,
-                maximum=600.0,
-                now=now,
-            )
-            ev.add(
-                "values",
-                table(
-                    "values",
-                    subject_id=sid,
-                    start=t[mbg][ok],
-                    column="finger_stick",
-                    value=numbers(raw)[ok],
-                ),
-            )
+            _finger_sticks(ev, sink, f, sid, t[mbg], traw[mbg], rec[mbg], numbers(raw), raw,
+                           "date", "mbg", now)  # fmt: skip
         other = ~(sgv | mbg)
         for k, n in pd.Series(typ[other]).value_counts().items():
             count(report, f"ignored:entries:{k}", n)
@@ -375,27 +352,8 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
             mmol = (u_col.str.contains("mmol") | ((u_col == "") & profile_mmol)).to_numpy()
             mg = np.where(mmol, v * MGDL_PER_MMOLL, v)
             units |= {"mmol/L"} if mmol.any() else set()
-            ok = screen_amounts(
-                sink,
-                file=f,
-                field="finger_stick",
-                time=t[m],
-                time_raw=traw[m],
-                amount=mg,
-                amount_raw=raw,
-                record=rec[m],
-                time_field="created_at",
-                value_field="glucose",
-                minimum=20.0,
-                maximum=600.0,
-                now=now,
-            )
-            ev.add(
-                "values",
-                table(
-                    "values", subject_id=sid, start=t[m][ok], column="finger_stick", value=mg[ok]
-                ),
-            )
+            _finger_sticks(ev, sink, f, sid, t[m], traw[m], rec[m], mg, raw,
+                           "created_at", "glucose", now)  # fmt: skip
             used |= m
         # temp basals
         m = et == "Temp Basal"
@@ -653,3 +611,29 @@ def _profile_schedule(doc: Any, path: Path, sid: str, start, end, sink: Sink):
         "rates", subject_id=sid, start=st, end=[end] * int(keep.sum()), rate_u_h=rates[keep]
     )
     return sched, tz
+
+
+def _finger_sticks(ev, sink, file, sid, t, traw, rec, mgdl, raw, time_field, value_field, now):
+    """Screen finger-stick values (20–600 mg/dL) and add the good ones as `finger_stick`.
+
+    Entries (`mbg`) and treatments (`glucose`) both carry finger sticks; one path for both.
+    """
+    ok = screen_amounts(
+        sink,
+        file=file,
+        field="finger_stick",
+        time=t,
+        time_raw=traw,
+        amount=mgdl,
+        amount_raw=raw,
+        record=rec,
+        time_field=time_field,
+        value_field=value_field,
+        minimum=20.0,
+        maximum=600.0,
+        now=now,
+    )
+    ev.add(
+        "values",
+        table("values", subject_id=sid, start=t[ok], column="finger_stick", value=mgdl[ok]),
+    )
