@@ -198,9 +198,18 @@ class MPCController:
         ]
         rungs += [(f"{f:g}x-30", np.full(n, f), temp_slots) for f in sorted(c.low_rates)]
         rungs.append(("scheduled", np.ones(n), temp_slots))
+        bmax = self._bolus_room(inputs, net_iob, cob_g)  # [N]
+        # IOB-aware high temps (oref0's insulinReq): the extra insulin of a 30-min high temp
+        # may not exceed the same bolus-calculator room as an automatic bolus. Without this
+        # bound the 3x temp ran for hours through a slow post-meal rise while net IOB was
+        # already far above what COB and BG justified (adolescent#002: IOB 15 U, ISF 13),
+        # and the patient went below 54 mg/dL 5-7 h after the meal with insulin suspended
+        # for the last 2 h (baseline: 9 of 12 patients' lows came 4.5-8 h after a meal).
+        room_mult = 1.0 + bmax / np.maximum(basal_h * c.temp_minutes / 60.0, 1e-9)  # [N]
         top = np.ones(n)
         for f in sorted(c.high_rates):
-            mult = np.where(meal, 1.0, np.minimum(f, cap / np.maximum(basal_h, 1e-9)))
+            allowed = np.minimum(np.minimum(f, cap / np.maximum(basal_h, 1e-9)), room_mult)
+            mult = np.where(meal, 1.0, allowed)
             top = np.maximum(top, mult)
             rungs.append((f"{f:g}x-30", top.copy(), temp_slots))
         k_base = len(rungs)
@@ -212,9 +221,11 @@ class MPCController:
             rate[:, j] = mult * basal_h
         basal[:, k_base:, :temp_slots] = (top * b)[:, None, None]  # boluses ride the top temp
         rate[:, k_base:] = (top * basal_h)[:, None]
-        bmax = self._bolus_room(inputs, net_iob, cob_g)  # [N]
         steps = (np.arange(1, c.bolus_rungs + 1) / c.bolus_rungs) ** c.bolus_spacing  # [J]
-        bol = bmax[:, None] * steps[None, :]  # [N, J] automatic boluses (no meal now)
+        # the bolus rungs ride the top temp: they share the room, so the top rung's net IOB
+        # stays within the calculator's bound too
+        temp_extra = (top - 1.0) * basal_h * c.temp_minutes / 60.0  # [N] U
+        bol = np.maximum(bmax - temp_extra, 0.0)[:, None] * steps[None, :]  # [N, J] (no meal)
         if meal.any():  # a meal now: the calculator's bolus, scaled between min and max
             fr = np.linspace(c.meal_fractions[0], c.meal_fractions[1], c.bolus_rungs)  # [J]
             full = self._meal_bolus(inputs, net_iob)  # [N]
