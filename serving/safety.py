@@ -16,6 +16,11 @@ Two halves, kept apart on purpose:
   - CGM that is stale (> 12 min), from the future (> 5 min), an error/warm-up/no-data code, out
     of range, jumping (> 40 mg/dL per 5 min) or flat-lined → scheduled basal, or zero basal if
     the last valid reading was low (< 70 mg/dL, within the last 2 h like pumps' low suspend);
+    the one exception: a *rising* jump whose both readings are above the low-suspend level
+    still lets a bolus through up to the carb-ratio bolus of the carbs announced this cycle
+    (`SafetyState.meal_bolus_u`, no correction): that insulin is justified by the announced
+    carbs, not by the suspicious reading, which is what a pump's bolus calculator would give
+    a person whose CGM looks wrong;
   - temp basals last at most 30 min, so a dead loop falls back to the scheduled basal;
   - a faulted or user-suspended pump gets no insulin command.
 
@@ -137,6 +142,15 @@ class CGMCheck:
     last_valid_age_min: float  # its age (inf if none)
     readings: tuple[Reading, ...]  # in-range OK readings, oldest first, one per time, none future
     detail: str = ""
+    # signed rate between the two newest valid readings, mg/dL per 5 min (NaN: fewer than two
+    # within JUMP_MAX_GAP_MIN), and the lower of the two: a meal bolus may pass a rising jump
+    jump_rate_mgdl: float = math.nan
+    jump_floor_mgdl: float = math.nan
+
+    @property
+    def rising_jump_only(self) -> bool:
+        """The CGM's only problem is a rising jump (the meal-bolus exception applies)."""
+        return self.problem == CGMProblem.JUMP and self.jump_rate_mgdl > 0
 
     @property
     def usable(self) -> bool:
@@ -203,11 +217,14 @@ def assess_cgm(readings: Sequence[Reading], now: pd.Timestamp) -> CGMCheck:
     if age > STALE_MIN:
         problem |= CGMProblem.STALE
         details.append(f"newest valid reading {age:.0f} min old")
+    jump_rate = jump_floor = math.nan
     if len(valid) >= 2:
         prev = valid[-2]
         gap = (last.time.value - prev.time.value) / 60e9
         if 0 < gap <= JUMP_MAX_GAP_MIN:
-            rate = abs(last.glucose_mgdl - prev.glucose_mgdl) / max(gap, SLOT_MIN) * SLOT_MIN
+            jump_rate = (last.glucose_mgdl - prev.glucose_mgdl) / max(gap, SLOT_MIN) * SLOT_MIN
+            jump_floor = min(last.glucose_mgdl, prev.glucose_mgdl)
+            rate = abs(jump_rate)
             if rate > JUMP_MGDL_PER_5MIN:
                 problem |= CGMProblem.JUMP
                 details.append(
@@ -219,7 +236,16 @@ def assess_cgm(readings: Sequence[Reading], now: pd.Timestamp) -> CGMCheck:
             problem |= CGMProblem.FLAT
             details.append(f"{FLAT_READINGS} identical readings ({tail[0]:.0f} mg/dL)")
     glucose = last.glucose_mgdl if not problem else math.nan
-    return CGMCheck(problem, glucose, last.glucose_mgdl, age, tuple(valid), "; ".join(details))
+    return CGMCheck(
+        problem,
+        glucose,
+        last.glucose_mgdl,
+        age,
+        tuple(valid),
+        "; ".join(details),
+        jump_rate,
+        jump_floor,
+    )
 
 
 # --------------------------------------------------------------------------- limits
@@ -289,6 +315,8 @@ def decide(
     pump_fault: np.ndarray | bool = False,
     pump_suspended: np.ndarray | bool = False,
     journal_ok: np.ndarray | bool = True,
+    meal_bolus: np.ndarray | float = 0.0,
+    rising_jump: np.ndarray | bool = False,
 ) -> Decision:
     """The supervisor's rules on arrays (one element per patient). Pure; no I/O.
 
@@ -296,6 +324,9 @@ def decide(
     the lowest predicted median and lowest predicted quantile within 30 min (NaN if no
     prediction; see `predicted_low`); `unconfirmed_bolus` boluses sent whose
     delivery the pump has not confirmed (counted as on board, and they block a new bolus).
+    `meal_bolus` is the carb-ratio bolus of the carbs announced this cycle and `rising_jump`
+    marks a CGM whose only problem is a rising jump with both readings at or above
+    `low_suspend`: there the scheduled-basal fallback keeps a bolus up to `meal_bolus`.
     """
     arrays = np.broadcast_arrays(
         *(np.asarray(a, dtype=float) for a in (rate, duration, bolus, scheduled, max_basal_setting,
@@ -326,6 +357,9 @@ def decide(
     pump_fault = np.broadcast_to(np.asarray(pump_fault, dtype=bool), shape)
     pump_susp = np.broadcast_to(np.asarray(pump_suspended, dtype=bool), shape)
     journal_ok = np.broadcast_to(np.asarray(journal_ok, dtype=bool), shape)
+    meal_bolus = np.broadcast_to(np.asarray(meal_bolus, dtype=float), shape)
+    meal_bolus = np.where(np.isfinite(meal_bolus) & (meal_bolus > 0), meal_bolus, 0.0)
+    rising_jump = np.broadcast_to(np.asarray(rising_jump, dtype=bool), shape)
     iob = np.where(np.isfinite(iob), iob, np.inf)  # unknown IOB: assume the worst
     unconf = np.where(np.isnan(unconf) | (unconf < 0), 0.0, unconf)  # inf: unknown, blocks all
     vetoes = np.zeros(shape, dtype=np.int64)
@@ -393,7 +427,24 @@ def decide(
     rate = np.where(sched_fb, np.minimum(scheduled, cap), rate)
     rate = np.where(susp_fb, 0.0, rate)
     duration = np.where(fallback != FALLBACK_NONE, float(MAX_TEMP_MINUTES), duration)
-    bolus = np.where(fallback != FALLBACK_NONE, 0.0, bolus)
+    # A rising jump (> 40 mg/dL in 5 min) is what a sensor artefact looks like, but also what a
+    # fast meal rise looks like in a CGM with noise (child#008 rises > 100 mg/dL in 15 min). The
+    # reading must not drive insulin, so the fallback stays scheduled basal; the announced
+    # carbs' own bolus (no correction) does not depend on the reading and still goes through,
+    # within every limit applied above (max bolus, max IOB, unconfirmed boluses). Any other
+    # fallback (journal, prediction, pump, a low, a falling jump, other CGM faults) blocks it.
+    meal_ok = (
+        (fallback == FALLBACK_SCHEDULED)
+        & rising_jump
+        & (cgm_problem == int(CGMProblem.JUMP))
+        & journal_ok
+        & pred_valid
+        & ~bad_rate
+        & ~bad_bolus
+    )
+    bolus = np.where(
+        fallback == FALLBACK_NONE, bolus, np.where(meal_ok, np.minimum(bolus, meal_bolus), 0.0)
+    )
     return Decision(
         rate=rate,
         duration=duration.astype(np.int64),
@@ -418,6 +469,9 @@ class SafetyState:
     pump: PumpStatus | None = None
     unconfirmed_bolus_u: float = 0.0
     journal_ok: bool = True
+    # the carb-ratio bolus of the carbs announced this cycle (no correction); only used to let
+    # a meal bolus through a rising CGM jump (see `decide`)
+    meal_bolus_u: float = 0.0
 
     @classmethod
     def from_readings(
@@ -495,6 +549,13 @@ def check_batch(
         pump_fault=np.array([bool(p is not None and p.fault) for p in pumps]),
         pump_suspended=np.array([bool(p is not None and p.suspended) for p in pumps]),
         journal_ok=np.array([st.journal_ok for st in states]),
+        meal_bolus=np.array([st.meal_bolus_u for st in states], dtype=float),
+        rising_jump=np.array(
+            [
+                st.cgm.rising_jump_only and st.cgm.jump_floor_mgdl >= s.low_suspend_mgdl
+                for st, s in zip(states, settings)
+            ]
+        ),
         **_settings_arrays(settings),
     )
     return [

@@ -40,7 +40,13 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from forecast.schema import GLUCOSE_MIN_MGDL, SLOT_MINUTES, GlucastError
 from forecast.windows import WindowConfig
-from serving.controllers import CONTROLLER_NAMES, Controller, basal_iob_u, make_controller
+from serving.controllers import (
+    CONTROLLER_NAMES,
+    Controller,
+    basal_iob_u,
+    make_controller,
+    meal_bolus_u,
+)
 from serving.types import CGMStatus, ControlInput, PatientSettings, Proposal, Reading
 
 PATIENT_GROUPS = ("all", "adults", "adolescents", "children")
@@ -687,7 +693,12 @@ def run_trial(
         else:
             proposals = controller.propose(inputs)
         states = [
-            SafetyState(now=now, iob_u=float(iob[i]), cgm=assess_cgm(recent[i], now))
+            SafetyState(
+                now=now,
+                iob_u=float(iob[i]),
+                cgm=assess_cgm(recent[i], now),
+                meal_bolus_u=meal_bolus_u(float(carbs[i]), settings[i]),
+            )
             for i in range(n)
         ]
         answers: list[Any] = [None] * n
