@@ -6,12 +6,15 @@ cycle per slot, with a forecast at every reading (batched, from any forecaster w
 It scores the alerts the person would have received against the glucose episodes that
 actually followed.
 
-Episodes (`EpisodeRule`, defaults follow the international consensus on CGM outcomes, with
-the shorter 10-minute minimum this evaluation is asked for):
+Episodes (`EpisodeRule`, defaults follow the international consensus on CGM outcomes,
+Battelino et al., Diabetes Care 2023: a CGM episode lasts at least 15 minutes):
 
-* a *low episode* is a run of at least ``min_readings`` (2) consecutive real readings below
-  70 mg/dL — consecutive meaning no more than ``max_gap_min`` (15) minutes between them;
-  a *high episode* the same above 250 mg/dL;
+* a *low episode* is a run of at least ``min_readings`` (3, i.e. 15 minutes of 5-minute
+  readings) consecutive real readings below 70 mg/dL — consecutive meaning no more than
+  ``max_gap_min`` (15) minutes between them; a *high episode* the same above 250 mg/dL.
+  (Until December 2026 the default was 2 readings / 10 minutes; a one- or two-reading dip
+  below 70 is now not an episode — an alert before it counts as false, the threshold alarm
+  it raises included.) `--min-readings 2` gives the old definition;
 * a run belongs to the previous episode unless it starts at least ``min_separation_min``
   (30) minutes after it ended *and* glucose recovered past the threshold by
   ``recovery_mgdl`` (10: to 80 mg/dL, resp. 240) in between — the alert engine's own
@@ -83,7 +86,7 @@ class EpisodeRule:
 
     threshold_mgdl: float = 70.0
     below: bool = True
-    min_readings: int = 2
+    min_readings: int = 3  # >= 15 min of 5-minute readings (consensus); was 2 until 12/2026
     max_gap_min: float = 15.0
     min_separation_min: float = 30.0
     recovery_mgdl: float = 10.0

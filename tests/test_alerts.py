@@ -163,15 +163,27 @@ LOWER_Q_TWO_CYCLES = AlertThresholds(
 )
 
 
-def test_predicted_low_by_default_is_the_median_on_one_cycle():
+def test_predicted_low_by_default_is_the_interpolated_0_4_quantile_on_one_cycle():
     eng = AlertEngine()
+    # q0.4 lies 7/9 of the way from the 0.05 to the median column: 75.6, then 65.6 mg/dL
+    # (the median itself, 70, never goes below 70)
     got = run(
         eng,
         [130, 125, 120, 115, 110],
-        forecasts=lambda i, v: flat_forecast(at(i), 40, med=60 if i >= 3 else 75),
+        forecasts=lambda i, v: flat_forecast(at(i), *((50, 70) if i >= 3 else (60, 80))),
     )
     assert list(got) == [3] and got[3][0].kind is AlertKind.PREDICTED_LOW
-    assert got[3][0].value == 60 and got[3][0].detail == "q0.5"
+    assert got[3][0].value == pytest.approx(50 + 20 * 7 / 9) and got[3][0].detail == "q0.4"
+
+
+def test_forecast_column_interpolates_between_quantiles_and_clamps():
+    fc = flat_forecast(at(0), 40, med=80, hi=120)
+    np.testing.assert_allclose(fc.column(0.5), 80)
+    np.testing.assert_allclose(fc.column(0.275), 60)  # half way from 0.05 to 0.5
+    np.testing.assert_allclose(fc.column(0.7), 80 + 40 * 0.2 / 0.45)
+    np.testing.assert_allclose(fc.column(0.01), 40)  # below the lowest: the lowest
+    np.testing.assert_allclose(fc.column(None), 40)
+    assert fc.quantile_used(0.01) == 0.05 and fc.quantile_used(0.4) == 0.4
 
 
 def test_predicted_low_on_the_lower_quantile_for_two_cycles_says_its_source():
@@ -436,3 +448,68 @@ def test_pump_status_fault_codes_plug_in_directly():
     assert a.detail == "occlusion" and a.message == "Pump fault: occlusion"
     assert eng.update(at(2), pump_faults=[PumpFault.NONE]) == []
     assert AlertKind.PUMP_FAULT not in eng.active()
+
+
+# --------------------------------------------------------------------------- the default rule
+
+
+def _falling_forecast(i, v, *, spread=15.0, roc=-1.0):
+    """Median = the reading continued at `roc` mg/dL/min; q0.05 / q0.95 `spread` around it."""
+    med = v + roc * 5.0 * np.arange(1, 13)
+    return AlertForecast(at(i), np.column_stack([med - spread, med, med + spread]), Q)
+
+
+def test_default_rule_warns_a_steady_fall_at_least_20_minutes_ahead():
+    # 1 mg/dL/min from 120: the first reading below 70 comes at cycle 11 (65 mg/dL)
+    values = [120.0 - 5 * k for k in range(14)]
+    got = run(AlertEngine(), values, forecasts=_falling_forecast)
+    pred = [i for i, v in got.items() for a in v if a.kind is AlertKind.PREDICTED_LOW]
+    onset = next(i for i, v in enumerate(values) if v < 70)
+    assert pred and (onset - pred[0]) * 5 >= 20
+    assert any(a.kind is AlertKind.LOW for a in got.get(onset, []))
+
+
+def test_standing_prediction_is_said_again_after_20_minutes_only_while_it_stands():
+    eng = AlertEngine()
+    got = run(eng, [100] * 12, forecasts=lambda i, v: flat_forecast(at(i), 50, med=70))
+    pred = [i for i, v in got.items() for a in v if a.kind is AlertKind.PREDICTED_LOW]
+    assert pred == [2, 6, 10]  # evaluable from the 3rd reading, then every 20 minutes
+    assert [a.repeat for i in pred for a in got[i]] == [0, 1, 2]
+    # a forecast that no longer predicts the low is not repeated, even before it clears
+    eng = AlertEngine()
+    got = run(
+        eng,
+        [100] * 12,
+        forecasts=lambda i, v: flat_forecast(at(i), 50 if i < 4 else 62, med=70 if i < 4 else 80),
+    )
+    assert [i for i in got] == [2]
+    once = AlertEngine(AlertThresholds(predicted_low_realert_min=None))
+    got = run(once, [100] * 12, forecasts=lambda i, v: flat_forecast(at(i), 50, med=70))
+    assert list(got) == [2]
+
+
+def test_forecast_that_barely_dips_does_not_alert_on_the_median_alone():
+    # q0.4 of (65, 95, 115) is 88.3: a median at 95 with a wide low tail is no "low soon"
+    got = run(AlertEngine(), [100] * 8, forecasts=lambda i, v: flat_forecast(at(i), 65, med=95))
+    assert got == {}
+
+
+def test_gap_gives_signal_loss_and_no_prediction_with_the_defaults():
+    nan = float("nan")
+    values = [120, 115, 110] + [nan] * 5 + [100, 95]
+    got = run(AlertEngine(), values, forecasts=lambda i, v: flat_forecast(at(i), 40, med=50))
+    flat = [(i, a.kind.value) for i, v in got.items() for a in v]
+    assert (6, "signal_loss") in flat
+    # after the gap, two readings do not make a trend: the low forecast is not believed
+    assert [k for i, k in flat if i >= 3] == ["signal_loss"]
+
+
+def test_realert_setting_is_validated_and_round_trips():
+    with pytest.raises(AlertConfigError):
+        AlertThresholds(predicted_low_realert_min=0)
+    th = AlertThresholds(predicted_low_realert_min=None)
+    assert AlertThresholds.from_dict(th.to_dict()) == th
+    assert AlertThresholds().realert_for(AlertKind.PREDICTED_LOW) == 20.0
+    assert th.realert_for(AlertKind.PREDICTED_LOW) is None
+    user = AlertThresholds(realert_min={"predicted_low": 45})
+    assert user.realert_for(AlertKind.PREDICTED_LOW) == 45.0

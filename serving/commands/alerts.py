@@ -50,11 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quantile",
         type=float,
         default=None,
-        help="forecast quantile the predicted low looks at (default: the lowest)",
+        help="forecast quantile the predicted low looks at (default: the engine's, 0.4; "
+        "interpolated between the forecast's quantiles)",
     )
     r.add_argument("--margin", type=float, default=None, help="mg/dL added to the low threshold")
     r.add_argument("--cycles", type=int, default=None, help="consecutive cycles before alerting")
     r.add_argument("--horizon", type=float, default=None, help="alert horizon, minutes")
+    r.add_argument(
+        "--realert",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="say a standing predicted low again after MIN minutes (default 20; 0: once)",
+    )
     r.add_argument("--low", type=float, default=None, help="low threshold, mg/dL (70)")
     r.add_argument("--high", type=float, default=None, help="high threshold, mg/dL (250)")
     s = e.add_argument_group("scoring")
@@ -65,7 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="minutes before onset an alert may come and still count (default: the horizon)",
     )
     s.add_argument(
-        "--min-readings", type=int, default=2, help="readings beyond threshold per episode (2)"
+        "--min-readings",
+        type=int,
+        default=3,
+        help="consecutive readings beyond threshold per episode (3: >= 15 min, the consensus)",
     )
     s.add_argument(
         "--separation", type=float, default=30.0, help="minutes between distinct episodes (30)"
@@ -122,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         changes["predicted_low_margin_mgdl"] = args.margin
     if args.cycles is not None:
         changes["predicted_cycles"] = args.cycles
+    if args.realert is not None:
+        changes["predicted_low_realert_min"] = args.realert if args.realert > 0 else None
     if args.horizon is not None:
         changes["predicted_horizon_min"] = args.horizon
     if args.low is not None:
