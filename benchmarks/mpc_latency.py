@@ -66,6 +66,11 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cpu", type=int, default=0, help="core to pin to (-1: no pinning)")
+    ap.add_argument(
+        "--whole-graph",
+        action="store_true",
+        help="run the whole ONNX graph per candidate (no shared past encoder), for comparison",
+    )
     args = ap.parse_args()
     if not args.model and not args.physio:
         ap.error("give --model DIR (the exported LSTM) or --physio")
@@ -85,13 +90,18 @@ def main() -> int:
     if args.physio:
         predictor, name = physio_predictor(), "physio-mpc"
     else:
+        from serving.controllers.shared_past import shared_past_predictor
+
         predictor, name = Predictor(args.model), "mpc"
+        if not args.whole_graph:  # what `glucast trial` runs
+            predictor = shared_past_predictor(predictor)
     mpc = MPCController(predictor, name=name)
     inputs, states, settings = record_states("all", 8.0, args.seed)
     n_all = len(settings)
     cycles = len(inputs)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    out = {"controller": name, "load_average_1min": load, "cpus": os.cpu_count(), "model": args.model, "threads": 1, "cycles_recorded": cycles,
+    shared = getattr(predictor.primary, "split", False)
+    out = {"controller": name, "shared_past_encoder": shared, "load_average_1min": load, "cpus": os.cpu_count(), "model": args.model, "threads": 1, "cycles_recorded": cycles,
            "python": platform.python_version(), "machine": platform.machine(), "results": []}  # fmt: skip
     rows = []
     for b in args.batch:
@@ -134,7 +144,8 @@ def main() -> int:
     print(json.dumps(out, indent=2))
     print(f"\n{name}: one decision (predict + optimise + supervise), 1 thread", file=sys.stderr)
     print(
-        f"{'patients':>9s} {'rows':>6s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'max ms':>8s}",
+        f"{'patients':>9s} {'rows':>6s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'max ms':>8s}"
+        f" {'cpu p50':>8s} {'cpu p99':>8s}",
         file=sys.stderr,
     )
     for r in rows:

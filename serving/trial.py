@@ -181,7 +181,10 @@ class CohortHistory:
 
     Before the first cycle the patients rest at their basal steady state (that is how the
     simulator starts them), so the history is prefilled with scheduled basal and the first
-    reading; the prefill is never reported as data.
+    reading; the prefill is never reported as data. The trailing daily dose (``tdd_u``)
+    counts the day before the trial at ``prior_daily_dose_u`` (what the person's pump
+    history would show; scheduled basal alone when not given), so a model's insulin
+    sensitivity does not swing during the first day.
     """
 
     def __init__(
@@ -190,13 +193,15 @@ class CohortHistory:
         scheduled_u_per_h: np.ndarray,
         start: pd.Timestamp,
         cycles: int,
+        prior_daily_dose_u: np.ndarray | None = None,
     ) -> None:
         self.config = c = config
         self.n = len(scheduled_u_per_h)
         self.start = pd.Timestamp(start)
         self.k_ins = c.insulin_curve.iob_kernel(c.slot_minutes)[::-1].copy()  # [K] oldest first
         self.k_cob = c.carb_curve.cob_kernel(c.slot_minutes)[::-1].copy()
-        self.pad = max(len(self.k_ins), len(self.k_cob)) + c.past_slots
+        self.per_day = 1440 // c.slot_minutes  # slots in the daily-dose look-back
+        self.pad = max(len(self.k_ins), len(self.k_cob), self.per_day) + c.past_slots
         width = self.pad + cycles + c.horizon_slots + 1
         self.scheduled_slot = np.asarray(scheduled_u_per_h, np.float64) * c.slot_minutes / 60.0
         self.glucose = np.full((self.n, width), np.nan)  # [N, T] readings (NaN = none)
@@ -206,6 +211,12 @@ class CohortHistory:
         self.bolus = np.zeros((self.n, width))
         self.carbs = np.zeros((self.n, width))  # announced grams per slot
         self.basal[:, : self.pad] = self.scheduled_slot[:, None]
+        prior = (
+            self.scheduled_slot * self.per_day
+            if prior_daily_dose_u is None
+            else np.asarray(prior_daily_dose_u, np.float64)
+        )
+        self.prior_slot = prior / self.per_day  # [N] U per slot before the trial
         self.cycle = -1
         sod = (start - start.normalize()).total_seconds()
         slots = np.arange(width) - self.pad
@@ -246,6 +257,17 @@ class CohortHistory:
         seg = dose[:, j - n - k + 2 : j + 1]  # [N, n+K-1]
         return sliding_window_view(seg, k, axis=1) @ kernel  # [N, n]
 
+    def _daily_dose(self, dose: np.ndarray, j: int, n: int) -> np.ndarray:
+        """Trailing-24-h insulin (U/day) at slots j-n+1 … j: [N, n] (`forecast.windows`'s
+        ``tdd_u``; slots before the trial count at the prior daily rate)."""
+        k = self.per_day
+        a = j - n - k + 1
+        seg = dose[:, a : j + 1].copy()  # [N, n+K]
+        before = np.arange(a, j + 1) < self.pad
+        seg[:, before] = self.prior_slot[:, None]
+        cs = np.cumsum(seg, axis=1)  # [N, n+K]
+        return cs[:, k:] - cs[:, :n]  # [N, n] sums over 24 h ending at each slot
+
     def iob_before(self, cycle: int) -> np.ndarray:
         """[N] insulin on board at the start of the cycle's slot, before its own dose.
 
@@ -277,6 +299,7 @@ class CohortHistory:
             "carbs_g": self.carbs[:, sl],
             "iob_u": self._on_board(dose, self.k_ins, j, L),
             "cob_g": self._on_board(self.carbs, self.k_cob, j, L),
+            "tdd_u": self._daily_dose(dose, j, L),
             "tod_sin": np.broadcast_to(self.tod_sin[sl], (self.n, L)),
             "tod_cos": np.broadcast_to(self.tod_cos[sl], (self.n, L)),
         }
@@ -595,10 +618,19 @@ def build_controller(config: TrialConfig) -> tuple[Controller, WindowConfig, dic
 
         if not config.model_dir:
             raise TrialError("--controller mpc needs --model DIR (an exported forecaster)")
+        from serving.controllers.shared_past import shared_past_predictor
+
         pred = Predictor(config.model_dir)
         window = pred.config
-        info.update(model_sha256=pred.manifest.sha256, model_dir=str(config.model_dir))
-        return make_controller("mpc", predictor=pred), window, info
+        # the same verified graph and checks, its encoder run once per patient instead of once
+        # per candidate plan (exact; about half the forecaster's time, see shared_past.py)
+        fast = shared_past_predictor(pred)
+        info.update(
+            model_sha256=pred.manifest.sha256,
+            model_dir=str(config.model_dir),
+            shared_past_encoder=fast is not pred,
+        )
+        return make_controller("mpc", predictor=fast), window, info
     if config.controller == "physio-mpc":
         from serving.controllers.mpc import physio_predictor
         from serving.predictor import MANIFEST_FILE, ModelManifest
@@ -644,7 +676,7 @@ def run_trial(
         np.array([s.max_daily_basal_u_per_h or s.basal_u_per_h for s in settings]),
         sched,
     )
-    hist = CohortHistory(window, sched, sim.start, cycles)
+    hist = CohortHistory(window, sched, sim.start, cycles, prior_daily_dose_u=patients.tdi)
     sups = [Supervisor(s) for s in settings]
     pump = CohortPump(sched, cap, increment=sim.pump.config.basal_increment_u_per_h)
     recent: list[deque[Reading]] = [deque(maxlen=12) for _ in range(n)]
