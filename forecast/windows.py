@@ -23,12 +23,13 @@ Which windows exist (`make_windows`), decided once and documented here:
    carried-forward value is — and the past starts after the subject's first reading;
 4. at least one real target.
 
-Features computed from the history (IOB, COB) are exact for any history length: they are
-convolutions over the whole frame (`forecast.insulin`). If the frame already has ``iob_u`` and
-``cob_g`` columns (from `add_features`, e.g. computed on the full record before
-`split_chronological` cut it), those are used, so the first hours of a test split still see the
-insulin given at the end of the training split. Otherwise they are computed from the rows
-given, with the curves named in the `WindowConfig`.
+Features computed from the history (IOB, COB, and ``tdd_u``, the total daily dose over the
+trailing 24 h) are exact for any history length: they run over the whole frame
+(`forecast.insulin`). If the frame already has ``iob_u``, ``cob_g`` and ``tdd_u`` columns (from
+`add_features`, e.g. computed on the full record before `split_chronological` cut it), those
+are used, so the first hours of a test split still see the insulin given at the end of the
+training split. Otherwise they are computed from the rows given, with the curves named in the
+`WindowConfig` (a record younger than a day gives the daily dose seen so far).
 
 Carbohydrate inputs: a meal of unknown size (``carbs_g`` NaN) enters every model input — the
 ``carbs_g`` features and COB — as 0 g; the observed-reading mask and the glucose response still
@@ -88,6 +89,7 @@ PAST_FEATURES: tuple[str, ...] = (
     "cob_g",
     "tod_sin",
     "tod_cos",
+    "tdd_u",
 )
 FUTURE_FEATURES: tuple[str, ...] = ("basal_u", "bolus_u", "carbs_g", "tod_sin", "tod_cos")
 
@@ -95,7 +97,10 @@ FUTURE_FEATURES: tuple[str, ...] = ("basal_u", "bolus_u", "carbs_g", "tod_sin", 
 # column of the frame (heart_rate, steps...), NaN → 0.
 _ENGINEERED_PAST = frozenset(PAST_FEATURES)
 _ALLOWED_FUTURE = frozenset(FUTURE_FEATURES)
-FEATURE_COLUMNS: tuple[str, ...] = ("observed", "iob_u", "cob_g", "tod_sin", "tod_cos")
+FEATURE_COLUMNS: tuple[str, ...] = ("observed", "iob_u", "cob_g", "tod_sin", "tod_cos", "tdd_u")
+# Features that depend on history before the window: computed on the whole record (by
+# `add_features`, before a split cuts it) and taken from the frame when it has them.
+_HISTORY_FEATURES: tuple[str, ...] = ("iob_u", "cob_g", "tdd_u")
 
 DEFAULT_INSULIN_CURVE = InsulinCurve()  # immutable (frozen dataclasses), safe as defaults
 DEFAULT_CARB_CURVE = CarbCurve()
@@ -433,6 +438,7 @@ def _build_dense(
     for name, compute in (
         ("iob_u", lambda: insulin_on_board(basal + bolus, config.slot_minutes, insulin)),
         ("cob_g", lambda: carbs_on_board(carb_in, config.slot_minutes, carbs)),
+        ("tdd_u", lambda: _trailing_daily_dose(basal + bolus, present, start, owner)),
     ):
         if use_frame_features and name in frame.columns:
             v = frame[name].to_numpy(dtype=np.float64)
@@ -480,6 +486,28 @@ def _build_dense(
         future=future,
         cols=cols,
     )
+
+
+def _trailing_daily_dose(
+    dose: np.ndarray, present: np.ndarray, start: np.ndarray, owner: np.ndarray
+) -> np.ndarray:
+    """Total daily dose (U/day) over the trailing 24 h of every dense slot, its own included.
+
+    The sum of basal + bolus over the subject's rows in the last 24 h, scaled up to a day by
+    the rows present (a record younger than a day, or with missing rows, gives the rate seen
+    so far). It is the person's insulin need — the clinical "1800 rule" sets the insulin
+    sensitivity to about 1800 / TDD — as a slowly varying, *static-like* input: the models
+    scale their insulin effect with it, which a 2-hour window's mean basal cannot do (temp
+    basals make it noisy, and a noisy scale shrinks the learned dose exponent).
+    """
+    per_day = _SECONDS_PER_DAY // (SLOT_MINUTES * 60)  # slots in 24 h
+    idx = np.arange(len(dose))
+    lo = np.maximum(idx - per_day + 1, start[owner])  # [D] never reaches the previous subject
+    cs = np.r_[0.0, np.cumsum(np.where(present, dose, 0.0))]  # [D+1]
+    cn = np.r_[0, np.cumsum(present)]  # [D+1]
+    total = cs[idx + 1] - cs[lo]
+    rows = cn[idx + 1] - cn[lo]
+    return np.where(rows > 0, total * per_day / np.maximum(rows, 1), 0.0)
 
 
 def _seconds_of_day(
@@ -699,7 +727,7 @@ def split_chronological(
     if any(not np.isfinite(x) or x <= 0 for x in fr) or abs(sum(fr) - 1) > 1e-6:
         raise SchemaError(f"fractions must be positive and sum to 1, got {fr}")
     cfg = config or WindowConfig()
-    if "iob_u" in frame.columns and "cob_g" in frame.columns:
+    if all(c in frame.columns for c in _HISTORY_FEATURES):
         f = _prepare(frame)
     else:
         f = add_features(frame, cfg.insulin_curve, cfg.carb_curve)

@@ -21,7 +21,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from forecast.insulin import CarbCurve, InsulinCurve  # noqa: E402
-from forecast.windows import WindowConfig  # noqa: E402
+from forecast.windows import PAST_FEATURES, WindowConfig  # noqa: E402
 from serving.predictor import (  # noqa: E402
     FallbackPredictor,
     ImplausibleForecastError,
@@ -382,7 +382,7 @@ def test_builds_inputs_with_the_shared_window_builder(model_dir):
         }
     )
     past, future = pred.inputs_at(frame)
-    assert past.shape == (1, 24, 9) and future.shape == (1, 12, 5)
+    assert past.shape == (1, 24, len(PAST_FEATURES)) and future.shape == (1, 12, 5)
     assert pred.predict(past, future).shape == (1, 12, 3)
 
 

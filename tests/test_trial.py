@@ -111,7 +111,7 @@ def test_mpc_trial_calls_the_forecaster_once_per_cycle(tmp_path):
 
 def test_trial_windows_equal_the_shared_window_builder():
     """The trial's incremental windows are forecast.windows.inputs_at on the trial's frame."""
-    cfg = TrialConfig(controller="basal-bolus", patients="adult#003,child#004", days=0.5, seed=4)
+    cfg = TrialConfig(controller="basal-bolus", patients="adult#003,child#004", days=1.2, seed=4)
     from forecast.sim import load_patients
 
     patients = load_patients(cfg.patients)
@@ -124,22 +124,18 @@ def test_trial_windows_equal_the_shared_window_builder():
         hist.observe(c, r.log["cgm"][:, c], r.log["carbs_announced"][:, c])
         hist.deliver(c, r.log["sent_rate"][:, c] * 5 / 60, r.log["sent_bolus"][:, c])
     frame = hist.frame(r.names, cfg.cycles - 1)
-    for c in (40, 77, cfg.cycles - 1):
+    for c in (40, 77, 313, cfg.cycles - 1):
         past, future = hist.windows(c, live=False)
         for i, name in enumerate(r.names):
             sub = frame[frame["subject_id"] == name].iloc[: c + 1]
             p_ref, f_ref = inputs_at(sub, hist.config)
-            if c >= hist.config.past_slots + 72:  # IOB fully inside the recorded history
-                np.testing.assert_allclose(past[i], p_ref[0], rtol=1e-5, atol=1e-4)
-            else:  # before that, the trial's IOB also counts the steady-state prefill
-                cols = [
-                    j
-                    for j, f in enumerate(hist.config.past_features)
-                    if f not in ("iob_u", "cob_g")
-                ]
-                np.testing.assert_allclose(
-                    past[i][:, cols], p_ref[0][:, cols], rtol=1e-5, atol=1e-4
-                )
+            # The trial's history also counts what came before it (the steady-state prefill
+            # for IOB/COB, the prior day's dose for tdd_u) until the recorded history covers
+            # each feature's look-back; from then on the two builders agree exactly.
+            L = hist.config.past_slots
+            skip = {"iob_u": L + 72, "cob_g": L + 72, "tdd_u": L + 288}
+            cols = [j for j, f in enumerate(hist.config.past_features) if c >= skip.get(f, 0)]
+            np.testing.assert_allclose(past[i][:, cols], p_ref[0][:, cols], rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(future[i], f_ref[0], rtol=1e-5, atol=1e-4)
 
 

@@ -141,7 +141,7 @@ def test_shapes_targets_and_carried_forward_past():
     cfg = WindowConfig()
     w = make_windows(frame, cfg)
     n = len(w)
-    assert w.past.shape == (n, 24, 9) and w.past.dtype == np.float32
+    assert w.past.shape == (n, 24, len(PAST_FEATURES)) and w.past.dtype == np.float32
     assert w.future.shape == (n, 12, 5) and w.future.dtype == np.float32
     assert w.target.shape == (n, 12) and w.target.dtype == np.float32
     assert w.origin.dtype == np.dtype("datetime64[ns]")
@@ -237,6 +237,25 @@ def test_features_iob_and_local_time_of_day():
     # a different curve changes IOB
     slow = add_features(frame, insulin=InsulinCurve(peak_min=90, dia_min=480))
     assert (slow["iob_u"] >= f["iob_u"] - 1e-12).all()
+
+
+def test_trailing_daily_dose_against_a_rolling_reference():
+    """tdd_u: basal + bolus over the subject's rows of the last 24 h, scaled to a day by the
+    rows present; never mixes subjects; the start of a split still sees the day before it."""
+    frame = toy_frame(3, 700, seed=8, drop_frac=0.1)
+    f = add_features(frame)
+    for _, g in f.groupby("subject_id"):
+        dose = (g["basal_u"] + g["bolus_u"]).to_numpy()
+        t = g["time"].to_numpy()
+        for i in range(0, len(g), 37):
+            inside = (t > t[i] - np.timedelta64(24, "h")) & (t <= t[i])
+            want = dose[inside].sum() * 288 / inside.sum()
+            assert f.loc[g.index[i], "tdd_u"] == pytest.approx(want, rel=1e-9)
+    parts = split_chronological(frame, (0.5, 0.25, 0.25))
+    full = add_features(frame)
+    te = parts["test"]
+    merged = te.merge(full[["subject_id", "time", "tdd_u"]], on=["subject_id", "time"])
+    np.testing.assert_allclose(merged["tdd_u_x"], merged["tdd_u_y"], rtol=1e-12)
 
 
 def test_bad_frames_raise_clear_errors():
@@ -338,7 +357,7 @@ def test_inputs_at_equals_make_windows_rows_exactly():
         past, future = inputs_at(
             frame, cfg, pd.Timestamp(w.origin[i], tz="UTC"), subject_id=w.subject_id[i]
         )
-        assert past.shape == (1, 24, 9) and future.shape == (1, 12, 5)
+        assert past.shape == (1, 24, len(PAST_FEATURES)) and future.shape == (1, 12, 5)
         assert np.array_equal(past[0], w.past[i])
         assert np.array_equal(future[0], w.future[i])
         # the same with the subject's rows only (what the runtime holds)

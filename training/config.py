@@ -91,7 +91,7 @@ class HeadConfig:
     carb_head: bool = True  # announced future carbs through a structured, positive head
     csf_prior: float = 3.0  # mg/dL per g: the carb head's starting gain
     dose_scaling: bool = True  # gain × (reference dose / window's mean past dose)^β
-    dose_feature: str = "basal_u"  # the past feature whose window mean is the dose scale
+    dose_feature: str = "tdd_u"  # the past feature whose window mean is the dose scale
     center: str = "expected"  # plan centring: "expected" (learned from the past) or "basal"
     # Let the ISF-like gain depend on the past context (beyond the dose scaling)? Off by
     # default: on the 30-patient excitation cohort a context-dependent gain shrank itself
@@ -111,6 +111,10 @@ class TrainerConfig:
     threads: int = field(default_factory=lambda: int(os.environ.get("GLUCAST_TORCH_THREADS", "1")))
     max_train_windows: int = 32768  # windows per epoch, drawn at random (0 = one pass)
     freeze_insulin_epochs: int = 3  # hold the insulin head at its prior this many epochs
+    # Simulator data only: this many counterfactual twins of training windows teach the
+    # insulin-effect head (training/twins.py says why); 0 = learn it from the data alone.
+    twins: int = 4096
+    twin_weight: float = 1.0
     accelerator: str = "cpu"
     devices: str = "1"
     strategy: str = "auto"
@@ -158,6 +162,8 @@ class TrainConfig:
         t = self.trainer
         if t.max_epochs < 1 or t.batch_size < 1 or t.lr <= 0:
             raise ConfigError("trainer.max_epochs, batch_size and lr must be positive")
+        if t.twins < 0 or t.twin_weight < 0:
+            raise ConfigError("trainer.twins and trainer.twin_weight must be >= 0")
         if self.head.insulin_gain not in ("lag", "full"):
             raise ConfigError(f"head.insulin_gain {self.head.insulin_gain!r}: use lag or full")
         if self.head.center not in ("expected", "basal"):

@@ -24,7 +24,7 @@ insulin lowered it) — which must be 0 % for a model the controller may use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,91 @@ def eaten_per_minute(plate: np.ndarray, rate: float = 5.0) -> np.ndarray:
     return eaten
 
 
+def resimulate(
+    frame: pd.DataFrame,
+    windows: Any,
+    extra_u: Sequence[np.ndarray],
+    *,
+    reading_offset_min: int = 0,
+) -> tuple[list[np.ndarray], np.ndarray, float | None]:
+    """True glucose changes when the planned insulin of each window changes.
+
+    `windows` are forecast.windows.Windows of simulated subjects whose full records are in
+    `frame` (each subject from its first slot: the replay starts there, at the basal state).
+    Each array of `extra_u` is ``[N, H]``: U per slot added to the window's future insulin
+    (negative to take some away; a slot never goes below zero insulin). Returns, per array,
+    ``[N, H]`` the change in subcutaneous glucose at the target readings (arm − recorded),
+    the ``[N]`` mask of windows whose horizon lies inside the record, and the RMSE of the
+    recorded replay against ``bg_true`` (None without it).
+    """
+    from forecast.sim import load_patients, replay
+    from forecast.sim.errors import UnknownPatientError
+
+    cfg = windows.config
+    slot, H = int(cfg.slot_minutes), int(cfg.horizon_slots)
+    if len(windows) == 0:
+        raise InterventionalError("no windows to re-simulate")
+    subjects = sorted(set(map(str, windows.subject_id)))
+    try:
+        patients = load_patients(subjects)
+    except UnknownPatientError as e:
+        raise InterventionalError(
+            f"interventional accuracy needs simulator data (subject ids like 'adult#001'): {e}"
+        ) from e
+    cho, ins, start = per_minute_inputs(frame[frame["subject_id"].isin(subjects)], slot)
+
+    # 1. replay each subject once from its basal state: states at every minute.
+    T = max(len(ins[s]) for s in subjects)
+    cho_a = np.zeros((len(subjects), T))
+    ins_a = np.zeros((len(subjects), T))
+    for i, s in enumerate(subjects):
+        cho_a[i, : len(cho[s])] = cho[s]
+        ins_a[i, : len(ins[s])] = ins[s]
+    full = replay(patients, cho_a, ins_a, return_states=True)
+    recon = _reconstruction_error(frame, subjects, start, full.bg, slot, reading_offset_min)
+
+    # 2. restart at the first future slot of each window: the recorded arm and one per change.
+    row = {s: i for i, s in enumerate(subjects)}
+    w = windows
+    n = len(w)
+    minutes = H * slot + reading_offset_min + 1
+    x0 = np.empty((n, 13))
+    base_cho = np.zeros((n, minutes))
+    base_ins = np.zeros((n, minutes))
+    idx = np.empty(n, dtype=np.int64)
+    ok = np.ones(n, dtype=bool)
+    for k in range(n):
+        s = str(w.subject_id[k])
+        i = row[s]
+        idx[k] = i
+        m0 = int((pd.Timestamp(w.origin[k], tz="UTC") - start[s]) / pd.Timedelta(minutes=1)) + slot
+        if m0 + minutes > len(ins[s]):
+            ok[k] = False
+            m0 = max(0, len(ins[s]) - minutes)
+        x0[k] = full.states[i, m0]
+        base_cho[k] = cho_a[i, m0 : m0 + minutes]
+        base_ins[k] = ins_a[i, m0 : m0 + minutes]
+    arms = [base_ins]
+    for extra in extra_u:
+        e = np.asarray(extra, dtype=np.float64)
+        if e.shape != (n, H):
+            raise InterventionalError(f"extra insulin must be [N, H] = [{n}, {H}], got {e.shape}")
+        per_min = np.zeros((n, minutes))
+        per_min[:, : H * slot] = np.repeat(e / slot, slot, axis=1)
+        arms.append(np.maximum(base_ins + per_min, 0.0))
+    k_arms = len(arms)
+    sim = replay(
+        patients.subset(idx).subset(np.tile(np.arange(n), k_arms)),
+        np.concatenate([base_cho] * k_arms),
+        np.concatenate(arms),
+        x0=np.concatenate([x0] * k_arms),
+        return_states=False,
+    )
+    read = np.arange(H) * slot + reading_offset_min  # minute of each target reading
+    g = sim.gsub[:, read].reshape(k_arms, n, H)  # [arm, N, H]
+    return [g[a] - g[0] for a in range(1, k_arms)], ok, recon
+
+
 def interventional_accuracy(
     predict: PredictFn,
     frame: pd.DataFrame,
@@ -106,72 +191,21 @@ def interventional_accuracy(
     random subset of `max_windows` is used). `reading_offset_min` is where in its slot the
     CGM reading was taken by the simulator (0 = at the slot start).
     """
-    from forecast.sim import load_patients, replay
-    from forecast.sim.errors import UnknownPatientError
-
     cfg = windows.config
     slot, H = int(cfg.slot_minutes), int(cfg.horizon_slots)
     if len(windows) == 0:
         raise InterventionalError("no held-out windows to re-simulate")
-    subjects = sorted(set(map(str, windows.subject_id)))
-    try:
-        patients = load_patients(subjects)
-    except UnknownPatientError as e:
-        raise InterventionalError(
-            f"interventional accuracy needs simulator data (subject ids like 'adult#001'): {e}"
-        ) from e
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(windows), size=min(max_windows, len(windows)), replace=False))
     w = windows.subset(pick)
-    cho, ins, start = per_minute_inputs(frame[frame["subject_id"].isin(subjects)], slot)
-
-    # 1. replay each subject once from its basal state: states at every minute.
-    T = max(len(ins[s]) for s in subjects)
-    cho_a = np.zeros((len(subjects), T))
-    ins_a = np.zeros((len(subjects), T))
-    for i, s in enumerate(subjects):
-        cho_a[i, : len(cho[s])] = cho[s]
-        ins_a[i, : len(ins[s])] = ins[s]
-    full = replay(patients, cho_a, ins_a, return_states=True)
-    recon = _reconstruction_error(frame, subjects, start, full.bg, slot, reading_offset_min)
-
-    # 2. restart at the first future slot of each window, three arms.
-    row = {s: i for i, s in enumerate(subjects)}
     n = len(w)
-    minutes = H * slot + reading_offset_min + 1
-    x0 = np.empty((n, 13))
-    base_cho = np.zeros((n, minutes))
-    base_ins = np.zeros((n, minutes))
-    basal_min = np.zeros((n, minutes))
-    idx = np.empty(n, dtype=np.int64)
-    ok = np.ones(n, dtype=bool)
     ib, il = cfg.future_index("basal_u"), cfg.future_index("bolus_u")
-    for k in range(n):
-        s = str(w.subject_id[k])
-        i = row[s]
-        idx[k] = i
-        m0 = int((pd.Timestamp(w.origin[k], tz="UTC") - start[s]) / pd.Timedelta(minutes=1)) + slot
-        if m0 + minutes > len(ins[s]):
-            ok[k] = False
-            m0 = max(0, len(ins[s]) - minutes)
-        x0[k] = full.states[i, m0]
-        base_cho[k] = cho_a[i, m0 : m0 + minutes]
-        base_ins[k] = ins_a[i, m0 : m0 + minutes]
-        basal_min[k, : H * slot] = np.repeat(w.future[k, :, ib].astype(float) / slot, slot)
-    sub = patients.subset(idx)
-    bolus = base_ins.copy()
-    bolus[:, :slot] += bolus_u / slot
-    less = np.maximum(base_ins - (1 - basal_factor) * basal_min, 0.0)
-    arms = replay(
-        sub.subset(np.tile(np.arange(n), 3)),
-        np.concatenate([base_cho] * 3),
-        np.concatenate([base_ins, bolus, less]),
-        x0=np.concatenate([x0] * 3),
-        return_states=False,
+    more = np.zeros((n, H))
+    more[:, 0] = bolus_u
+    less = -(1 - basal_factor) * w.future[:, :, ib].astype(np.float64)
+    (true_bolus, true_less), ok, recon = resimulate(
+        frame, w, [more, less], reading_offset_min=reading_offset_min
     )
-    read = np.arange(H) * slot + reading_offset_min  # minute of each target reading
-    g = arms.gsub[:, read].reshape(3, n, H)  # [arm, N, H]
-    true_bolus, true_less = g[1] - g[0], g[2] - g[0]
 
     # 3. the forecaster's answers to the same questions.
     fut_bolus = w.future.copy()
@@ -186,7 +220,7 @@ def interventional_accuracy(
 
     out: dict[str, Any] = {
         "windows": int(ok.sum()),
-        "subjects": len(subjects),
+        "subjects": len(set(map(str, w.subject_id))),
         "reconstruction_rmse_mgdl": recon,
         "interventions": {
             f"bolus_plus_{bolus_u:g}u": _summary(

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from training.models import model_from_spec
 
 AUX_WEIGHT = 1.0
+TWIN_BATCH = 64  # twins per step: the head they train has ~14 parameters, not the backbone
 
 
 def pinball_loss(
@@ -43,9 +45,11 @@ class ForecastModule(L.LightningModule):
         weight_decay: float = 1e-4,
         max_epochs: int = 10,
         freeze_insulin_epochs: int = 0,
+        twin_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.twins: tuple[torch.Tensor, ...] | None = None  # see set_twins
         self.model = model_from_spec(spec)
         q = torch.tensor(spec["layout"]["quantiles"], dtype=torch.float32)
         self.register_buffer("quantiles", q)
@@ -59,6 +63,30 @@ class ForecastModule(L.LightningModule):
     def forward(self, past: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
         return self.model(past, future)
 
+    def set_twins(self, twins: Any) -> None:
+        """Supervise the insulin-effect head with counterfactual twins (training/twins.py).
+
+        From then on the head learns only from the twins' true glucose changes; the forecast
+        loss uses its output but no longer moves it (on simulator data the recorded insulin
+        is confounded with glucose by the dosing policy's feedback)."""
+        change = torch.from_numpy(np.ascontiguousarray(twins.change, dtype=np.float32))
+        # One scale for all horizons: the RMS true change (the first horizons barely move).
+        self.twin_scale = float(torch.sqrt((change**2).mean()).clamp_min(0.5))
+        self.twins = tuple(
+            torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            for a in (twins.past, twins.future, twins.future_twin)
+        ) + (change,)
+
+    def twin_loss(self, batch_size: int) -> torch.Tensor:
+        """Squared error of the predicted median change against the twins' true change."""
+        assert self.twins is not None
+        past, fut, twin, change = self.twins
+        i = torch.randint(len(change), (min(batch_size, len(change)),))
+        p, f, t, y = (a[i].to(self.device) for a in (past, fut, twin, change))
+        both = self.model(torch.cat([p, p]), torch.cat([f, t]))[..., self.median]  # [2B, H]
+        pred = both[len(i) :] - both[: len(i)]  # [B, H] twin − recorded (free part cancels)
+        return (((pred - y) / self.twin_scale) ** 2).mean()
+
     def on_after_backward(self) -> None:
         # Early in training the free part has not learned what meals do, so glucose rising
         # after a meal bolus reads as "insulin raises glucose" and would drive the insulin
@@ -66,7 +94,7 @@ class ForecastModule(L.LightningModule):
         # insulin head at its physiological prior for the first epochs avoids that trap.
         # (Gradients are zeroed rather than requires_grad switched off: DDP needs the same
         # parameters to take part in every step; Adam makes no step on a zero gradient.)
-        if self.current_epoch < self.hparams.freeze_insulin_epochs:
+        if self.twins is None and self.current_epoch < self.hparams.freeze_insulin_epochs:
             for p in self.model.insulin_parameters():
                 if p.grad is not None:
                     p.grad.zero_()
@@ -76,7 +104,12 @@ class ForecastModule(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pinball loss, expected-plan loss, forecast)."""
         past, future, target = batch
-        pred, aux = self.model.forward_train(past, future)  # [B, H, Q], scalar
+        if self.twins is None:
+            pred, aux = self.model.forward_train(past, future)  # [B, H, Q], scalar
+        else:  # the insulin gain is the twins' to learn: detached here
+            p = self.model.parts(past, future)
+            aux = (((p["u_hat"] - p["u"]) / self.model.plan_std) ** 2).mean()
+            pred = self.model._assemble({**p, "k": p["k"].detach()})  # [B, H, Q]
         return pinball_loss(pred, target, self.quantiles, self.model.delta_scale), aux, pred
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
@@ -85,7 +118,12 @@ class ForecastModule(L.LightningModule):
         self.log("train_plan_loss", aux, batch_size=batch[0].shape[0])
         # The expected-plan head sees only detached features and is detached in the
         # forecast, so adding its loss trains it without touching anything else.
-        return loss + AUX_WEIGHT * aux
+        total = loss + AUX_WEIGHT * aux
+        if self.twins is not None and self.training:
+            twin = self.twin_loss(TWIN_BATCH)
+            self.log("train_twin_loss", twin, batch_size=batch[0].shape[0])
+            total = total + self.hparams.twin_weight * twin
+        return total
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         loss, _, pred = self._loss(batch)

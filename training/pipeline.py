@@ -125,12 +125,14 @@ def fit_module(
         weight_decay=t.weight_decay,
         max_epochs=t.max_epochs,
         freeze_insulin_epochs=0 if init_state is not None else t.freeze_insulin_epochs,
+        twin_weight=t.twin_weight,
     )
     if init_state is not None:
         module.model.load_state_dict(init_state)
     if fit_normalisation:
         w = splits.windows["train"]
         module.model.fit_normalisation(w.past, w.future, w.target)
+    n_twins = _attach_twins(module, splits, t, progress) if t.twins else 0
     dm = GlucoseDataModule(splits, t.batch_size, t.max_train_windows, t.seed)
     ckpt = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="best", monitor="val_loss", mode="min"
@@ -179,6 +181,7 @@ def fit_module(
         if ckpt.best_model_score is not None
         else None,
         "global_zero": trainer.is_global_zero,
+        "twins": n_twins,
     }
     info["windows_per_second"] = (
         (info["train_windows"] if not t.max_train_windows else t.max_train_windows)
@@ -191,6 +194,27 @@ def fit_module(
         module.load_state_dict(state["state_dict"])
     module = module.cpu().eval()
     return module, info
+
+
+def _attach_twins(module: Any, splits: Splits, t: Any, progress: bool) -> int:
+    """Counterfactual twins of training windows (simulator data only; training/twins.py)."""
+    from training.interventional import InterventionalError
+    from training.twins import make_twins
+
+    start = time.perf_counter()
+    try:
+        twins = make_twins(splits.frames["train"], splits.windows["train"], n=t.twins, seed=t.seed)
+    except InterventionalError as e:
+        if progress:
+            _progress(f"no counterfactual twins ({e}); the insulin effect is learned from the data")
+        return 0
+    module.set_twins(twins)
+    if progress:
+        _progress(
+            f"{len(twins)} counterfactual twins of training windows re-simulated in "
+            f"{time.perf_counter() - start:.1f} s: they teach the insulin effect"
+        )
+    return len(twins)
 
 
 # --------------------------------------------------------------------------- train
