@@ -87,6 +87,15 @@ def eaten_per_minute(plate: np.ndarray, rate: float = 5.0) -> np.ndarray:
     return eaten
 
 
+def sample_windows(windows: Any, n: int, seed: int, what: str) -> Any:
+    """A deterministic random subset of (up to) `n` windows, in their original order."""
+    if len(windows) == 0:
+        raise InterventionalError(f"no {what} windows to re-simulate")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(windows), size=min(n, len(windows)), replace=False))
+    return windows.subset(pick)
+
+
 def resimulate(
     frame: pd.DataFrame,
     windows: Any,
@@ -193,11 +202,7 @@ def interventional_accuracy(
     """
     cfg = windows.config
     slot, H = int(cfg.slot_minutes), int(cfg.horizon_slots)
-    if len(windows) == 0:
-        raise InterventionalError("no held-out windows to re-simulate")
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(windows), size=min(max_windows, len(windows)), replace=False))
-    w = windows.subset(pick)
+    w = sample_windows(windows, max_windows, seed, "held-out")
     n = len(w)
     ib, il = cfg.future_index("basal_u"), cfg.future_index("bolus_u")
     more = np.zeros((n, H))

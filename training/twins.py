@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.interventional import InterventionalError, resimulate
+from training.interventional import resimulate, sample_windows
 
 BOLUS_TDD_FRACTION = (0.01, 0.08)  # extra bolus as a share of the trailing daily dose
 BASAL_FACTOR = (0.0, 2.5)  # temp basal multiplier over the whole horizon
@@ -63,11 +63,8 @@ def make_twins(
     the subjects are not the simulator's virtual patients."""
     cfg = windows.config
     H = int(cfg.horizon_slots)
-    if len(windows) == 0:
-        raise InterventionalError("no training windows to make twins of")
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(windows), size=min(n, len(windows)), replace=False))
-    w = windows.subset(pick)
+    w = sample_windows(windows, n, seed, "training")
+    rng = np.random.default_rng(seed + 1)  # the perturbations' own stream
     m = len(w)
     ib, il = cfg.future_index("basal_u"), cfg.future_index("bolus_u")
     if "tdd_u" in cfg.past_features:
