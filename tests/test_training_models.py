@@ -227,3 +227,34 @@ def test_expected_plan_head_learns_only_from_its_own_loss():
         m.backbone.encoder.weight_ih_l0.grad is None
         or (m.backbone.encoder.weight_ih_l0.grad == 0).all()
     )
+
+
+def test_linear_skip_starts_at_the_ridge_fit_and_sees_only_the_past():
+    """fit_normalisation sets the skip by ridge: on windows whose glucose change is a linear
+    function of the last differences, the untrained model's median change already follows
+    it. The skip reads only the past, so the planned insulin cannot reach it."""
+    lay = layout()
+    torch.manual_seed(0)
+    m = build_model("lstm", lay, {}, {}).eval()
+    past, future = raw_inputs(2000, 12, 6, seed=11)
+    g = past[..., 0]
+    slope = g[:, -1] - g[:, -2]  # [B] mg/dL per slot
+    target = g[:, -1:] + slope[:, None] * torch.arange(1, 7.0)  # [B, H] linear extrapolation
+    m.fit_normalisation(past.numpy(), future.numpy(), target.numpy())
+    future[..., FUTURE.index("carbs_g")] = 0.0  # free = backbone + skip only
+    with torch.no_grad():
+        free = m.parts(past, future)["free"]
+    change = target - g[:, -1:]
+    resid = (free - change).pow(2).mean().sqrt()
+    assert resid < 0.05 * change.pow(2).mean().sqrt(), "the skip did not reach the ridge fit"
+    assert m.skip.in_features == len(PAST) + 11  # L − 1 = 11 lags at L = 12
+
+
+def test_specs_without_skip_lags_rebuild_without_a_skip():
+    """Models saved before the skip existed keep their architecture (their state dicts load)."""
+    from training.models import model_from_spec, model_spec
+
+    old = model_spec("lstm", layout(), {"hidden": 8}, {}, 5)
+    assert model_from_spec(old).skip is None
+    new = model_spec("lstm", layout(), {"hidden": 8, "skip_lags": 4}, {}, 5)
+    assert model_from_spec(new).skip.in_features == len(PAST) + 4

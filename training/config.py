@@ -68,6 +68,8 @@ class LSTMOptions:
     hidden: int = 64
     layers: int = 1
     dropout: float = 0.0
+    # Glucose differences fed to the head's linear skip (0 = no skip; training/models/common.py).
+    skip_lags: int = 12
 
 
 @dataclass
@@ -77,6 +79,7 @@ class TransformerOptions:
     layers: int = 2
     ff_mult: int = 2
     dropout: float = 0.0
+    skip_lags: int = 12  # as in LSTMOptions
 
 
 @dataclass

@@ -19,6 +19,10 @@ def build_model(kind: str, layout: Layout, options: dict, head: dict, slot_minut
     `head` the HeadConfig fields (quantiles, isf_prior, insulin curve).
     """
     fp, fk = len(layout.past_features), len(layout.known)
+    options = dict(options)
+    # The linear skip lives in the shared head but is configured per model (`lstm:` /
+    # `transformer:` sections), so each backbone can be tuned with or without it.
+    skip_lags = int(options.pop("skip_lags", 12))
     if kind == "lstm":
         backbone = LSTMBackbone(LSTMConfig(past_features=fp, known_features=fk, **options))
     elif kind == "transformer":
@@ -47,6 +51,7 @@ def build_model(kind: str, layout: Layout, options: dict, head: dict, slot_minut
         center=head.get("center", "expected"),
         gain_context=head.get("gain_context", False),
         dose_feature=head.get("dose_feature", "basal_u"),
+        skip_lags=skip_lags,
     )
 
 
@@ -71,4 +76,6 @@ def model_from_spec(spec: dict):
         quantiles=tuple(float(q) for q in lay["quantiles"]),
         carb_head=bool(lay.get("carb_head", False)),
     )
-    return build_model(spec["kind"], layout, spec["options"], spec["head"], spec["slot_minutes"])
+    # A spec saved before the linear skip existed describes a model without one.
+    options = {"skip_lags": 0, **spec["options"]}
+    return build_model(spec["kind"], layout, options, spec["head"], spec["slot_minutes"])

@@ -11,6 +11,12 @@ announced carbs, which get their own structured head). The forecast is
     median[h] = g_last + free[h] + Σ_{j≤h} c[h, j] · carbs_j − Σ_{j≤h} k[h, j] · (u_j − û_j)
     q-th quantile = median ∓ spread_q[h],   spread_q ≥ 0
 
+and `free` = the backbone's median change + a linear skip: a linear function (per horizon)
+of the normalised inputs at the origin and the last `skip_lags` glucose differences, fitted
+by ridge on the training windows before training starts (DLinear / N-BEATS style). The deep
+model starts where an autoregressive ridge ends and learns the residual, so on small data it
+is not worse than a linear model at short horizons. The skip reads only the past.
+
 with u_j the planned insulin (basal + bolus, U per slot) and û_j the insulin one expects
 from the past context and the announced carbs (a small head trained only to predict the
 plan; it does not depend on the plan, so it merely centres u). The insulin gain is ISF-like and non-negative:
@@ -136,6 +142,7 @@ class ForecastHead(nn.Module):
         center: str = "expected",
         gain_context: bool = False,
         dose_feature: str = "basal_u",
+        skip_lags: int = 12,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -169,6 +176,19 @@ class ForecastHead(nn.Module):
         self.register_buffer("outward", torch.from_numpy(outward))
         # Free part: median change and Q spreads per horizon step.
         self.out = nn.Linear(d_model, Q)
+        # Linear skip into the median change: the F_past inputs at the origin and the last
+        # `skip_lags` glucose differences, one linear map per horizon. Past only, so it cannot
+        # touch the monotonicity in the plan. Its weights are set by ridge in
+        # fit_normalisation; the median column of `out` starts at zero, so the model starts
+        # at that linear forecast and the backbone learns what it misses.
+        self.skip_lags = max(0, min(int(skip_lags), L - 1))
+        self.skip = nn.Linear(fp + self.skip_lags, H) if self.skip_lags else None
+        if self.skip is not None:
+            with torch.no_grad():
+                self.skip.weight.zero_()
+                self.skip.bias.zero_()
+                self.out.weight[layout.median].zero_()
+                self.out.bias[layout.median].zero_()
         # Insulin gain k[h, j] ≥ 0 from the past context; starts at isf_prior × the insulin
         # curve. "lag": k = isf_prior · g(ctx) · s[h − j], an ISF-like gain per window times
         # one shared lag profile (every dose at every lag informs the same few numbers);
@@ -278,6 +298,36 @@ class ForecastHead(nn.Module):
         if meal.any():
             ratio = float(np.nanmedian(future[:, :, il][meal] / carbs[meal]))
             self.ratio_scale.fill_(ratio if np.isfinite(ratio) and ratio > 0 else 0.1)
+        if self.skip is not None:
+            self._fit_skip(past, delta / scale[None, :])
+
+    @torch.no_grad()
+    def _fit_skip(self, past: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> None:
+        """Ridge (closed form, per horizon, over the windows with a reading there) of the
+        normalised glucose change y [N, H] on the skip inputs."""
+        x = self._skip_inputs(torch.from_numpy(past.astype(np.float32))).double().numpy()
+        x = np.nan_to_num(x)  # [N, P]
+        P = x.shape[1]
+        for h in range(self.H):
+            ok = np.isfinite(y[:, h])
+            if ok.sum() <= P:
+                continue  # too few readings at this horizon: keep "no change"
+            xo, yo = x[ok], y[ok, h]
+            mx, my, sx = xo.mean(0), yo.mean(), np.maximum(xo.std(0), 1e-6)
+            xc = (xo - mx) / sx  # [n, P] standardised, so alpha shrinks every input alike
+            w = np.linalg.solve(xc.T @ xc + alpha * np.eye(P), xc.T @ (yo - my)) / sx  # [P]
+            self.skip.weight[h] = torch.from_numpy(w).float()
+            self.skip.bias[h] = float(my - mx @ w)
+
+    def _skip_inputs(self, past: torch.Tensor) -> torch.Tensor:
+        """past [B, L, F_past] raw -> [B, F_past + skip_lags]: the normalised origin slot and
+        the glucose differences g[t − k] − g[t], k = 1 … skip_lags, in glucose std units."""
+        gi = self.layout.glucose
+        origin = (past[:, -1] - self.past_mean) / self.past_std  # [B, F_past]
+        g = past[..., gi]  # [B, L]
+        K = self.skip_lags
+        lags = g[:, -1 - K : -1].flip(1) - g[:, -1:]  # [B, K], k = 1 … K
+        return torch.cat([origin, lags / self.past_std[gi]], dim=1)  # [B, F_past + K]
 
     def parts(self, past: torch.Tensor, future: torch.Tensor) -> dict[str, torch.Tensor]:
         """The pieces of the forecast (all mg/dL unless said):
@@ -292,7 +342,10 @@ class ForecastHead(nn.Module):
         seq, ctx = self.backbone(past_n, known_n)  # [B, H, D], [B, D]
         raw = self.out(seq)  # [B, H, Q]
         scale = self.delta_scale[None, :, None]  # [1, H, 1]
-        free = raw[..., self.layout.median] * self.delta_scale  # [B, H]
+        free = raw[..., self.layout.median]  # [B, H] in delta_scale units
+        if self.skip is not None:
+            free = free + self.skip(self._skip_inputs(past))  # [B, H]
+        free = free * self.delta_scale  # [B, H] mg/dL
         inc = F.softplus(raw) * scale * 0.5  # [B, H, Q] non-negative increments
         spread = inc @ self.outward + self.conformal  # [B, H, Q]
         spread = torch.relu(spread)  # conformal may narrow, never cross the median
