@@ -14,7 +14,7 @@ from test_predictor import write_model_dir
 
 from forecast.windows import WindowConfig
 from serving.controllers import basal_iob_u
-from serving.controllers.mpc import MPCController, physio_predictor
+from serving.controllers.mpc import MPCConfig, MPCController, ZoneCost, physio_predictor
 from serving.predictor import Predictor
 
 
@@ -69,3 +69,25 @@ def test_ladder_is_a_chain_with_the_room_bound():
     lad = mpc.ladder(inputs, net, rng.uniform(0, 60, 20))
     dose = lad.basal + lad.bolus
     assert (np.diff(dose, axis=1) >= -1e-12).all()
+
+
+def test_a_fall_the_forecast_sees_counts_beyond_its_end():
+    """momentum: the same forecast end is costlier when glucose is falling towards it."""
+    mpc = MPCController(physio_predictor(WindowConfig()))
+    assert mpc.config.cost.momentum_minutes > 0
+    h = WindowConfig().horizon_slots
+    pred = np.zeros((2, 1, h, 3))
+    pred[..., 0], pred[..., 1], pred[..., 2] = 85.0, 100.0, 115.0  # flat at the end
+    kw = dict(
+        carb_tail=np.zeros(2),
+        insulin_tail=np.zeros((2, 1)),
+        insulin_u=np.zeros((2, 1)),
+        targets=np.full(2, 110.0),
+    )
+    falling, steady = mpc.cost(pred, glucose_now=np.array([200.0, 85.0]), **kw)[:, 0]
+    assert falling > steady
+    off = MPCController(
+        physio_predictor(WindowConfig()), MPCConfig(cost=ZoneCost(momentum_minutes=0.0))
+    )
+    a, b = off.cost(pred, glucose_now=np.array([200.0, 85.0]), **kw)[:, 0]
+    assert a == b  # switched off: only the forecast counts
