@@ -9,6 +9,7 @@ to one core. Prints one JSON object on stdout and a table on stderr.
 
     python benchmarks/mpc_latency.py --model models/lstm [--batch 1 10 30] [--repeats 300]
     python benchmarks/mpc_latency.py --physio            # the physio-mpc ablation
+    python benchmarks/mpc_latency.py --model DIR --whole-graph   # without the shared encoder
 """
 
 from __future__ import annotations
