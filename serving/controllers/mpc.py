@@ -63,7 +63,7 @@ import pandas as pd
 from forecast.insulin import CarbCurve, InsulinCurve
 from forecast.windows import WindowConfig
 from serving.controllers import basal_iob_u, meal_bolus_u
-from serving.predictor import FallbackPredictor, Forecast
+from serving.predictor import FallbackPredictor, Forecast, steady_state_inputs
 from serving.types import ControlInput, Proposal
 
 
@@ -179,6 +179,12 @@ class MPCController:
         self.last_cost: np.ndarray | None = None  # [N, K]
         self.last_ladder: Ladder | None = None
         self._sens: dict[str, _Autosens] = {}
+        # The physiological fallback's first call costs ~0.8 s (lazy imports, JIT): without
+        # this the first cycle whose forecast is refused took 525 ms (benchmarks/mpc_latency.py
+        # max at 10 patients) instead of ~6 ms. Pay it once here, not in a live cycle.
+        fb = getattr(predictor, "fallback", None)
+        if fb is not None and getattr(predictor, "primary", None) is not None:
+            fb.predict(*steady_state_inputs(self.window))
 
     # -- candidate plans -----------------------------------------------------------------
 
