@@ -16,6 +16,10 @@ of the normalised inputs at the origin and the last `skip_lags` glucose differen
 by ridge on the training windows before training starts (DLinear / N-BEATS style). The deep
 model starts where an autoregressive ridge ends and learns the residual, so on small data it
 is not worse than a linear model at short horizons. The skip reads only the past.
+(Measured, test RMSE 30/60 min, mean of seeds 0 and 1: ShanghaiT1DM LSTM 14.27/27.01 ->
+13.45/26.76, Transformer 16.28/28.61 -> 13.60/26.54, ridge 13.70/27.61; simulated cohort
+LSTM 16.70/24.99 -> 16.41/24.97. Glucose-only skip inputs, or a skip learned from zero
+instead of the ridge start, lost on ShanghaiT1DM: 13.63/28.01 and 15.16/28.10, seed 0.)
 
 with u_j the planned insulin (basal + bolus, U per slot) and û_j the insulin one expects
 from the past context and the announced carbs (a small head trained only to predict the
