@@ -258,3 +258,24 @@ def test_specs_without_skip_lags_rebuild_without_a_skip():
     assert model_from_spec(old).skip is None
     new = model_spec("lstm", layout(), {"hidden": 8, "skip_lags": 4}, {}, 5)
     assert model_from_spec(new).skip.in_features == len(PAST) + 4
+
+
+def test_transformer_patches_keep_the_contract():
+    """Past patches change the tokens, not the contract: same output shape, ordered
+    quantiles, insulin monotone; a patch that does not divide the past is refused."""
+    lay = layout(L=12, H=6)
+    torch.manual_seed(0)
+    m = build_model("transformer", lay, {"patch": 3}, {}).eval()
+    past, future = raw_inputs(64, 12, 6, seed=4)
+    m.fit_normalisation(
+        past.numpy(), future.numpy(), (past[:, -1:, 0] + 0 * future[..., 0]).numpy()
+    )
+    more = future.clone()
+    more[:, 1, FUTURE.index("bolus_u")] += 2.0
+    with torch.no_grad():
+        y, y_more = m(past, future), m(past, more)
+    assert y.shape == (64, 6, 3) and (torch.diff(y, dim=-1) >= 0).all()
+    assert (y_more <= y + 1e-4).all()
+    assert m.backbone.pos.shape[0] == 12 // 3 + 6
+    with pytest.raises(ValueError, match="must divide"):
+        build_model("transformer", lay, {"patch": 5}, {})

@@ -1,9 +1,10 @@
 """Transformer backbone (nanoGPT-style blocks, bidirectional attention).
 
-Past slots and future known slots become one token sequence of L + H tokens (each embedded
-with its own linear map plus a learned position embedding). Everything in it is known at
-prediction time, so attention is bidirectional: a future token can look at the meal
-announced two slots later and at the whole history. The H future tokens' outputs are the
+Past slots (or patches of `patch` consecutive past slots) and future known slots become one
+token sequence of L / patch + H tokens (each embedded with its own linear map plus a learned
+position embedding). Everything in it is known at prediction time, so attention is
+bidirectional: a future token can look at the meal announced two slots later and at the
+whole history. The H future tokens' outputs are the
 per-horizon features; the last past token's output is the context for the insulin gain.
 """
 
@@ -27,6 +28,7 @@ class TransformerConfig:
     layers: int = 2
     ff_mult: int = 2
     dropout: float = 0.0
+    patch: int = 1  # past slots per past token (1 = one token per slot)
 
 
 class SelfAttention(nn.Module):
@@ -72,9 +74,16 @@ class TransformerBackbone(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_past = nn.Linear(cfg.past_features, cfg.d_model)
+        if cfg.patch < 1 or cfg.past_slots % cfg.patch:
+            raise ValueError(
+                f"transformer.patch = {cfg.patch} must divide the {cfg.past_slots} past slots"
+            )
+        # Past tokens are patches of `patch` consecutive slots (PatchTST style): fewer, less
+        # noisy tokens, e.g. one per 15-minute reading of a Libre sensor on the 5-minute grid.
+        self.n_past = cfg.past_slots // cfg.patch
+        self.embed_past = nn.Linear(cfg.patch * cfg.past_features, cfg.d_model)
         self.embed_known = nn.Linear(cfg.known_features, cfg.d_model)
-        self.pos = nn.Parameter(torch.zeros(cfg.past_slots + cfg.horizon_slots, cfg.d_model))
+        self.pos = nn.Parameter(torch.zeros(self.n_past + cfg.horizon_slots, cfg.d_model))
         nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -82,10 +91,11 @@ class TransformerBackbone(nn.Module):
 
     def forward(self, past: torch.Tensor, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """past [B, L, F_past], known [B, H, F_known] -> seq [B, H, D], ctx [B, D]."""
-        L = self.cfg.past_slots
-        x = torch.cat([self.embed_past(past), self.embed_known(known)], dim=1)  # [B, L+H, D]
+        B, N = past.shape[0], self.n_past
+        patches = past.reshape(B, N, -1)  # [B, L/patch, patch·F_past], slots in time order
+        x = torch.cat([self.embed_past(patches), self.embed_known(known)], dim=1)  # [B, N+H, D]
         x = x + self.pos
         for block in self.blocks:
             x = block(x)
-        x = self.ln_f(x)  # [B, L+H, D]
-        return x[:, L:], x[:, L - 1]  # [B, H, D], [B, D]
+        x = self.ln_f(x)  # [B, N+H, D]
+        return x[:, N:], x[:, N - 1]  # [B, H, D], [B, D]
