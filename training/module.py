@@ -72,19 +72,21 @@ class ForecastModule(L.LightningModule):
         change = torch.from_numpy(np.ascontiguousarray(twins.change, dtype=np.float32))
         # One scale for all horizons: the RMS true change (the first horizons barely move).
         self.twin_scale = float(torch.sqrt((change**2).mean()).clamp_min(0.5))
+        ib, il = self.model.layout.insulin
+        d = twins.future_twin - twins.future  # [N, H, F_future]
+        extra = d[:, :, ib] + d[:, :, il]  # [N, H] U per slot added to the plan
         self.twins = tuple(
             torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-            for a in (twins.past, twins.future, twins.future_twin)
+            for a in (twins.past, twins.future, extra)
         ) + (change,)
 
     def twin_loss(self, batch_size: int) -> torch.Tensor:
         """Squared error of the predicted median change against the twins' true change."""
         assert self.twins is not None
-        past, fut, twin, change = self.twins
+        past, fut, extra, change = self.twins
         i = torch.randint(len(change), (min(batch_size, len(change)),))
-        p, f, t, y = (a[i].to(self.device) for a in (past, fut, twin, change))
-        both = self.model(torch.cat([p, p]), torch.cat([f, t]))[..., self.median]  # [2B, H]
-        pred = both[len(i) :] - both[: len(i)]  # [B, H] twin − recorded (free part cancels)
+        p, f, e, y = (a[i].to(self.device) for a in (past, fut, extra, change))
+        pred = self.model.plan_response(p, f, e)  # [B, H] twin − recorded
         return (((pred - y) / self.twin_scale) ** 2).mean()
 
     def on_after_backward(self) -> None:
@@ -104,12 +106,10 @@ class ForecastModule(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pinball loss, expected-plan loss, forecast)."""
         past, future, target = batch
-        if self.twins is None:
-            pred, aux = self.model.forward_train(past, future)  # [B, H, Q], scalar
-        else:  # the insulin gain is the twins' to learn: detached here
-            p = self.model.parts(past, future)
-            aux = (((p["u_hat"] - p["u"]) / self.model.plan_std) ** 2).mean()
-            pred = self.model._assemble({**p, "k": p["k"].detach()})  # [B, H, Q]
+        # with twins, the insulin gain is theirs to learn: the forecast loss leaves it alone
+        pred, aux = self.model.forward_train(
+            past, future, detach_insulin=self.twins is not None
+        )  # [B, H, Q], scalar
         return pinball_loss(pred, target, self.quantiles, self.model.delta_scale), aux, pred
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:

@@ -406,9 +406,24 @@ class ForecastHead(nn.Module):
         return self._assemble(self.parts(past, future))
 
     def forward_train(
-        self, past: torch.Tensor, future: torch.Tensor
+        self, past: torch.Tensor, future: torch.Tensor, *, detach_insulin: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forecast [B, H, Q], auxiliary loss): the expected-plan head's squared error."""
+        """(forecast [B, H, Q], auxiliary loss): the expected-plan head's squared error.
+
+        `detach_insulin`: the forecast uses the insulin gain but does not train it (when
+        counterfactual twins teach it instead, see training/twins.py)."""
         p = self.parts(past, future)
         aux = (((p["u_hat"] - p["u"]) / self.plan_std) ** 2).mean()
+        if detach_insulin:
+            p["k"] = p["k"].detach()
         return self._assemble(p), aux
+
+    def plan_response(
+        self, past: torch.Tensor, future: torch.Tensor, extra_u: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, H] change of the median (mg/dL) when `extra_u` [B, H] U per slot is added to
+        the planned insulin: −k·extra_u, exactly, since nothing else in the forecast sees
+        the plan (one pass, where two forecasts and a difference would run the backbone
+        twice)."""
+        k = self.parts(past, future)["k"]  # [B, H, H]
+        return -torch.einsum("bhj,bj->bh", k, extra_u)  # [B, H]
