@@ -273,11 +273,22 @@ def predicted_low(
     p = np.asarray(predicted, dtype=float)
     if p.ndim == 1:
         p = p[:, None]
+    return _lows(p[None], slot_min)[0]
+
+
+def _lows(p: np.ndarray, slot_min: float = SLOT_MIN) -> list[tuple[float, float, bool]]:
+    """`predicted_low` of a stack of like forecasts [N, H, Q] in one vectorised pass."""
     n = max(1, int(PLGS_HORIZON_MIN // slot_min))
-    head = p[:n]
-    if head.size == 0 or not np.all(np.isfinite(head)):
-        return math.nan, math.nan, False
-    return float(head[:, (head.shape[1] - 1) // 2].min()), float(head.min()), True
+    head = p[:, :n]  # [N, n, Q]
+    if head.shape[1] == 0 or head.shape[2] == 0:
+        return [(math.nan, math.nan, False)] * len(p)
+    ok = np.isfinite(head).all(axis=(1, 2))  # [N]
+    med = head[:, :, (head.shape[2] - 1) // 2].min(axis=1)  # [N]
+    lowest = head.min(axis=(1, 2))  # [N]
+    return [
+        (float(m), float(lo), True) if good else (math.nan, math.nan, False)
+        for m, lo, good in zip(med, lowest, ok)
+    ]
 
 
 @dataclass
@@ -569,17 +580,7 @@ def _predicted_lows(preds: Sequence[np.ndarray | None]) -> list[tuple[float, flo
     arrays = [p for p in preds if isinstance(p, np.ndarray) and p.ndim == 2]
     if not preds or len(arrays) != len(preds) or len({a.shape for a in arrays}) != 1:
         return [predicted_low(p) for p in preds]
-    n = max(1, int(PLGS_HORIZON_MIN // SLOT_MIN))
-    head = np.stack(arrays).astype(float)[:, :n]  # [N, n, Q]
-    if head.shape[1] == 0:
-        return [predicted_low(p) for p in preds]
-    ok = np.isfinite(head).all(axis=(1, 2))
-    med = head[:, :, (head.shape[2] - 1) // 2].min(axis=1)
-    lowest = head.min(axis=(1, 2))
-    return [
-        (float(m), float(lo), True) if good else (math.nan, math.nan, False)
-        for m, lo, good in zip(med, lowest, ok)
-    ]
+    return _lows(np.stack(arrays).astype(float))
 
 
 def _verdict(

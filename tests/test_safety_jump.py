@@ -9,34 +9,28 @@ other fault blocks every bolus. p-LGS suspends on the lower quantile as well as 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_safety import T0, readings, settings_
 
 from serving.safety import CGMProblem, SafetyState, Supervisor, assess_cgm, check_batch
-from serving.types import PatientSettings, Proposal, Reading
+from serving.types import PatientSettings, Proposal
 
-T0 = pd.Timestamp("2026-03-01 08:00", tz="UTC")
-FIVE = pd.Timedelta(minutes=5)
-
-
-def readings(values) -> list[Reading]:
-    n = len(values)
-    return [Reading(T0 - (n - 1 - i) * FIVE, float(v)) for i, v in enumerate(values)]
+# child#008's settings: the patient whose fast meal rises first met the jump rule
+CHILD_008 = dict(
+    name="child#008",
+    basal_u_per_h=0.34,
+    carb_ratio_g_per_u=15.0,
+    isf_mgdl_per_u=31.0,
+    max_basal_u_per_h=1.36,
+    max_bolus_u=7.5,
+    max_iob_u=9.2,
+)
 
 
 def s_(**kw) -> PatientSettings:
-    base = dict(
-        name="child#008",
-        basal_u_per_h=0.34,
-        carb_ratio_g_per_u=15.0,
-        isf_mgdl_per_u=31.0,
-        max_basal_u_per_h=1.36,
-        max_bolus_u=7.5,
-        max_iob_u=9.2,
-    )
-    return PatientSettings(**{**base, **kw})
+    return settings_(**{**CHILD_008, **kw})
 
 
 def state(values, meal_u=0.0, iob=0.8, **kw) -> SafetyState:
