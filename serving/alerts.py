@@ -297,20 +297,14 @@ class AlertForecast:
         """
         if quantile is None:
             return self.glucose[:, self.quantile_index(None)]
-        q = self.quantiles
-        order = sorted(range(len(q)), key=q.__getitem__)
-        lo, hi = order[0], order[-1]
-        if quantile <= q[lo]:
-            return self.glucose[:, lo]
-        if quantile >= q[hi]:
-            return self.glucose[:, hi]
-        for a, b in zip(order, order[1:]):
-            if q[a] <= quantile <= q[b]:
-                if q[b] - q[a] <= 0 or quantile == q[a]:
-                    return self.glucose[:, a]
-                w = (quantile - q[a]) / (q[b] - q[a])
-                return (1.0 - w) * self.glucose[:, a] + w * self.glucose[:, b]
-        return self.glucose[:, self.quantile_index(quantile)]  # unreachable: q is sorted
+        q = np.asarray(self.quantiles, dtype=float)
+        order = np.argsort(q, kind="stable")
+        pos = float(np.interp(quantile, q[order], np.arange(len(q))))  # clamped to the ends
+        a = int(pos)
+        w = pos - a
+        if w == 0.0:  # a quantile the forecast has (or beyond its range): that column as is
+            return self.glucose[:, order[a]]
+        return (1.0 - w) * self.glucose[:, order[a]] + w * self.glucose[:, order[a + 1]]
 
     def quantile_used(self, quantile: float | None) -> float:
         """The quantile `column` gives for `quantile` (clamped to the forecast's range)."""

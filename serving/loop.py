@@ -316,9 +316,10 @@ class ControlLoop:
         w = self.window
         self.k_ins = w.insulin_curve.iob_kernel(w.slot_minutes)  # [K], k[0] = 1
         # History each cycle rebuilds: the past window plus the longest look-back of a
-        # feature (IOB/COB kernels; the trailing 24 h of the daily dose, tdd_u).
+        # feature the model reads (IOB/COB kernels; 24 h for the daily dose, tdd_u).
+        day = 1440 // w.slot_minutes if "tdd_u" in w.past_features else 0
         self.span = w.past_slots + max(
-            len(self.k_ins), len(w.carb_curve.cob_kernel(w.slot_minutes)), 1440 // w.slot_minutes
+            len(self.k_ins), len(w.carb_curve.cob_kernel(w.slot_minutes)), day
         )
         self.names = list(backend.names)
         self.settings = [backend.settings(i) for i in range(len(self.names))]

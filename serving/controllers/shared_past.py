@@ -34,6 +34,7 @@ from serving.predictor import (
     OUTPUT_GLUCOSE,
     FallbackPredictor,
     OnnxForecaster,
+    check_input_shapes,
     session_options,
     steady_state_inputs,
 )
@@ -130,8 +131,6 @@ class SharedPastForecaster:
             return self.base.predict(past, future)
         past = np.ascontiguousarray(past, dtype=np.float32)
         future = np.ascontiguousarray(future, dtype=np.float32)
-        from serving.predictor import check_input_shapes
-
         check_input_shapes(self.config, past, future)
         return self._predict_split(past, future)
 
