@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 START=$(date +%s)
 step() { printf '\n\033[1m== [%4ss] %s\033[0m\n' "$(( $(date +%s) - START ))" "$*" >&2; }
 
-step "1/7 simulate $PATIENTS virtual patients x $DAYS days (excitation dosing, Dexcom-like CGM)"
+step "1/7 simulate $PATIENTS virtual patients x $DAYS days (excitation dosing, Dexcom G6 CGM model)"
 glucast simulate --patients "$PATIENTS" --days "$DAYS" --policy excitation --seed $SEED \
   --out "$OUT/cohort.parquet" --json > "$OUT/simulate.json"
 

@@ -148,12 +148,7 @@ def make_simulator(config: TrialConfig, patients):
         carb_error_sd=float(config.carb_error),
         missed_bolus_prob=1.0 if config.unannounced else 0.0,
     )
-    sensor = {
-        "dexcom": SensorConfig.dexcom(),
-        "dexcom-noise": SensorConfig(),  # Dexcom noise model only: no dropouts/compression/drift
-        "simglucose": SensorConfig.simglucose(),
-        "none": SensorConfig.perfect(),
-    }[config.sensor]
+    sensor = SensorConfig.named(config.sensor)
     if sensor.sample_minutes != SLOT_MINUTES:
         sensor = SensorConfig(**{**asdict(sensor), "sample_minutes": SLOT_MINUTES})
     return Simulator(

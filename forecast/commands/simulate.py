@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sensor",
         choices=("dexcom", "none", "simglucose"),
         default="dexcom",
-        help="dexcom: G6-like (5 min, noise, dropouts, compression lows, drift); none: "
+        help="dexcom: Dexcom G6 (5 min, its published noise model, dropouts, compression lows, "
+        "calibration drift); none: "
         "noise-free; simglucose: simglucose's Dexcom (3 min, noise only)",
     )
     p.add_argument("--pump", default="Insulet", help="Insulet | Cozmo | ideal")

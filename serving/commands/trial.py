@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sensor",
         default="dexcom",
         choices=("dexcom", "dexcom-noise", "simglucose", "none"),
-        help="dexcom: G6-like (noise, dropouts, compression lows, drift); dexcom-noise: the "
-        "Dexcom noise model only; none: noise-free (default dexcom)",
+        help="dexcom: Dexcom G6 (its published noise model, dropouts, compression lows, drift); "
+        "dexcom-noise: the G6 noise only; simglucose: simglucose's Dexcom noise; none: "
+        "noise-free (default dexcom)",
     )
     p.add_argument("--target", type=float, default=110.0, help="glucose target mg/dL")
     p.add_argument(

@@ -100,12 +100,7 @@ def make_simulator(config: WorldConfig):
     from forecast.sim.sensor import SensorConfig
     from forecast.sim.simulator import Simulator
 
-    sensor = {
-        "dexcom": SensorConfig.dexcom,
-        "dexcom-noise": SensorConfig,
-        "none": SensorConfig.perfect,
-        "simglucose": SensorConfig.simglucose,
-    }[config.sensor]()
+    sensor = SensorConfig.named(config.sensor)
     if sensor.sample_minutes != 5:
         sensor = SensorConfig(**{**asdict(sensor), "sample_minutes": 5})
     ann = AnnouncementConfig(
