@@ -14,35 +14,74 @@ from training.splits import DataError, Splits, build_splits, split_frame, split_
 __all__ = ["DataError", "GlucoseDataModule", "Splits", "build_splits", "split_frame", "split_info"]
 
 
+def fill_target_gaps(
+    target: np.ndarray, origin_glucose: np.ndarray, max_gap_slots: int
+) -> np.ndarray:
+    """[N, H] targets with short gaps filled by straight lines between real readings.
+
+    The reading at the origin (slot 0, `origin_glucose` [N]) anchors the first gap; a gap is
+    filled only where the readings on both sides are at most `max_gap_slots` slots apart, so
+    a trailing gap or a long sensor outage stays NaN. Why: the loss only sees slots with a
+    reading, and on a 15-minute sensor (FreeStyle Libre exports) the window origins fall on
+    readings, so slots +5, +10, +20... min would never be trained and the forecast there is
+    arbitrary (a saw-tooth that the serving plausibility check rejects). Training targets
+    only: validation and every metric stay on real readings.
+    """
+    y = np.concatenate([np.asarray(origin_glucose, dtype=np.float64)[:, None], target], axis=1)
+    n, h1 = y.shape  # [N, H+1]
+    cols = np.broadcast_to(np.arange(h1), (n, h1))
+    real = np.isfinite(y)
+    prev = np.maximum.accumulate(np.where(real, cols, -1), axis=1)  # last real slot <= j
+    nxt = np.minimum.accumulate(np.where(real, cols, h1)[:, ::-1], axis=1)[:, ::-1]  # first >= j
+    ok = ~real & (prev >= 0) & (nxt < h1) & (nxt - prev <= max_gap_slots)
+    rows = np.arange(n)[:, None]
+    lo = y[rows, np.clip(prev, 0, h1 - 1)]
+    hi = y[rows, np.clip(nxt, 0, h1 - 1)]
+    frac = (cols - prev) / np.maximum(nxt - prev, 1)
+    out = np.where(ok, lo + frac * (hi - lo), y)[:, 1:]
+    return out.astype(target.dtype, copy=False)
+
+
 class GlucoseDataModule(L.LightningDataModule):
     """Serves the windows of a `Splits` as (past, future, target) float32 batches.
 
     Windows with no real target at all are dropped from training (nothing to learn).
+    Training targets have gaps of up to `fill_gap_slots` slots filled (`fill_target_gaps`).
     `max_train_windows` > 0 makes every epoch that many windows drawn at random (without
     replacement from a big cohort, with replacement from a small one), so training time and
     the number of optimiser steps do not depend on the data size.
     """
 
     def __init__(
-        self, splits: Splits, batch_size: int = 256, max_train_windows: int = 0, seed: int = 0
+        self,
+        splits: Splits,
+        batch_size: int = 256,
+        max_train_windows: int = 0,
+        seed: int = 0,
+        fill_gap_slots: int = 3,
     ) -> None:
         super().__init__()
         self.splits = splits
+        self.fill_gap_slots = fill_gap_slots
         self.batch_size = batch_size
         self.max_train_windows = max_train_windows
         self.seed = seed
 
     @staticmethod
-    def dataset(w: Any) -> TensorDataset:
-        keep = np.isfinite(w.target).any(axis=1)
+    def dataset(w: Any, fill_gap_slots: int = 0) -> TensorDataset:
+        target = w.target
+        if fill_gap_slots > 1:
+            g0 = w.past[:, -1, w.config.past_index("glucose")]  # [N] the origin's reading
+            target = fill_target_gaps(target, g0, fill_gap_slots)
+        keep = np.isfinite(target).any(axis=1)
         return TensorDataset(
             torch.from_numpy(np.ascontiguousarray(w.past[keep], dtype=np.float32)),
             torch.from_numpy(np.ascontiguousarray(w.future[keep], dtype=np.float32)),
-            torch.from_numpy(np.ascontiguousarray(w.target[keep], dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(target[keep], dtype=np.float32)),
         )
 
     def setup(self, stage: str | None = None) -> None:
-        self.train = self.dataset(self.splits.windows["train"])
+        self.train = self.dataset(self.splits.windows["train"], self.fill_gap_slots)
         self.val = self.dataset(self.splits.windows["val"])
 
     def train_dataloader(self) -> DataLoader:
