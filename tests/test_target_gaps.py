@@ -46,3 +46,31 @@ def test_readings_kept_and_fills_between_neighbours(data, g0, gap):
         if filled:
             lo, hi = sorted((y[left[-1]], y[right[0]]))
             assert lo - 1e-3 <= got[0, j - 1] <= hi + 1e-3
+
+
+def test_a_fifteen_minute_sensor_fits_every_horizon_slot():
+    """Libre-like data (a reading every 3rd slot): the per-slot scales and skip weights that
+    `fit_normalisation` fits must come from filled targets, or the untrained slots keep
+    defaults and the forecast saw-tooths between +15/+30/+45/+60."""
+    import pytest
+
+    pytest.importorskip("torch")
+    from forecast.windows import WindowConfig, add_features, make_windows
+    from training.config import TrainConfig
+    from training.data import training_targets
+    from training.module import ForecastModule
+    from training.pipeline import _spec
+    from training.synthetic import replay_cohort
+
+    frame = replay_cohort("adult#002,child#003", days=2, seed=4)
+    slot = frame.groupby("subject_id", observed=True).cumcount().to_numpy()
+    frame.loc[slot % 3 != 0, "glucose"] = np.nan  # one reading every 15 min
+    w = make_windows(add_features(frame), WindowConfig())
+    assert len(w) > 100
+    raw_slots = np.isfinite(w.target).any(axis=0)
+    assert raw_slots.sum() == 4  # only +15/+30/+45/+60 have readings
+    model = ForecastModule(_spec(TrainConfig(), w.config)).model
+    model.fit_normalisation(w.past, w.future, training_targets(w))
+    scale = model.delta_scale.numpy()
+    assert np.all(np.diff(scale) > 0)  # spread grows with the horizon, no slot left at 10
+    assert np.isfinite(training_targets(w)).any(axis=0).all()

@@ -42,6 +42,21 @@ def fill_target_gaps(
     return out.astype(target.dtype, copy=False)
 
 
+FILL_GAP_SLOTS = 3  # fill gaps between readings up to 15 min apart (a Libre's period)
+
+
+def training_targets(w: Any, fill_gap_slots: int = FILL_GAP_SLOTS) -> np.ndarray:
+    """[N, H] the targets a model is fitted on: `w.target` with short gaps filled.
+
+    Everything fitted on training windows uses these — the loss, and the per-slot scales and
+    skip weights of `fit_normalisation` (an unfilled slot would keep a default scale there).
+    """
+    if fill_gap_slots <= 1:
+        return w.target
+    g0 = w.past[:, -1, w.config.past_index("glucose")]  # [N] the origin's reading
+    return fill_target_gaps(w.target, g0, fill_gap_slots)
+
+
 class GlucoseDataModule(L.LightningDataModule):
     """Serves the windows of a `Splits` as (past, future, target) float32 batches.
 
@@ -58,7 +73,7 @@ class GlucoseDataModule(L.LightningDataModule):
         batch_size: int = 256,
         max_train_windows: int = 0,
         seed: int = 0,
-        fill_gap_slots: int = 3,
+        fill_gap_slots: int = FILL_GAP_SLOTS,
     ) -> None:
         super().__init__()
         self.splits = splits
@@ -69,10 +84,7 @@ class GlucoseDataModule(L.LightningDataModule):
 
     @staticmethod
     def dataset(w: Any, fill_gap_slots: int = 0) -> TensorDataset:
-        target = w.target
-        if fill_gap_slots > 1:
-            g0 = w.past[:, -1, w.config.past_index("glucose")]  # [N] the origin's reading
-            target = fill_target_gaps(target, g0, fill_gap_slots)
+        target = training_targets(w, fill_gap_slots)
         keep = np.isfinite(target).any(axis=1)
         return TensorDataset(
             torch.from_numpy(np.ascontiguousarray(w.past[keep], dtype=np.float32)),

@@ -114,7 +114,7 @@ def fit_module(
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from training.data import GlucoseDataModule
+    from training.data import GlucoseDataModule, training_targets
     from training.module import ForecastModule
 
     t = cfg.trainer
@@ -131,7 +131,7 @@ def fit_module(
         module.model.load_state_dict(init_state)
     if fit_normalisation:
         w = splits.windows["train"]
-        module.model.fit_normalisation(w.past, w.future, w.target)
+        module.model.fit_normalisation(w.past, w.future, training_targets(w))
     n_twins = _attach_twins(module, splits, t, progress) if t.twins else 0
     dm = GlucoseDataModule(splits, t.batch_size, t.max_train_windows, t.seed)
     ckpt = ModelCheckpoint(
