@@ -221,3 +221,15 @@ def test_dexcom_preset_meets_the_icgm_agreement_rates():
     g2, bg2 = old["glucose"].to_numpy(), old["bg_true"].to_numpy()
     ok2 = np.isfinite(g2) & (bg2 >= 40) & (bg2 < 70)
     assert (np.abs(g2 - bg2)[ok2] <= 15).mean() < 0.85
+
+
+def test_g6_states_continue_the_noise():
+    """take_with_states gives what is needed to continue the noise from any reading."""
+    from forecast.sim.sensor import G6_NOISE, AR2Stream
+
+    noise, states = AR2Stream(G6_NOISE, np.array([1, 2])).take_with_states(40)
+    assert states.shape == (2, 40, 2, 2)
+    np.testing.assert_allclose(states[:, :, 0].sum(-1), noise)  # e_k summed = the noise
+    np.testing.assert_array_equal(states[:, 1:, 1], states[:, :-1, 0])  # e_{k-1} carried
+    again = AR2Stream(G6_NOISE, np.array([1, 2])).take(40)
+    np.testing.assert_array_equal(again, noise)

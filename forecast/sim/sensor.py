@@ -245,6 +245,15 @@ class AR2Stream:
         """The next n noise values of every stream, [N, n] mg/dL."""
         return np.stack([self._step() for _ in range(n)], axis=1).reshape(len(self), n)
 
+    def take_with_states(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """`take(n)` and, per value, each component's last two states [N, n, 2, C]
+        (e_k, e_{k-1}): what an analysis needs to continue the noise from any reading."""
+        noise, states = [], []
+        for _ in range(n):
+            noise.append(self._step())
+            states.append(np.stack([self._e1, self._e2], axis=1))  # [N, 2, C]
+        return np.stack(noise, axis=1).reshape(len(self), n), np.stack(states, axis=1)
+
 
 def make_noise_stream(name: str, seeds: np.ndarray, sample_minutes: int) -> NoiseStream | AR2Stream:
     """The noise stream of a named model: simglucose's Johnson noise or an AR(2) model (G6)."""
