@@ -287,6 +287,73 @@ def forecast_table(
     )
 
 
+def forecast_table_by_subject(
+    frame: pd.DataFrame,
+    forecaster: Any,
+    subject_models: Mapping[str, Any],
+    *,
+    config: WindowConfig,
+    future_inputs: str = "known",
+) -> ForecastTable:
+    """`forecast_table` with each subject's own model where it has one (e.g. fine-tuned by
+    `glucast finetune`), `forecaster` for the others; one table, as the engine replays it."""
+    tables = []
+    for sid, sub in frame.groupby("subject_id", sort=True, observed=True):
+        model = subject_models.get(str(sid), forecaster)
+        cfg = getattr(model, "config", None) or config
+        if cfg.past_slots != config.past_slots or cfg.horizon_slots != config.horizon_slots:
+            raise AlertEvalError(
+                f"the model for {sid} has L={cfg.past_slots}, H={cfg.horizon_slots}; the "
+                f"population model {config.past_slots}, {config.horizon_slots}: one replay "
+                "needs one window shape"
+            )
+        tables.append(forecast_table(sub, model, config=cfg, future_inputs=future_inputs))
+    quantiles = {t.quantiles for t in tables}
+    if len(quantiles) != 1:
+        raise AlertEvalError(f"subject models disagree on their quantiles: {sorted(quantiles)}")
+    return replace(
+        tables[0],
+        subject_id=np.concatenate([t.subject_id for t in tables]),
+        origin=np.concatenate([t.origin for t in tables]),
+        glucose=np.concatenate([t.glucose for t in tables]),
+        source=np.concatenate([t.source for t in tables]),
+    )
+
+
+def find_subject_models(root: str | Path) -> dict[str, Path]:
+    """{subject_id: model dir} for every exported model under `root` whose manifest names a
+    subject (what `glucast finetune --out root/<name>` writes)."""
+    import json
+
+    out: dict[str, Path] = {}
+    sha: dict[str, str] = {}
+    # shallowest first, so a model dir wins over its copy in an MLflow artifact store below
+    manifests = sorted(Path(root).rglob("manifest.json"), key=lambda m: (len(m.parts), str(m)))
+    for manifest in manifests:
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            raise AlertEvalError(f"{manifest}: not a readable model manifest ({e})") from e
+        subject = m.get("subject")
+        if subject is None:
+            continue
+        if str(subject) in out:
+            if m.get("sha256") == sha[str(subject)]:
+                continue  # the same model again (a copy)
+            raise AlertEvalError(
+                f"two different models for subject {subject!r}: {out[str(subject)]} and "
+                f"{manifest.parent}; keep one"
+            )
+        out[str(subject)] = manifest.parent
+        sha[str(subject)] = str(m.get("sha256"))
+    if not out:
+        raise AlertEvalError(
+            f"no per-subject model under {root} (a manifest.json with a 'subject', as written "
+            "by `glucast finetune`)"
+        )
+    return out
+
+
 def _source_name(forecaster: Any) -> str:
     name = type(forecaster).__name__.lower()
     return "physio" if "physio" in name else "model"
@@ -375,15 +442,21 @@ def evaluate_alerts(
     window_min: float | None = None,
     future_inputs: str = "known",
     episodes_from: str = "glucose",
+    subject_models: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Replay `frame`, score predicted vs threshold alerts; the dict `--json` prints.
 
     `forecaster=None` scores the threshold alerts only (the predicted ones are then empty).
+    `subject_models` {subject_id: forecaster} replace `forecaster` for those subjects.
     """
     cfg = config if config is not None else getattr(forecaster, "config", None) or WindowConfig()
     f = validate_frame(frame)
     table = None
-    if forecaster is not None:
+    if forecaster is not None and subject_models:
+        table = forecast_table_by_subject(
+            f, forecaster, subject_models, config=cfg, future_inputs=future_inputs
+        )
+    elif forecaster is not None:
         table = forecast_table(f, forecaster, config=cfg, future_inputs=future_inputs)
     out = evaluate_table(
         f,

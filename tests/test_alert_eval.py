@@ -272,3 +272,46 @@ def test_a_two_reading_dip_is_no_episode_and_its_low_alarm_is_false():
     assert res["episode_rules"]["low"]["min_readings"] == 3
     assert tl["episodes"] == 2  # the two real lows of the day
     assert tl["false_alerts"] == 1 and tl["warned"] == 2
+
+
+# --------------------------------------------------------------------------- personal models
+
+
+class Flat(Extrapolate):
+    """Last reading carried forward: never predicts a low."""
+
+    def predict(self, past, future):
+        g = past[:, -1:, self.config.past_index("glucose")]
+        med = np.repeat(g, self.config.horizon_slots, axis=1)
+        return np.repeat(med[:, :, None], 3, axis=2).astype(np.float32)
+
+
+def test_each_subject_can_have_its_own_model():
+    two = pd.concat(
+        [synthetic_days(2), synthetic_days(2).assign(subject_id="syn2")], ignore_index=True
+    )
+    alone = evaluate_alerts(synthetic_days(2), Extrapolate())["predicted_low"]
+    res = evaluate_alerts(two, Flat(), subject_models={"syn2": Extrapolate()})
+    pl = res["predicted_low"]
+    # syn2 gets the extrapolation and is warned of all its lows; syn keeps the flat model
+    assert (pl["episodes"], pl["warned"]) == (2 * alone["episodes"], alone["warned"])
+    assert pl["alerts"] == alone["alerts"]
+
+
+def test_subject_models_are_found_by_their_manifests(tmp_path):
+    from serving.alert_eval import AlertEvalError, find_subject_models
+
+    def manifest(path, **m):
+        path.mkdir(parents=True)
+        (path / "manifest.json").write_text(json.dumps(m))
+
+    manifest(tmp_path / "a" / "model", subject="adult#001", sha256="x")
+    manifest(tmp_path / "a" / "mlruns" / "1" / "r" / "model", subject="adult#001", sha256="x")
+    manifest(tmp_path / "population" / "model", sha256="p")  # no subject: not personal
+    found = find_subject_models(tmp_path)
+    assert found == {"adult#001": tmp_path / "a" / "model"}  # the copy below is the same
+    manifest(tmp_path / "b" / "model", subject="adult#001", sha256="y")
+    with pytest.raises(AlertEvalError, match="two different models"):
+        find_subject_models(tmp_path)
+    with pytest.raises(AlertEvalError, match="no per-subject model"):
+        find_subject_models(tmp_path / "population")

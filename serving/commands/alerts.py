@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR|BASELINE",
         help=f"an exported ONNX model directory, or a baseline: {', '.join(BASELINES)}",
     )
+    e.add_argument(
+        "--subject-models",
+        metavar="DIR",
+        default=None,
+        help="personal models: every model under DIR whose manifest names a subject (what "
+        "`glucast finetune --out DIR/NAME` writes) forecasts for that subject; --model for "
+        "the rest",
+    )
     e.add_argument("--data", required=True, metavar="F.parquet", help="canonical frame (Parquet)")
     e.add_argument(
         "--split",
@@ -107,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         HIGH_EPISODE,
         LOW_EPISODE,
         evaluate_alerts,
+        find_subject_models,
         load_forecaster,
     )
     from serving.alerts import AlertThresholds
@@ -124,6 +133,15 @@ def run(args: argparse.Namespace) -> int:
     model = load_forecaster(
         args.model, train, future_inputs=args.future_inputs, quantiles=quantiles
     )
+    personal = {}
+    if args.subject_models:
+        found = find_subject_models(args.subject_models)
+        present = set(data["subject_id"].astype(str))
+        personal = {s: load_forecaster(str(d), None) for s, d in found.items() if s in present}
+        print(
+            f"personal models for {len(personal)} of {len(present)} subjects",
+            file=sys.stderr,
+        )
 
     th = AlertThresholds()
     changes = {}
@@ -166,8 +184,11 @@ def run(args: argparse.Namespace) -> int:
         window_min=args.window,
         future_inputs=args.future_inputs,
         episodes_from=args.episodes_from,
+        subject_models=personal,
     )
     res = {"model": args.model, "data": str(args.data), "split": args.split, **res}
+    if args.subject_models:
+        res["subject_models"] = {"dir": args.subject_models, "subjects": sorted(personal)}
     if args.json:
         emit_json(res)
         return 0
