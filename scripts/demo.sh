@@ -38,7 +38,12 @@ glucast train --model lstm --data "$OUT/cohort.parquet" --experiment "$EXP" $EPO
 step "4/7 evaluate the exported ONNX model on held-out days (+ interventional re-simulation)"
 glucast evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --interventional \
   --plots "$OUT/forecast" --json > "$OUT/evaluate_lstm.json"
-glucast compare --experiment "$EXP" --latest --plot "$OUT/compare.png" --json > "$OUT/compare.json"
+# this run's test data only: an mlflow.db kept from an earlier demo (older simulator or sensor)
+# holds runs on other test windows, which compare refuses to put side by side
+HASH=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['dataset_hash'])" \
+  "$OUT/train_lstm.json")
+glucast compare --experiment "$EXP" --latest --dataset-hash "$HASH" --plot "$OUT/compare.png" \
+  --json > "$OUT/compare.json"
 
 step "5/7 closed-loop trials, $TRIAL_DAYS days, random meals announced with 20% carb error"
 glucast trial --controller basal-bolus --patients "$PATIENTS" --days "$TRIAL_DAYS" --seed $SEED \
