@@ -92,6 +92,12 @@ class EpisodeRule:
     recovery_mgdl: float = 10.0
 
 
+def consensus_readings(sampling_minutes: float) -> int:
+    """Readings that make the consensus' 15 minutes at a sensor's period: 3 at 5 min (a CGM),
+    2 at 15 min (a Libre export: two readings below span 15 min; one is never an episode)."""
+    return max(2, math.ceil(15.0 / max(float(sampling_minutes), 1.0) - 1e-9))
+
+
 LOW_EPISODE = EpisodeRule()
 HIGH_EPISODE = EpisodeRule(threshold_mgdl=250.0, below=False)
 

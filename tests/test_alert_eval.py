@@ -315,3 +315,11 @@ def test_subject_models_are_found_by_their_manifests(tmp_path):
         find_subject_models(tmp_path)
     with pytest.raises(AlertEvalError, match="no per-subject model"):
         find_subject_models(tmp_path / "population")
+
+
+def test_consensus_readings_follow_the_sensor_period():
+    from serving.alert_eval import consensus_readings
+
+    assert consensus_readings(5) == 3  # 15 min of 5-minute readings
+    assert consensus_readings(15) == 2  # a Libre export: two readings span 15 min
+    assert consensus_readings(1) == 15

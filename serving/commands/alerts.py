@@ -83,8 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--min-readings",
         type=int,
-        default=3,
-        help="consecutive readings beyond threshold per episode (3: >= 15 min, the consensus)",
+        default=None,
+        help="consecutive readings beyond threshold per episode (default: the consensus' 15 "
+        "min at the frame's sensor period: 3 at 5 min, 2 at 15 min)",
     )
     s.add_argument(
         "--separation", type=float, default=30.0, help="minutes between distinct episodes (30)"
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from serving.alert_eval import (
         HIGH_EPISODE,
         LOW_EPISODE,
+        consensus_readings,
         evaluate_alerts,
         find_subject_models,
         load_forecaster,
@@ -162,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
         changes["high_mgdl"] = args.high
         changes["predicted_high_mgdl"] = args.high
     th = replace(th, **changes)
+    if args.min_readings is None:
+        from forecast.schema import get_meta
+
+        args.min_readings = consensus_readings(get_meta(frame).sampling_minutes or 5)
     low = replace(
         LOW_EPISODE,
         threshold_mgdl=th.low_mgdl or LOW_EPISODE.threshold_mgdl,
