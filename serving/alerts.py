@@ -161,7 +161,8 @@ class AlertThresholds:
     # 1.5 a day. The >= 90 % / >= 20 min / <= 1 a day goal is NOT met: an oracle that knows
     # the future glucose exactly and only not the sensor's future noise reaches 93 %, 20 min,
     # 0.77 a day (benchmarks/alert_ceiling.py), so the goal needs near-perfect 30-minute
-    # foresight; per-subject fine-tuned models get 88 %, 20 min, 1.03 a day at quantile 0.35.
+    # foresight; per-subject fine-tuned models (alerts evaluate --subject-models) get 86 %,
+    # 15 min, 0.76 a day.
     predicted_low_mgdl: float | None = 70.0
     predicted_low_margin_mgdl: float = 0.0
     predicted_low_quantile: float | None = 0.4
