@@ -282,3 +282,47 @@ def test_manifest_not_matching_onnx(capsys, lstm_run, frame_path, store):
     assert "does not match its manifest" in err
     err = run_fail(capsys, ["evaluate", "--model", "nosuchmodel", "--data", str(frame_path)])
     assert "neither a model directory nor a baseline" in err
+
+
+def test_finetune_every_subject_for_personal_alerts(capsys, lstm_run, frame_path, store):
+    from serving.alert_eval import find_subject_models
+
+    r = run_json(
+        capsys,
+        [
+            "finetune",
+            "--model",
+            lstm_run["model_dir"],
+            "--data",
+            str(frame_path),
+            "--subject",
+            "all",
+            "--max-epochs",
+            "1",
+            "--experiment",
+            "cli",
+            "--out",
+            str(store / "personal"),
+            "--no-register",
+        ],  # fmt: skip
+    )
+    assert set(r["subjects"]) == {"adult#001", "adolescent#001"}
+    assert r["summary"]["30"]["better"] in (0, 1, 2)
+    found = find_subject_models(store / "personal")
+    assert set(found) == {"adult#001", "adolescent#001"}
+    assert all((d / "model.onnx").exists() for d in found.values())
+    err = run_fail(
+        capsys,
+        [
+            "finetune",
+            "--model",
+            lstm_run["model_dir"],
+            "--data",
+            str(frame_path),
+            "--subject",
+            "adult#001,child#042",
+            "--out",
+            str(store / "p2"),
+        ],  # fmt: skip
+    )
+    assert "child#042" in err and "not in the frame" in err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 MODELS = ("lstm", "transformer", "ridge", "linear", "persistence", "physio")
 
@@ -51,7 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     f.add_argument("--model", required=True, help="model directory written by `glucast train`")
     f.add_argument("--data", required=True, help="canonical frame (.parquet) holding the subject")
-    f.add_argument("--subject", required=True, help="subject_id to adapt to")
+    f.add_argument(
+        "--subject",
+        required=True,
+        help="subject_id to adapt to; several comma-separated, or 'all' (one model each, "
+        "under --out/<subject>; `glucast alerts evaluate --subject-models` reads that folder)",
+    )
     _trainer_flags(f)
     f.set_defaults(func=run_finetune)
 
@@ -120,7 +127,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import yaml
 
-    from training.pipeline import finetune
+    from training.pipeline import _safe, finetune
 
     overrides = _overrides(args)
     if args.config:
@@ -133,19 +140,97 @@ def run_finetune(args: argparse.Namespace) -> int:
         for k, v in loaded.items():
             overrides[k] = {**v, **overrides.get(k, {})} if isinstance(v, dict) else v
     frame = _read(args.data)
-    out = finetune(
-        args.model,
-        frame,
-        args.subject,
-        cfg_overrides=overrides,
-        experiment=args.experiment,
-        out_dir=args.out,
-        data_path=args.data,
-        register=not args.no_register,
-    )
-    if out:
-        _print(args, out)
-        if not args.json:
-            for h, m in out["population_metrics"].items():
-                print(f"  population model {h:>3} min  RMSE {m['rmse']:.2f}")
+    subjects = _subjects(args.subject, frame)
+    if len(subjects) > 1 and not args.out:
+        from training.config import ConfigError
+
+        raise ConfigError("several subjects need --out DIR (one model each, under DIR/<subject>)")
+    results = {}
+    for i, subject in enumerate(subjects):
+        if len(subjects) > 1:
+            print(f"[{i + 1}/{len(subjects)}] {subject}", file=sys.stderr)
+        out = finetune(
+            args.model,
+            frame,
+            subject,
+            cfg_overrides=overrides,
+            experiment=args.experiment,
+            out_dir=args.out if len(subjects) == 1 else Path(args.out) / _safe(subject),
+            data_path=args.data,
+            register=not args.no_register,
+        )
+        if not out:  # a non-zero DDP rank
+            continue
+        results[subject] = out
+        if len(subjects) == 1:
+            _print(args, out)
+            if not args.json:
+                for h, m in out["population_metrics"].items():
+                    print(f"  population model {h:>3} min  RMSE {m['rmse']:.2f}")
+    if len(subjects) > 1 and results:
+        _print_many(args, results)
     return 0
+
+
+def _subjects(spec: str, frame) -> list[str]:
+    """'all', one subject_id or a comma-separated list, checked against the frame."""
+    known = sorted(frame["subject_id"].astype(str).unique())
+    if spec.strip().lower() == "all":
+        return known
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    missing = [s for s in wanted if s not in known]
+    if missing and len(wanted) > 1:  # one subject: the pipeline says what is wrong with it
+        from training.splits import DataError
+
+        raise DataError(f"subject(s) {missing} not in the frame; it holds {known[:20]}")
+    return wanted
+
+
+def _print_many(args: argparse.Namespace, results: dict) -> None:
+    """Per subject: the personal and the population model's RMSE on its test days."""
+    import statistics
+
+    from forecast.cli import emit_json
+
+    rows = {
+        s: {
+            "model_dir": str(r["model_dir"]),
+            **{
+                f"rmse_{h}": r["metrics"][h]["rmse"]
+                for h in r["metrics"]
+                if r["metrics"][h]["rmse"] is not None
+            },
+            **{
+                f"population_rmse_{h}": r["population_metrics"][h]["rmse"]
+                for h in r["population_metrics"]
+                if r["population_metrics"][h]["rmse"] is not None
+            },
+        }
+        for s, r in results.items()
+    }
+    horizons = sorted({k[5:] for row in rows.values() for k in row if k.startswith("rmse_")})
+    summary = {
+        h: {
+            "median_rmse": statistics.median(r[f"rmse_{h}"] for r in rows.values()),
+            "median_population_rmse": statistics.median(
+                r[f"population_rmse_{h}"] for r in rows.values()
+            ),
+            "better": sum(r[f"rmse_{h}"] < r[f"population_rmse_{h}"] for r in rows.values()),
+        }
+        for h in horizons
+    }
+    if args.json:
+        emit_json({"subjects": rows, "summary": summary, "out": str(args.out)})
+        return
+    for s, r in rows.items():
+        cells = "  ".join(
+            f"{h} min {r[f'rmse_{h}']:.2f} (population {r[f'population_rmse_{h}']:.2f})"
+            for h in horizons
+        )
+        print(f"{s:<20} {cells}")
+    for h, m in summary.items():
+        print(
+            f"median RMSE {h} min: personal {m['median_rmse']:.2f}, population "
+            f"{m['median_population_rmse']:.2f}; better for {m['better']} of {len(rows)}"
+        )
+    print(f"models under {args.out}: glucast alerts evaluate --subject-models {args.out} ...")
