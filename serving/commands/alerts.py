@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         default=None,
         help="personal models: every model under DIR whose manifest names a subject (what "
-        "`glucast finetune --out DIR/NAME` writes) forecasts for that subject; --model for "
-        "the rest",
+        "`glucast finetune --subject all --out DIR` writes) forecasts for that subject; "
+        "--model for the rest",
     )
     e.add_argument("--data", required=True, metavar="F.parquet", help="canonical frame (Parquet)")
     e.add_argument(
