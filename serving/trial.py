@@ -148,9 +148,7 @@ def make_simulator(config: TrialConfig, patients):
         carb_error_sd=float(config.carb_error),
         missed_bolus_prob=1.0 if config.unannounced else 0.0,
     )
-    sensor = SensorConfig.named(config.sensor)
-    if sensor.sample_minutes != SLOT_MINUTES:
-        sensor = SensorConfig(**{**asdict(sensor), "sample_minutes": SLOT_MINUTES})
+    sensor = SensorConfig.named(config.sensor, sample_minutes=SLOT_MINUTES)
     return Simulator(
         patients,
         scenario=RandomScenario(announcement=ann),

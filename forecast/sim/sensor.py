@@ -85,7 +85,8 @@ def noise_params(name: str) -> NoiseParams:
         return table[name.lower()]
     except KeyError:
         raise SimInputError(
-            f"unknown sensor {name!r}; known: {sorted(p.name for p in table.values()) + ['G6']}"
+            f"unknown sensor {name!r}; known: {sorted(p.name for p in table.values())} and "
+            f"{sorted(m.name for m in AR2_MODELS.values())}"
         ) from None
 
 
@@ -255,17 +256,26 @@ class AR2Stream:
         return np.stack(noise, axis=1).reshape(len(self), n), np.stack(states, axis=1)
 
 
-def make_noise_stream(name: str, seeds: np.ndarray, sample_minutes: int) -> NoiseStream | AR2Stream:
-    """The noise stream of a named model: simglucose's Johnson noise or an AR(2) model (G6)."""
+def resolve_noise_model(name: str, sample_minutes: int) -> NoiseParams | AR2Noise:
+    """A named noise model, checked: simglucose's Johnson noise (any period) or an AR(2) model
+    (G6, only at the period it was identified on). SimInputError for an unknown name."""
     ar = AR2_MODELS.get(name.lower())
     if ar is None:
-        return NoiseStream(noise_params(name), seeds, sample_minutes)
+        return noise_params(name)
     if sample_minutes != ar.sample_minutes:
         raise SimInputError(
-            f"the {ar.name} noise model was identified on {ar.sample_minutes}-minute data; "
-            f"sample_minutes={sample_minutes} is not supported with it"
+            f"the {ar.name} noise model was identified on {ar.sample_minutes}-minute data: "
+            f"it needs sample_minutes={ar.sample_minutes}, got {sample_minutes}"
         )
-    return AR2Stream(ar, seeds)
+    return ar
+
+
+def make_noise_stream(name: str, seeds: np.ndarray, sample_minutes: int) -> NoiseStream | AR2Stream:
+    """The noise stream of a named model: simglucose's Johnson noise or an AR(2) model (G6)."""
+    model = resolve_noise_model(name, sample_minutes)
+    if isinstance(model, AR2Noise):
+        return AR2Stream(model, seeds)
+    return NoiseStream(model, seeds, sample_minutes)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -316,14 +326,7 @@ class SensorConfig:
                 raise SimInputError(f"sensor {f} must be a probability, got {getattr(self, f)}")
         if self.dropout_mean_readings < 1 or self.drift_tau_days <= 0:
             raise SimInputError("dropout_mean_readings must be >= 1 and drift_tau_days > 0")
-        if self.noise_model.lower() in AR2_MODELS:
-            if self.sample_minutes != AR2_MODELS[self.noise_model.lower()].sample_minutes:
-                raise SimInputError(
-                    f"noise model {self.noise_model!r} needs sample_minutes=5, got "
-                    f"{self.sample_minutes}"
-                )
-        else:
-            noise_params(self.noise_model)  # validates the name
+        resolve_noise_model(self.noise_model, self.sample_minutes)  # name and period
 
     @classmethod
     def dexcom(cls, **overrides) -> SensorConfig:
@@ -355,21 +358,26 @@ class SensorConfig:
         return replace(cls(noise=False, min_mgdl=20.0, max_mgdl=600.0), **overrides)
 
     @classmethod
-    def named(cls, name: str) -> SensorConfig:
+    def named(cls, name: str, sample_minutes: int | None = None) -> SensorConfig:
         """CLI names: 'dexcom' (G6), 'dexcom-noise' (the G6 noise alone), 'none' (perfect),
-        'simglucose' (simglucose's Dexcom)."""
+        'simglucose' (simglucose's Dexcom); `sample_minutes` reads it at another period
+        (the closed loop's 5-minute cycle for simglucose's 3-minute sensor)."""
         key = name.lower()
         if key in ("dexcom", "g6", "dexcom-g6"):
-            return cls.dexcom()
-        if key == "dexcom-noise":
-            return cls(noise_model="G6")
-        if key in ("none", "perfect", "ideal"):
-            return cls.perfect()
-        if key in ("simglucose", "simglucose-dexcom"):
-            return cls.simglucose()
-        raise SimInputError(
-            f"unknown sensor {name!r}; use 'dexcom', 'dexcom-noise', 'none' or 'simglucose'"
-        )
+            c = cls.dexcom()
+        elif key == "dexcom-noise":
+            c = cls(noise_model="G6")
+        elif key in ("none", "perfect", "ideal"):
+            c = cls.perfect()
+        elif key in ("simglucose", "simglucose-dexcom"):
+            c = cls.simglucose()
+        else:
+            raise SimInputError(
+                f"unknown sensor {name!r}; use 'dexcom', 'dexcom-noise', 'none' or 'simglucose'"
+            )
+        if sample_minutes is None or sample_minutes == c.sample_minutes:
+            return c
+        return replace(c, sample_minutes=sample_minutes)
 
 
 # --------------------------------------------------------------------------- the sensor

@@ -100,9 +100,7 @@ def make_simulator(config: WorldConfig):
     from forecast.sim.sensor import SensorConfig
     from forecast.sim.simulator import Simulator
 
-    sensor = SensorConfig.named(config.sensor)
-    if sensor.sample_minutes != 5:
-        sensor = SensorConfig(**{**asdict(sensor), "sample_minutes": 5})
+    sensor = SensorConfig.named(config.sensor, sample_minutes=5)
     ann = AnnouncementConfig(
         carb_error_sd=float(config.carb_error),
         missed_bolus_prob=1.0 if config.unannounced else 0.0,
