@@ -37,7 +37,7 @@ from forecast.sim import load_patients
 from forecast.sim.rng import STREAM_NOISE, stream_seeds
 from forecast.sim.sensor import AR2_MODELS, AR2Stream
 from forecast.windows import WindowConfig, split_chronological
-from serving.alert_eval import LOW_EPISODE, _minutes, find_episodes, score_alerts
+from serving.alert_eval import LOW_EPISODE, _minutes, score_alerts, scoring_truth
 
 HORIZON_SLOTS = 6  # an episode starting within 30 min
 EPISODE_READINGS = LOW_EPISODE.min_readings
@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     noise, states = sensor_noise(frame)
     test = split_chronological(frame)["test"]
     rng = np.random.default_rng(args.seed)
-    skip = WindowConfig().past_slots * 5 + HORIZON_SLOTS * 5
-    probs, episodes, scored_from, days = {}, {}, {}, 0.0
+    # the same episodes, scoring start and days as `glucast alerts evaluate`
+    truth = scoring_truth(test, (LOW_EPISODE,), WindowConfig().past_slots, HORIZON_SLOTS * 5.0)
+    episodes, scored_from, days = truth.episodes[0], truth.scored_from, truth.days
+    probs = {}
     for sid, sub in frame.groupby("subject_id", sort=True, observed=True):
         sid = str(sid)
         g = sub["glucose"].to_numpy(float)
@@ -127,9 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         k0 = int(np.searchsorted(sub["time"].to_numpy(), tst["time"].to_numpy()[0]))
         t = _minutes(tst["time"])
         gt = tst["glucose"].to_numpy(float)
-        episodes[sid] = find_episodes(t, gt, LOW_EPISODE)
-        days += np.isfinite(gt).sum() * 5 / 1440
-        scored_from[sid] = t[np.isfinite(gt)][0] + skip
         origins = k0 + np.flatnonzero(np.isfinite(gt))
         probs[sid] = (
             t[0] + (origins - k0) * 5.0,

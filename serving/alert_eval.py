@@ -428,6 +428,48 @@ def replay_alerts(
 # --------------------------------------------------------------------------- evaluation
 
 
+@dataclass(frozen=True)
+class ScoringTruth:
+    """What alerts are scored against: per rule, per subject the episodes ``[E, 2]``; per
+    subject the first minute an episode counts (`score_alerts`' ``scored_from``); the real
+    readings and the days they make."""
+
+    episodes: tuple[dict[str, np.ndarray], ...]
+    scored_from: dict[str, float]
+    readings: int
+    days: float
+
+
+def scoring_truth(
+    frame: pd.DataFrame,
+    rules: tuple[EpisodeRule, ...],
+    past_slots: int,
+    window_min: float,
+    episodes_from: str = "glucose",
+) -> ScoringTruth:
+    """Episodes of `frame` under each rule, where scoring starts, and the days of data.
+
+    Scoring starts once a forecast could have warned: the first reading + L slots + the
+    alert window. A day of data is a day of readings at the sensor's own period (15 min for
+    Libre exports).
+    """
+    episodes: tuple[dict[str, np.ndarray], ...] = tuple({} for _ in rules)
+    scored_from: dict[str, float] = {}
+    n_real = 0
+    skip = past_slots * SLOT_MINUTES + window_min
+    for sid, sub in frame.groupby("subject_id", sort=True, observed=True):
+        t = _minutes(sub["time"])
+        g = sub["glucose"].to_numpy(dtype=float)
+        n_real += int(np.isfinite(g).sum())
+        first = t[np.isfinite(g)][0] if np.isfinite(g).any() else t[0]
+        scored_from[str(sid)] = first + skip
+        truth = sub[episodes_from].to_numpy(dtype=float)
+        for eps, rule in zip(episodes, rules):
+            eps[str(sid)] = find_episodes(t, truth, rule)
+    sampling = max(float(get_meta(frame).sampling_minutes or SLOT_MINUTES), SLOT_MINUTES)
+    return ScoringTruth(episodes, scored_from, n_real, n_real * sampling / 1440.0)
+
+
 def evaluation_thresholds(base: AlertThresholds) -> AlertThresholds:
     """The user's thresholds as scored: the high alert without its persistence (fires at onset)."""
     return replace(base, high_sustain_min=0.0)
@@ -501,23 +543,8 @@ def evaluate_table(
             "have 'bg_true', plasma glucose, and 'gsub', the noise-free sensor signal)"
         )
     alerts = replay_alerts(f, table, th)
-    eps_low: dict[str, np.ndarray] = {}
-    eps_high: dict[str, np.ndarray] = {}
-    scored_from: dict[str, float] = {}
-    n_real = 0
-    skip = past_slots * SLOT_MINUTES + window
-    for sid, sub in f.groupby("subject_id", sort=True, observed=True):
-        t = _minutes(sub["time"])
-        g = sub["glucose"].to_numpy(dtype=float)
-        n_real += int(np.isfinite(g).sum())
-        first = t[np.isfinite(g)][0] if np.isfinite(g).any() else t[0]
-        scored_from[str(sid)] = first + skip
-        truth = sub[episodes_from].to_numpy(dtype=float)
-        eps_low[str(sid)] = find_episodes(t, truth, low)
-        eps_high[str(sid)] = find_episodes(t, truth, high)
-    # a day of data = a day of readings at the sensor's own period (15 min for Libre exports)
-    sampling = max(float(get_meta(frame).sampling_minutes or SLOT_MINUTES), SLOT_MINUTES)
-    days = n_real * sampling / 1440.0
+    truth = scoring_truth(f, (low, high), past_slots, window, episodes_from)
+    (eps_low, eps_high), scored_from, days = truth.episodes, truth.scored_from, truth.days
     heard = alerts  # every alarm the person hears counts, re-alerts included
 
     def times_of(kinds: tuple[AlertKind, ...]) -> dict[str, np.ndarray]:
@@ -545,7 +572,7 @@ def evaluate_table(
     out.update(
         days=round(days, 3),
         subjects=int(f["subject_id"].nunique()),
-        readings=n_real,
+        readings=truth.readings,
         forecasts=0 if table is None else len(table.origin),
         forecast_sources=sources,
         window_min=window,
