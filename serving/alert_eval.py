@@ -302,16 +302,21 @@ def forecast_table_by_subject(
     future_inputs: str = "known",
 ) -> ForecastTable:
     """`forecast_table` with each subject's own model where it has one (e.g. fine-tuned by
-    `glucast finetune`), `forecaster` for the others; one table, as the engine replays it."""
+    `glucast finetune`), `forecaster` for the others; one table, as the engine replays it.
+    The subjects without a model of their own are forecast together, in big batches."""
+    ids = frame["subject_id"].astype(str)
+    own = sorted(set(ids) & set(subject_models))
+    parts = [(frame[~ids.isin(own)], forecaster, "the population model")]
+    parts += [(frame[ids == s], subject_models[s], f"the model for {s}") for s in own]
     tables = []
-    for sid, sub in frame.groupby("subject_id", sort=True, observed=True):
-        model = subject_models.get(str(sid), forecaster)
+    for sub, model, what in parts:
+        if len(sub) == 0:
+            continue
         cfg = getattr(model, "config", None) or config
         if cfg.past_slots != config.past_slots or cfg.horizon_slots != config.horizon_slots:
             raise AlertEvalError(
-                f"the model for {sid} has L={cfg.past_slots}, H={cfg.horizon_slots}; the "
-                f"population model {config.past_slots}, {config.horizon_slots}: one replay "
-                "needs one window shape"
+                f"{what} has L={cfg.past_slots}, H={cfg.horizon_slots}; the population model "
+                f"{config.past_slots}, {config.horizon_slots}: one replay needs one window shape"
             )
         tables.append(forecast_table(sub, model, config=cfg, future_inputs=future_inputs))
     quantiles = {t.quantiles for t in tables}
