@@ -199,16 +199,17 @@ def test_baseline_train_and_compare_groups_by_hash(capsys, lstm_run, frame_path,
     assert "no MLflow experiment" in run_fail(capsys, ["compare", "--experiment", "nope"])
 
 
+def finetune_argv(lstm_run, frame_path, subject, *extra):
+    return ["finetune", "--model", lstm_run["model_dir"], "--data", str(frame_path),
+            "--subject", subject, *extra]  # fmt: skip
+
+
 def test_finetune_on_one_subject(capsys, lstm_run, frame_path, store):
     r = run_json(
         capsys,
-        [
-            "finetune",
-            "--model",
-            lstm_run["model_dir"],
-            "--data",
-            str(frame_path),
-            "--subject",
+        finetune_argv(
+            lstm_run,
+            frame_path,
             "adult#001",
             "--max-epochs",
             "1",
@@ -217,23 +218,12 @@ def test_finetune_on_one_subject(capsys, lstm_run, frame_path, store):
             "--out",
             str(store / "ft"),
             "--no-register",
-        ],  # fmt: skip
+        ),  # fmt: skip
     )
     assert r["subject"] == "adult#001" and len(r["run_id"]) == 32
     assert (store / "ft" / "model" / "model.onnx").exists()
     assert set(r["population_metrics"]) == {"30", "60"}
-    err = run_fail(
-        capsys,
-        [
-            "finetune",
-            "--model",
-            lstm_run["model_dir"],
-            "--data",
-            str(frame_path),
-            "--subject",
-            "adult#999",
-        ],  # fmt: skip
-    )
+    err = run_fail(capsys, finetune_argv(lstm_run, frame_path, "adult#999"))
     assert "adult#999" in err and "not in the frame" in err
 
 
@@ -289,13 +279,9 @@ def test_finetune_every_subject_for_personal_alerts(capsys, lstm_run, frame_path
 
     r = run_json(
         capsys,
-        [
-            "finetune",
-            "--model",
-            lstm_run["model_dir"],
-            "--data",
-            str(frame_path),
-            "--subject",
+        finetune_argv(
+            lstm_run,
+            frame_path,
             "all",
             "--max-epochs",
             "1",
@@ -304,7 +290,7 @@ def test_finetune_every_subject_for_personal_alerts(capsys, lstm_run, frame_path
             "--out",
             str(store / "personal"),
             "--no-register",
-        ],  # fmt: skip
+        ),  # fmt: skip
     )
     assert set(r["subjects"]) == {"adult#001", "adolescent#001"}
     assert r["summary"]["30"]["better"] in (0, 1, 2)
@@ -313,16 +299,6 @@ def test_finetune_every_subject_for_personal_alerts(capsys, lstm_run, frame_path
     assert all((d / "model.onnx").exists() for d in found.values())
     err = run_fail(
         capsys,
-        [
-            "finetune",
-            "--model",
-            lstm_run["model_dir"],
-            "--data",
-            str(frame_path),
-            "--subject",
-            "adult#001,child#042",
-            "--out",
-            str(store / "p2"),
-        ],  # fmt: skip
+        finetune_argv(lstm_run, frame_path, "adult#001,child#042", "--out", str(store / "p2")),
     )
     assert "child#042" in err and "not in the frame" in err
