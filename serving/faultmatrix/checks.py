@@ -124,10 +124,7 @@ def check_cgm_outage(run: CaseRun) -> list[str]:
     v = []
     grace = STALE_MIN + 5
     hit = 0
-    for r in run.records:
-        c = r.cycle
-        if c is None or not r.fault_on or run.since_start(r.time) < grace:
-            continue
+    for r, c in run.fault_cycles(after_min=grace):
         hit += 1
         if c.verdict.fallback not in ("scheduled_basal", "suspend") or c.verdict.bolus_u > 0:
             v.append(f"{r.time}: CGM out for {run.since_start(r.time):.0f} min but fallback "
@@ -188,10 +185,7 @@ def check_tolerated(run: CaseRun) -> list[str]:
     """Duplicates/shuffles are harmless: no CGM fallback because of them; the raw readings are
     journaled as the device gave them."""
     v = []
-    for r in run.records:
-        c = r.cycle
-        if c is None or not r.fault_on:
-            continue
+    for r, c in run.fault_cycles():
         if any(x.startswith("cgm_unusable") for x in c.verdict.vetoes):
             v.append(f"{r.time}: CGM judged unusable ({c.verdict.vetoes[0][:80]})")
     cyc = run.cycles()
@@ -208,10 +202,7 @@ def check_tolerated(run: CaseRun) -> list[str]:
 def check_flat(run: CaseRun) -> list[str]:
     """After 9 identical readings (45 min): fallback until the sensor recovers; `flat` journaled."""
     v = []
-    for r in run.records:
-        c = r.cycle
-        if c is None or not r.fault_on or run.since_start(r.time) < 45:
-            continue
+    for r, c in run.fault_cycles(after_min=45):
         if c.verdict.fallback not in ("scheduled_basal", "suspend"):
             v.append(f"{r.time}: flat for {run.since_start(r.time):.0f} min, no fallback")
     if not run.events("veto")["detail"].str.contains("flat", regex=False).any():
@@ -351,10 +342,7 @@ def check_pred_fallback(run: CaseRun) -> list[str]:
 def check_pred_dead(run: CaseRun) -> list[str]:
     """No forecaster at all: the controller fails → scheduled basal, no bolus; fault journaled."""
     v = []
-    for r in run.records:
-        c = r.cycle
-        if c is None or not r.fault_on:
-            continue
+    for r, c in run.fault_cycles():
         if c.verdict.fallback != "scheduled_basal" or c.verdict.bolus_u > 0:
             v.append(f"{r.time}: fallback {c.verdict.fallback!r} with no forecaster")
     if not run.events("fault")["detail"].str.contains("controller", regex=False).any():

@@ -47,6 +47,17 @@ class CaseRun:
     def on(self, t: pd.Timestamp) -> bool:
         return any(w.active(t) for w in self.windows)
 
+    def fault_cycles(self, after_min: float = 0.0) -> list[tuple[CycleRecord, PatientCycle]]:
+        """(record, cycle) of every cycle that ran while the fault was on, at least
+        `after_min` minutes into its occurrence: what most checks look at."""
+        return [
+            (r, r.cycle)
+            for r in self.records
+            if r.cycle is not None
+            and r.fault_on
+            and (after_min <= 0 or self.since_start(r.time) >= after_min)
+        ]
+
     def since_start(self, t: pd.Timestamp) -> float:
         """Minutes since the start of the fault occurrence covering t (inf if none)."""
         return min(((t - w.start).total_seconds() / 60 for w in self.windows if w.active(t)),
