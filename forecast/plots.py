@@ -418,8 +418,59 @@ def horizon_metric_plot(
     return fig
 
 
+def alert_tradeoff_plot(
+    sweep: pd.DataFrame,
+    *,
+    goal: tuple[float, float, float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Predicted-low alerts by quantile: lows warned (left) and median lead (right) against
+    false alerts per day, the threshold-only alarm as a red star.
+
+    `sweep` is `serving.alert_sweep.sweep_quantiles`' frame; points are labelled with their
+    quantile and joined in quantile order. `goal` = (max false alerts a day, min share of lows
+    warned 0–1, min median lead in minutes) draws the target lines.
+    """
+    need = {"rule", "quantile", "sensitivity", "lead_min", "false_per_day"}
+    if not need <= set(sweep.columns):
+        raise PlotError(
+            f"the sweep frame lacks {sorted(need - set(sweep.columns))}; "
+            "pass serving.alert_sweep.sweep_quantiles(...)"
+        )
+    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+    ax_sens, ax_lead = fig.subplots(1, 2, sharex=True)
+    pred = sweep[sweep["rule"] == "predicted_low"].sort_values("quantile")
+    thr = sweep[sweep["rule"] == "threshold_low"]
+    panels = ((ax_sens, "sensitivity", 100.0, "lows warned (%)"), (ax_lead, "lead_min", 1.0,
+              "median lead before the low (min)"))  # fmt: skip
+    for k, (ax, col, scale, label) in enumerate(panels):
+        ax.plot(pred["false_per_day"], scale * pred[col], marker="o", label="predicted low")
+        for _, r in pred.iterrows():
+            ax.annotate(
+                f"q{r['quantile']:g}",
+                (r["false_per_day"], scale * r[col]),
+                textcoords="offset points",
+                xytext=(3, 4),
+                fontsize=7,
+            )
+        if len(thr):
+            ax.plot(thr["false_per_day"], scale * thr[col], marker="*", ms=12, ls="",
+                    color="tab:red", label="threshold alarm")  # fmt: skip
+        if goal is not None:
+            ax.axvline(goal[0], color="tab:green", lw=0.8, ls="--", label="goal")
+            ax.axhline(scale * goal[k + 1], color="tab:green", lw=0.8, ls="--")
+        ax.set_xlabel("false alerts per day")
+        ax.set_ylabel(label)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    ax_sens.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or "Predicted-low alerts by forecast quantile")
+    return fig
+
+
 __all__ = [
     "PlotError",
+    "alert_tradeoff_plot",
     "agp_plot",
     "clarke_plot",
     "cvga_plot",

@@ -484,6 +484,25 @@ def _minutes(times: pd.Series | np.ndarray) -> np.ndarray:
     return pd.DatetimeIndex(times).as_unit("ns").asi8.astype(float) / 60e9
 
 
+def replay_forecasts(
+    frame: pd.DataFrame,
+    forecaster: Any | None,
+    *,
+    config: WindowConfig,
+    future_inputs: str = "known",
+    subject_models: Mapping[str, Any] | None = None,
+) -> ForecastTable | None:
+    """The forecasts a replay of `frame` sees (None without a forecaster): `forecast_table`,
+    or `forecast_table_by_subject` when some subjects have their own model."""
+    if forecaster is None:
+        return None
+    if subject_models:
+        return forecast_table_by_subject(
+            frame, forecaster, subject_models, config=config, future_inputs=future_inputs
+        )
+    return forecast_table(frame, forecaster, config=config, future_inputs=future_inputs)
+
+
 def evaluate_alerts(
     frame: pd.DataFrame,
     forecaster: Any | None,
@@ -504,13 +523,9 @@ def evaluate_alerts(
     """
     cfg = config if config is not None else getattr(forecaster, "config", None) or WindowConfig()
     f = validate_frame(frame)
-    table = None
-    if forecaster is not None and subject_models:
-        table = forecast_table_by_subject(
-            f, forecaster, subject_models, config=cfg, future_inputs=future_inputs
-        )
-    elif forecaster is not None:
-        table = forecast_table(f, forecaster, config=cfg, future_inputs=future_inputs)
+    table = replay_forecasts(
+        f, forecaster, config=cfg, future_inputs=future_inputs, subject_models=subject_models
+    )
     out = evaluate_table(
         f,
         table,

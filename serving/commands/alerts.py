@@ -3,13 +3,23 @@
 Replays a frame through the runtime's alert engine with a forecaster (a baseline fitted on
 the training split, or an exported ONNX model directory) and prints, for predicted and
 threshold lows and highs: sensitivity, false alerts per day, median lead time, episodes.
-Definitions: `serving.alert_eval`.
+With ``--sweep`` it scores several predicted-low quantiles on the same forecasts instead (a
+table, ``--plot`` draws it) and, with ``--max-false-per-day``, names the one to use.
+Definitions: `serving.alert_eval`, `serving.alert_sweep`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports its heavy parts when a command runs
+    import pandas as pd
+
+    from serving.alert_eval import EpisodeRule
+    from serving.alerts import AlertThresholds
 
 BASELINES = ("persistence", "linear", "ridge", "physio")
 
@@ -48,9 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", required=True, metavar="F.parquet", help="canonical frame (Parquet)")
     e.add_argument(
         "--split",
-        choices=("test", "all"),
+        choices=("test", "val", "all"),
         default="test",
-        help="replay the held-out test split (default) or the whole frame",
+        help="replay the held-out test split (default), the validation split (to choose a "
+        "rule with --sweep without touching the test days) or the whole frame",
     )
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     r = e.add_argument_group("alert rule (defaults: the engine's)")
@@ -72,6 +83,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="say a standing predicted low again after MIN minutes (default 20; 0: once)",
     )
     r.add_argument("--low", type=float, default=None, help="low threshold, mg/dL (70)")
+    r.add_argument(
+        "--sweep",
+        metavar="Q[,Q...]",
+        default=None,
+        help="score each of these predicted-low quantiles on the same forecasts (e.g. "
+        "0.2,0.3,0.4,0.5) instead of one rule: a table of sensitivity, lead and false alerts",
+    )
+    r.add_argument(
+        "--max-false-per-day",
+        type=float,
+        default=None,
+        metavar="N",
+        help="with --sweep: name the most sensitive quantile with at most N false alerts a day",
+    )
+    r.add_argument(
+        "--plot",
+        metavar="F.png",
+        default=None,
+        help="with --sweep: draw warned lows against false alerts per day, leads as labels",
+    )
     r.add_argument("--high", type=float, default=None, help="high threshold, mg/dL (250)")
     s = e.add_argument_group("scoring")
     s.add_argument(
@@ -122,16 +153,21 @@ def run(args: argparse.Namespace) -> int:
     )
     from serving.alerts import AlertThresholds
 
+    if args.sweep is None and (args.plot or args.max_false_per_day is not None):
+        print("error: --plot and --max-false-per-day need --sweep Q[,Q...]", file=sys.stderr)
+        return 2
     frame = read_parquet(args.data)
     print(f"alerts evaluate: {args.data} ({len(frame)} rows)", file=sys.stderr)
     is_baseline = args.model in BASELINES
-    splits = split_chronological(frame) if (is_baseline or args.split == "test") else None
+    splits = split_chronological(frame) if (is_baseline or args.split != "all") else None
     train = splits["train"] if (splits is not None and is_baseline) else None
-    data = splits["test"] if args.split == "test" else frame
+    data = splits[args.split] if splits is not None and args.split != "all" else frame
     print(f"model {args.model}: loading/fitting", file=sys.stderr)
+    sweep = parse_sweep(args.sweep)
     quantiles = None
-    if is_baseline and args.quantile is not None:  # fit the baseline for the quantile asked
-        quantiles = tuple(sorted({0.05, 0.5, 0.95, float(args.quantile)}))
+    if is_baseline and (args.quantile is not None or sweep):  # fit it for the quantiles asked
+        asked = sweep or (float(args.quantile),)
+        quantiles = tuple(sorted({0.05, 0.5, 0.95, *asked}))
     model = load_forecaster(
         args.model, train, future_inputs=args.future_inputs, quantiles=quantiles
     )
@@ -181,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         min_separation_min=args.separation,
     )
     print(f"replaying {args.split} split", file=sys.stderr)
+    if sweep:
+        return run_sweep(args, data, model, personal, sweep, th, low, high)
     res = evaluate_alerts(
         data,
         model,
@@ -205,8 +243,109 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'alert':<16}{'episodes':>9}{'sensitivity':>13}{'lead (min)':>12}{'false/day':>11}")
     for key in ("predicted_low", "threshold_low", "predicted_high", "threshold_high"):
         r = res[key]
-        sens = "—" if r["sensitivity"] is None else f"{100 * r['sensitivity']:.1f} %"
-        lead = "—" if r["lead_min"] is None else f"{r['lead_min']:.1f}"
-        fpd = "—" if r["false_per_day"] is None else f"{r['false_per_day']:.2f}"
+        sens, lead, fpd = score_cells(r)
         print(f"{key:<16}{r['episodes']:>9}{sens:>13}{lead:>12}{fpd:>11}")
     return 0
+
+
+def parse_sweep(text: str | None) -> tuple[float, ...]:
+    """``--sweep 0.2,0.3`` → (0.2, 0.3); () when not given. Bad values: a clear error."""
+    from serving.alert_eval import AlertEvalError
+    from serving.alert_sweep import check_quantiles
+
+    if text is None:
+        return ()
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AlertEvalError(
+            f"--sweep {text!r}: give quantiles separated by commas, e.g. 0.2,0.3,0.4"
+        ) from None
+    return check_quantiles(values)
+
+
+def run_sweep(
+    args: argparse.Namespace,
+    data: pd.DataFrame,
+    model: Any,
+    personal: Mapping[str, Any],
+    sweep: tuple[float, ...],
+    th: AlertThresholds,
+    low: EpisodeRule,
+    high: EpisodeRule,
+) -> int:
+    """`--sweep`: the same forecasts through each quantile's rule; table, JSON or plot."""
+    from forecast.cli import emit_json
+    from forecast.windows import WindowConfig
+    from serving.alert_eval import replay_forecasts
+    from serving.alert_sweep import (
+        GOAL_LEAD_MIN,
+        GOAL_SENSITIVITY,
+        choose_quantile,
+        sweep_quantiles,
+    )
+
+    cfg = getattr(model, "config", None) or WindowConfig()
+    table = replay_forecasts(
+        data, model, config=cfg, future_inputs=args.future_inputs, subject_models=personal
+    )
+    frame = sweep_quantiles(
+        data,
+        table,
+        sweep,
+        thresholds=th,
+        past_slots=cfg.past_slots,
+        low=low,
+        high=high,
+        window_min=args.window,
+        episodes_from=args.episodes_from,
+    )
+    budget = args.max_false_per_day
+    chosen = None if budget is None else choose_quantile(frame, budget)
+    if args.plot:
+        from forecast.plots import alert_tradeoff_plot
+
+        goal = None if budget is None else (budget, GOAL_SENSITIVITY, GOAL_LEAD_MIN)
+        fig = alert_tradeoff_plot(
+            frame, goal=goal, title=f"Predicted-low alerts: {args.model}, {args.split} split"
+        )
+        fig.savefig(args.plot, dpi=100, bbox_inches="tight")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.json:
+        rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        emit_json(
+            {
+                "model": args.model,
+                "data": str(args.data),
+                "split": args.split,
+                "sweep": rows,
+                "max_false_per_day": budget,
+                "chosen_quantile": chosen,
+            }
+        )
+        return 0
+    print(f"{args.split} split, model {args.model}: predicted low by quantile")
+    print(f"{'rule':<22}{'episodes':>9}{'sensitivity':>13}{'lead (min)':>12}{'false/day':>11}")
+    for _, r in frame.iterrows():
+        name = r["rule"] if r["rule"] != "predicted_low" else f"predicted_low q {r['quantile']:g}"
+        sens, lead, fpd = score_cells(r)
+        print(f"{name:<22}{r['episodes']:>9}{sens:>13}{lead:>12}{fpd:>11}")
+    if budget is not None:
+        print(
+            f"most sensitive within {budget:g} false alert(s)/day: "
+            + (f"quantile {chosen:g}" if chosen is not None else "none of the sweep")
+        )
+    return 0
+
+
+def score_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
+    """Sensitivity, lead and false alerts a day as table cells ("—" where not scored)."""
+
+    def missing(x: Any) -> bool:
+        return x is None or x != x  # None in JSON results, NaN in the sweep frame
+
+    return (
+        "—" if missing(r["sensitivity"]) else f"{100 * r['sensitivity']:.1f} %",
+        "—" if missing(r["lead_min"]) else f"{r['lead_min']:.1f}",
+        "—" if missing(r["false_per_day"]) else f"{r['false_per_day']:.2f}",
+    )
