@@ -35,10 +35,11 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     assert os.environ["GLUCAST_NB_SMALL"] == "1"
 
 
-def test_there_are_three_notebooks():
+def test_the_four_notebooks_are_there():
     names = {p.name for p in NOTEBOOKS}
     assert {
         "01_data_and_simulator.ipynb",
         "02_train_compare_mlflow.ipynb",
         "03_closed_loop.ipynb",
+        "04_alerts.ipynb",
     } <= names
