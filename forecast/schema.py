@@ -39,8 +39,20 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     "exercise",
     "bg_true",
     "meal_announced",
+    "carb_ratio_g_per_u",
+    "isf_mgdl_per_u",
 )
 FLOAT_COLUMNS: tuple[str, ...] = ("glucose", "basal_u", "bolus_u", "carbs_g")
+
+# The therapy profile in effect at each slot — the settings programmed in the pump, which a
+# forecaster may take as static inputs (they say how this person responds to carbs and
+# insulin). Optional; where a frame has one of these columns every row must hold a value in
+# its plausible range (a profile known for part of a record is no profile: drop the column).
+PROFILE_RANGES: dict[str, tuple[float, float]] = {
+    "carb_ratio_g_per_u": (1.0, 150.0),  # grams of carbohydrate one unit covers
+    "isf_mgdl_per_u": (5.0, 600.0),  # insulin sensitivity: mg/dL one unit lowers glucose
+}
+PROFILE_COLUMNS: tuple[str, ...] = tuple(PROFILE_RANGES)
 
 # Physiological plausibility of a CGM value; outside this a reading is a sensor artefact.
 GLUCOSE_MIN_MGDL = 20.0
@@ -276,7 +288,8 @@ def validate_frame(frame: pd.DataFrame, *, require_grid: bool = True) -> pd.Data
 
     Checks: required columns, dtypes castable, UTC times, slot alignment, one row per
     (subject, slot), sorted, glucose within 20–600 mg/dL or NaN, insulin and carbs
-    non-negative (NaN carbs allowed: a meal whose size is unknown).
+    non-negative (NaN carbs allowed: a meal whose size is unknown), therapy-profile columns
+    (`PROFILE_RANGES`) complete and in range where present.
     """
     if not isinstance(frame, pd.DataFrame):
         raise SchemaError(f"expected a pandas DataFrame, got {type(frame).__name__}")
@@ -316,6 +329,7 @@ def validate_frame(frame: pd.DataFrame, *, require_grid: bool = True) -> pd.Data
     cg = out["carbs_g"].to_numpy()
     if (cg[np.isfinite(cg)] < 0).any():
         raise SchemaError("column 'carbs_g' has negative values")
+    _check_profile(out)
     if require_grid and len(out):
         t_ns = _utc_ns(out["time"])
         if (t_ns % SLOT.value != 0).any():
@@ -336,6 +350,23 @@ def validate_frame(frame: pd.DataFrame, *, require_grid: bool = True) -> pd.Data
         if (np.diff(t_ns)[same] <= 0).any():
             raise SchemaError("frame is not sorted by (subject_id, time)")
     return out
+
+
+def _check_profile(frame: pd.DataFrame) -> None:
+    """Therapy-profile columns, where present: numeric, on every row, within range."""
+    for c, (lo, hi) in PROFILE_RANGES.items():
+        if c not in frame.columns:
+            continue
+        v = pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype="float64")
+        bad = ~np.isfinite(v) | (v < lo) | (v > hi)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise SchemaError(
+                f"column {c!r} holds {frame[c].iloc[i]!r} at row {i} (subject "
+                f"{frame['subject_id'].iloc[i]!r}, {frame['time'].iloc[i]}); a therapy-profile "
+                f"value must be a number in {lo:g}–{hi:g} on every row — drop the column if the "
+                "profile is not known for the whole record"
+            )
 
 
 def _utc_ns(times: pd.Series) -> np.ndarray:

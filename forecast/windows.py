@@ -31,6 +31,15 @@ are used, so the first hours of a test split still see the insulin given at the 
 training split. Otherwise they are computed from the rows given, with the curves named in the
 `WindowConfig` (a record younger than a day gives the daily dose seen so far).
 
+Static exogenous inputs: the therapy profile (``carb_ratio_g_per_u``, ``isf_mgdl_per_u``,
+`PROFILE_FEATURES`), the pump settings that say how this person responds to carbohydrate and
+insulin. They are not part of the default feature list: a `WindowConfig` appends them when
+the training frame carries them (`training.config.DataConfig.profile`), and they are then read
+from the frame's columns, constant across a window unless the settings changed. At run time
+the loop and the trials fill them from `serving.types.PatientSettings`. A population model
+that knows the profile forecasts better than one that must guess the person from two hours
+of history (demo cohort, LSTM RMSE at 30/60 min: see the README).
+
 Carbohydrate inputs: a meal of unknown size (``carbs_g`` NaN) enters every model input — the
 ``carbs_g`` features and COB — as 0 g; the observed-reading mask and the glucose response still
 tell a model that something happened. Where the frame has a ``meal_announced`` column, only
@@ -59,6 +68,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from forecast.insulin import CarbCurve, InsulinCurve, carbs_on_board, insulin_on_board
 from forecast.schema import (
+    PROFILE_COLUMNS,
     SLOT,
     SLOT_MINUTES,
     SchemaError,
@@ -70,6 +80,7 @@ from forecast.schema import (
 __all__ = [
     "FUTURE_FEATURES",
     "PAST_FEATURES",
+    "PROFILE_FEATURES",
     "WindowConfig",
     "Windows",
     "add_features",
@@ -92,6 +103,7 @@ PAST_FEATURES: tuple[str, ...] = (
     "tdd_u",
 )
 FUTURE_FEATURES: tuple[str, ...] = ("basal_u", "bolus_u", "carbs_g", "tod_sin", "tod_cos")
+PROFILE_FEATURES: tuple[str, ...] = PROFILE_COLUMNS  # static: the pump's therapy profile
 
 # Features the builder knows how to compute; a past feature may also be any other numeric
 # column of the frame (heart_rate, steps...), NaN → 0.
@@ -464,6 +476,13 @@ def _build_dense(
             past[:, j] = cols[name]
         elif name in frame.columns:
             past[:, j] = np.nan_to_num(dense(pd.to_numeric(frame[name]).to_numpy(np.float64)))
+        elif name in PROFILE_FEATURES:
+            raise SchemaError(
+                f"the model takes the therapy profile {list(PROFILE_FEATURES)} as inputs and "
+                f"the frame has no {name!r} column: add the person's pump settings as columns "
+                "(one value per row), or use a model trained without them "
+                "(training config data.profile: off)"
+            )
         else:
             raise SchemaError(
                 f"past feature {name!r} is neither computed by the window builder "

@@ -213,20 +213,25 @@ class ReplayBackend:
 
 
 def settings_from_frame(frame: pd.DataFrame, subject_id: str) -> PatientSettings:
-    """Conservative settings for a recorded patient whose therapy settings are unknown.
+    """Conservative settings for a recorded patient whose therapy settings are not given.
 
-    Scheduled basal = the median delivered basal rate; carb ratio and ISF population values
+    Scheduled basal = the median delivered basal rate; carb ratio and ISF from the frame's
+    therapy-profile columns (their latest values) where it has them, else population values
     (10 g/U, 40 mg/dL/U); limits as the trial's (4 × basal, a modest bolus and IOB cap).
     """
     sub = frame[frame["subject_id"].astype(str) == str(subject_id)]
     rates = sub["basal_u"].to_numpy(dtype=float) * 60.0 / SLOT_MINUTES
     rates = rates[np.isfinite(rates) & (rates > 0)]
     basal = float(np.median(rates)) if len(rates) else 1.0
+
+    def latest(column: str, default: float) -> float:
+        return float(sub[column].iloc[-1]) if column in sub.columns and len(sub) else default
+
     return PatientSettings(
         name=str(subject_id),
         basal_u_per_h=basal,
-        carb_ratio_g_per_u=10.0,
-        isf_mgdl_per_u=40.0,
+        carb_ratio_g_per_u=latest("carb_ratio_g_per_u", 10.0),
+        isf_mgdl_per_u=latest("isf_mgdl_per_u", 40.0),
         max_basal_u_per_h=4.0 * basal,
         max_bolus_u=10.0,
         max_iob_u=10.0 + 3.0 * basal,
@@ -600,6 +605,9 @@ class ControlLoop:
                 "carbs_g": np.r_[carbs, np.zeros(len(fut))],
             }
         )
+        for k, v in self.settings[i].profile().items():
+            if k in w.past_features:  # the model takes the therapy profile as static inputs
+                frame[k] = v
         frame["subject_id"] = frame["subject_id"].astype("string")
         past, future = inputs_at(frame, w, t)
         return past[0], future[0]

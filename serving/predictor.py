@@ -207,16 +207,19 @@ def file_sha256(path: str | Path) -> str:
 
 def runtime_window(manifest: WindowConfig) -> WindowConfig:
     """The window the runtime builds by default: the model's sizes and curves, and the
-    canonical feature lists of `forecast.windows` — the features this runtime computes.
+    canonical feature lists of `forecast.windows` — the features this runtime computes —
+    followed by the therapy profile (`PROFILE_FEATURES`) when the model takes it (the runtime
+    fills it from the patient's settings).
 
     A model trained on other features (or another order) is refused unless the caller
     passes a config that says so explicitly.
     """
     from dataclasses import replace
 
-    from forecast.windows import FUTURE_FEATURES, PAST_FEATURES
+    from forecast.windows import FUTURE_FEATURES, PAST_FEATURES, PROFILE_FEATURES
 
-    return replace(manifest, past_features=PAST_FEATURES, future_features=FUTURE_FEATURES)
+    profile = tuple(f for f in PROFILE_FEATURES if f in manifest.past_features)
+    return replace(manifest, past_features=PAST_FEATURES + profile, future_features=FUTURE_FEATURES)
 
 
 def check_window_matches(manifest: WindowConfig, runtime: WindowConfig) -> None:

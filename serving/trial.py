@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,14 @@ from serving.controllers import (
     make_controller,
     meal_bolus_u,
 )
-from serving.types import CGMStatus, ControlInput, PatientSettings, Proposal, Reading
+from serving.types import (
+    CGMStatus,
+    ControlInput,
+    PatientSettings,
+    Proposal,
+    Reading,
+    profile_arrays,
+)
 
 PATIENT_GROUPS = ("all", "adults", "adolescents", "children")
 SENSORS = ("dexcom", "dexcom-noise", "simglucose", "none")
@@ -187,6 +194,7 @@ class CohortHistory:
         start: pd.Timestamp,
         cycles: int,
         prior_daily_dose_u: np.ndarray | None = None,
+        profile: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.config = c = config
         self.n = len(scheduled_u_per_h)
@@ -210,6 +218,8 @@ class CohortHistory:
             else np.asarray(prior_daily_dose_u, np.float64)
         )
         self.prior_slot = prior / self.per_day  # [N] U per slot before the trial
+        # therapy profile ([N] per feature): static inputs, the same in every slot
+        self.profile = {k: np.asarray(v, np.float64) for k, v in (profile or {}).items()}
         self.cycle = -1
         sod = (start - start.normalize()).total_seconds()
         slots = np.arange(width) - self.pad
@@ -295,6 +305,7 @@ class CohortHistory:
             "tdd_u": self._daily_dose(dose, j, L),
             "tod_sin": np.broadcast_to(self.tod_sin[sl], (self.n, L)),
             "tod_cos": np.broadcast_to(self.tod_cos[sl], (self.n, L)),
+            **{k: np.broadcast_to(v[:, None], (self.n, L)) for k, v in self.profile.items()},
         }
         past = np.empty((self.n, L, len(c.past_features)), np.float32)  # [N, L, Fp]
         for name, i in self._pi.items():
@@ -329,6 +340,7 @@ class CohortHistory:
                         "basal_u": self.basal[i, a:b],
                         "bolus_u": self.bolus[i, a:b],
                         "carbs_g": self.carbs[i, a:b],
+                        **{k: v[i] for k, v in self.profile.items()},
                     }
                 )
             )
@@ -669,7 +681,14 @@ def run_trial(
         np.array([s.max_daily_basal_u_per_h or s.basal_u_per_h for s in settings]),
         sched,
     )
-    hist = CohortHistory(window, sched, sim.start, cycles, prior_daily_dose_u=patients.tdi)
+    hist = CohortHistory(
+        window,
+        sched,
+        sim.start,
+        cycles,
+        prior_daily_dose_u=patients.tdi,
+        profile=profile_arrays(settings),
+    )
     sups = [Supervisor(s) for s in settings]
     pump = CohortPump(sched, cap, increment=sim.pump.config.basal_increment_u_per_h)
     recent: list[deque[Reading]] = [deque(maxlen=12) for _ in range(n)]

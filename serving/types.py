@@ -8,6 +8,7 @@ proposal into a `Verdict`, the only thing that reaches the pump.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -46,6 +47,20 @@ class PatientSettings:
     max_daily_basal_u_per_h: float | None = None  # highest scheduled rate of the day
     target_mgdl: float = 110.0
     low_suspend_mgdl: float = 80.0  # predictive low-glucose suspend threshold
+
+    def profile(self) -> dict[str, float]:
+        """The therapy profile as a forecaster's static inputs (`forecast.windows`'s
+        ``PROFILE_FEATURES``, the frame's profile columns)."""
+        return {
+            "carb_ratio_g_per_u": float(self.carb_ratio_g_per_u),
+            "isf_mgdl_per_u": float(self.isf_mgdl_per_u),
+        }
+
+
+def profile_arrays(settings: Sequence[PatientSettings]) -> dict[str, np.ndarray]:
+    """The profiles of a cohort, one ``[N]`` array per profile feature."""
+    rows = [s.profile() for s in settings]
+    return {k: np.array([r[k] for r in rows], np.float64) for k in (rows[0] if rows else {})}
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 from test_predictor import write_model_dir
 
 from forecast.cli import main
-from forecast.windows import WindowConfig, inputs_at
+from forecast.windows import PAST_FEATURES, PROFILE_FEATURES, WindowConfig, inputs_at
 from serving.controllers.mpc import MPCController
 from serving.predictor import Predictor
 from serving.trial import (
@@ -23,7 +23,7 @@ from serving.trial import (
     settings_for,
     write_report,
 )
-from serving.types import Proposal
+from serving.types import Proposal, profile_arrays
 
 warnings.filterwarnings("ignore", category=UserWarning)  # the simulator's physiology flags
 
@@ -119,7 +119,9 @@ def test_trial_windows_equal_the_shared_window_builder():
     settings = settings_for(patients)
     sched = np.array([s.basal_u_per_h for s in settings])
     r = run_trial(cfg)
-    hist = CohortHistory(WindowConfig(), sched, sim.start, cfg.cycles)
+    # with the therapy profile as static inputs (a superset of the default features)
+    window = WindowConfig(past_features=PAST_FEATURES + PROFILE_FEATURES)
+    hist = CohortHistory(window, sched, sim.start, cfg.cycles, profile=profile_arrays(settings))
     for c in range(cfg.cycles):  # replay the record into a fresh history
         hist.observe(c, r.log["cgm"][:, c], r.log["carbs_announced"][:, c])
         hist.deliver(c, r.log["sent_rate"][:, c] * 5 / 60, r.log["sent_bolus"][:, c])

@@ -186,7 +186,7 @@ def resolve(
                 "a baseline is fitted on the frame's train split; --split all needs an exported model"
             )
         cfg = load_config(config_path, {"model": model})
-        wc = cfg.window_config()
+        wc = cfg.window_config(frame)
         splits = build_splits(frame, cfg.data, wc)
         fc = build_baseline(model, tuple(cfg.head.quantiles))
         fc.fit(splits.windows["train"])

@@ -233,7 +233,7 @@ def train(
     """Train (or fit) `cfg.model` on `frame`, score it on the test split, log everything."""
     cfg.validate()
     _threads(cfg.trainer.threads)
-    wc = cfg.window_config()
+    wc = cfg.window_config(frame)
     t0 = time.perf_counter()
     splits = build_splits(frame, cfg.data, wc)  # fails early, before anything is written
     out = Path(out_dir) if out_dir else default_out(cfg.model)

@@ -12,6 +12,7 @@ per subject and slot:
 | carbs_g | grams *announced* (logged) in the slot, as a controller or a diary sees them: carb-count errors applied, 0 for missed boluses and unannounced snacks; late boluses land in their late slot |
 | meal_announced | True in the slots where carbs_g holds an announcement |
 | carbs_eaten_g | grams actually eaten, in the slot where eating starts (the truth) |
+| carb_ratio_g_per_u, isf_mgdl_per_u | the patient's therapy profile (Quest.csv CR, CF): what the policy doses with, and a forecaster's static inputs |
 
 Without announcement errors (the default) carbs_g equals carbs_eaten_g slot by slot: a meal is
 announced in the slot where eating starts. The frame's DatasetMeta says how it was made
@@ -181,6 +182,9 @@ def simulate_cohort(
             "gsub": gsub.ravel(),
             "meal_announced": announced.ravel(),
             "carbs_eaten_g": eaten.ravel(),
+            # the therapy profile the policy doses with (Quest.csv's CR and CF)
+            "carb_ratio_g_per_u": np.repeat(patients.cr.astype(np.float64), n_slots),
+            "isf_mgdl_per_u": np.repeat(patients.cf.astype(np.float64), n_slots),
         }
     )
     sensor_cfg = sim.sensor_config
