@@ -178,3 +178,100 @@ def test_malformed_empty_and_mmol_entries(tmp_path):
     mmol.write_text(json.dumps([_entry(i, 5.5 + i / 10) for i in range(12)]))
     with pytest.raises(UnitsError, match="mmol/L"):
         read_nightscout(mmol)
+
+
+# --------------------------------------------------------------------------- therapy profile
+
+
+def _with_profile(tmp_path: Path, **store) -> Path:
+    """person_a's entries with its profile changed (`store` updates the default profile)."""
+    profile = json.loads((A / "profile.json").read_text())
+    profile[0]["store"]["Default"].update(store)
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    shutil.copy(A / "entries.json", tmp_path / "entries.json")
+    return tmp_path
+
+
+def _sched(*pairs) -> list[dict]:
+    return [{"time": t, "value": v} for t, v in pairs]
+
+
+def test_profile_carb_ratio_and_isf_follow_the_local_schedule(tmp_path):
+    # Tokyo is UTC+9 (no DST): the record, 00:02-07:57 UTC, is 09:02-16:57 local
+    path = _with_profile(
+        tmp_path,
+        timezone="Asia/Tokyo",
+        carbratio=_sched(("10:00", 8), ("12:00", 12)),
+        sens=[
+            {"time": "00:00", "value": 40, "timeAsSeconds": 0},
+            {"time": "14:30", "value": "60", "timeAsSeconds": 52200},
+        ],
+    )
+    frame, report = read_nightscout(path)
+    assert [r.reason for r in report.rejected] == ["duplicate"]
+    cr, isf = "carb_ratio_g_per_u", "isf_mgdl_per_u"
+    # before 10:00 local the day before's 12:00 entry still holds (the schedule wraps)
+    assert _at(frame, "00:30")[cr] == 12 and _at(frame, "00:55")[cr] == 12
+    assert _at(frame, "01:00")[cr] == 8 and _at(frame, "02:55")[cr] == 8
+    assert _at(frame, "03:00")[cr] == 12 and _at(frame, "07:55")[cr] == 12
+    assert _at(frame, "05:25")[isf] == 40 and _at(frame, "05:30")[isf] == 60
+    assert frame[cr].notna().all() and frame[isf].notna().all()
+    assert frame[isf].dtype == "float64"
+
+
+def test_profile_isf_of_an_mmol_profile_is_converted_to_mgdl(tmp_path):
+    path = _with_profile(tmp_path, units="mmol", sens=_sched(("00:00", 2.5)))
+    frame, report = read_nightscout(path)
+    assert frame["isf_mgdl_per_u"].unique().tolist() == [pytest.approx(2.5 * 18.0182)]
+    assert frame["carb_ratio_g_per_u"].unique().tolist() == [10]  # g/U whatever the units
+    assert [r.reason for r in report.rejected] == ["duplicate"]
+
+
+@pytest.mark.parametrize(
+    ("units", "bad"),
+    [("mg/dl", "abc"), ("mmol", 0.1), ("mg/dl", None)],
+    ids=["not-a-number", "mmol-out-of-range", "missing"],
+)
+def test_profile_bad_isf_entry_leaves_the_isf_column_out(tmp_path, units, bad):
+    sens = _sched(("00:00", 3.0 if units == "mmol" else 50), ("06:00", bad))
+    path = _with_profile(tmp_path, units=units, sens=sens)
+    frame, report = read_nightscout(path)
+    assert "isf_mgdl_per_u" not in frame and "carb_ratio_g_per_u" in frame
+    (r,) = [r for r in report.rejected if r.reason != "duplicate"]
+    assert (r.file, r.record, r.field, r.reason) == (
+        str(path / "profile.json"),
+        "store['Default'].sens[1]",
+        "isf_mgdl_per_u",
+        "bad sens schedule entry",
+    )
+    assert json.loads(r.value) == sens[1]
+    assert any("isf_mgdl_per_u not written" in n for n in report.notes)
+    with pytest.raises(InputError, match="bad sens schedule entry"):
+        read_nightscout(path, strict=True)
+
+
+def test_profile_without_carbratio_is_reported(tmp_path):
+    path = _with_profile(tmp_path)
+    profile = json.loads((path / "profile.json").read_text())
+    del profile[0]["store"]["Default"]["carbratio"]
+    (path / "profile.json").write_text(json.dumps(profile))
+    frame, report = read_nightscout(path)
+    assert "carb_ratio_g_per_u" not in frame and "isf_mgdl_per_u" in frame
+    got = [(r.record, r.field, r.reason) for r in report.rejected if r.reason != "duplicate"]
+    assert got == [("store['Default']", "carb_ratio_g_per_u", "profile has no carbratio schedule")]
+
+
+def test_profile_columns_need_a_profile_for_every_person(tmp_path):
+    for name in ("entries.json", "treatments.json"):
+        shutil.copy(A / name, tmp_path / name)
+    frame, report = read_nightscout(tmp_path)  # no profile.json
+    assert not {"carb_ratio_g_per_u", "isf_mgdl_per_u"} & set(frame.columns)
+    assert [r.reason for r in report.rejected] == ["duplicate"]
+    assert not any("not written" in n for n in report.notes)
+    # person_a has a profile, person_b none: a column cannot hold person_a's rows only
+    frame, report = read_nightscout(HERE)
+    assert set(frame["subject_id"].unique()) == {"nightscout-person_a", "nightscout-person_b"}
+    assert not {"carb_ratio_g_per_u", "isf_mgdl_per_u"} & set(frame.columns)
+    assert "isf_mgdl_per_u not written: no complete profile schedule for nightscout-person_b" in (
+        report.notes
+    )

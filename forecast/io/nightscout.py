@@ -20,10 +20,15 @@ Files are recognised by content, not name, and all files of one directory are on
   ``units`` "mg/dl" or "mmol") -> ``finger_stick``. "Exercise" -> ``exercise`` = 1 for
   its duration. "Suspend Pump" -> basal 0 until "Resume Pump" (or its duration). Other
   event types (notes, site changes, targets...) are counted in the report.
-* **profile** (``/api/v1/profile.json``): the basal schedule (``store[defaultProfile].basal``,
-  local times in the profile's ``timezone``) gives the scheduled basal that temp basals
-  override and percent temps scale; without a profile pass ``basal=`` (U/h, flat).
-  Without either, only temp basals are known and the report says so.
+* **profile** (``/api/v1/profile.json``): the daily schedules of ``store[defaultProfile]``,
+  local times in the profile's ``timezone``. ``basal`` gives the scheduled basal that temp
+  basals override and percent temps scale; without a profile pass ``basal=`` (U/h, flat).
+  Without either, only temp basals are known and the report says so. ``carbratio`` (g/U)
+  -> ``carb_ratio_g_per_u`` and ``sens`` (the profile's ``units`` per U; mmol/L converted)
+  -> ``isf_mgdl_per_u``: on each slot, the value in effect at its local time of day. Such a
+  column is all or nothing: a schedule that is missing or has an unusable entry (reported)
+  leaves the column out for that person, and a frame of several persons has it only when
+  every person does (the report's notes say who lacked it).
 """
 
 from __future__ import annotations
@@ -56,8 +61,26 @@ from forecast.io.common import (
     screen_times,
     storable,
 )
-from forecast.preprocess import MGDL, Events, detect_units, parse_units, table
-from forecast.schema import MGDL_PER_MMOLL, DataReport, DatasetMeta, EmptyInputError, InputError
+from forecast.preprocess import (
+    EXTRA_COLUMNS,
+    MGDL,
+    MMOLL,
+    Events,
+    detect_units,
+    parse_units,
+    table,
+)
+from forecast.schema import (
+    MGDL_PER_MMOLL,
+    PROFILE_COLUMNS,
+    PROFILE_RANGES,
+    REQUIRED_COLUMNS,
+    DataReport,
+    DatasetMeta,
+    EmptyInputError,
+    InputError,
+    validate_frame,
+)
 
 SOURCE = "Nightscout"
 DEXCOM_CODES = {
@@ -72,6 +95,17 @@ DEXCOM_CODES = {
     12: "?RF bad RF",
     39: "LOW",
 }
+#: The daily schedules read from a profile: Nightscout key -> (canonical field, valid range,
+#: unit). ``sens`` is in the profile's units, converted to mg/dL before the range check.
+SCHEDULES: dict[str, tuple[str, tuple[float, float], str]] = {
+    "basal": ("basal_u", (0.0, 35.0), "U/h"),
+    "carbratio": ("carb_ratio_g_per_u", PROFILE_RANGES["carb_ratio_g_per_u"], "g/U"),
+    "sens": ("isf_mgdl_per_u", PROFILE_RANGES["isf_mgdl_per_u"], "mg/dL per U"),
+}
+#: A profile's schedules: Nightscout key -> (usable entries, whether every entry was usable).
+Schedules = dict[str, tuple[list[tuple[int, float]], bool]]
+#: What a person's profile gives the profile columns: column -> (time zone, schedule).
+ProfileColumns = dict[str, tuple[str, tuple[tuple[int, float], ...]]]
 
 
 def read_nightscout(
@@ -100,10 +134,12 @@ def read_nightscout(
     for f in files:
         groups[f.parent].append(f)
     parts, zones, units = [], set(), set()
+    profiles: dict[str, list[ProfileColumns | None]] = defaultdict(list)
     for folder, members in sorted(groups.items()):
         sid = subject_id or f"nightscout-{folder.resolve().name}"
-        ev, tz, u = _read_person(members, sid, sink, basal, now)
+        ev, tz, u, prof = _read_person(members, sid, sink, basal, now)
         parts.append(ev)
+        profiles[sid].append(prof)
         zones |= {tz} if tz else set()
         units |= u
     tz = check_timezone(timezone or (sorted(zones)[0] if len(zones) == 1 else "UTC"))
@@ -118,7 +154,8 @@ def read_nightscout(
         licence="personal data of the exporting user",
         extra={"files": [str(f) for f in files]},
     )
-    return finish(Events.concat(parts), report, meta), report
+    frame = finish(Events.concat(parts), report, meta)
+    return _add_profile(frame, profiles, report), report
 
 
 def load_json(path: Path, sink: Sink) -> Any:
@@ -472,9 +509,18 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
     start, end = times.dropna().min(), record_end(times, now)
     tz = None
     sched = None
+    profile: ProfileColumns | None = None
     if docs["profile"]:
         f, doc = docs["profile"][-1]
-        sched, tz = _profile_schedule(doc, f, sid, start, end, sink)
+        read = _read_profile(doc, f, sink)
+        if read is not None:
+            tz, schedules = read
+            sched = _basal_segments(schedules["basal"][0], tz, sid, start, end)
+            profile = {
+                SCHEDULES[key][0]: (tz, tuple(entries))
+                for key, (entries, complete) in schedules.items()
+                if complete and SCHEDULES[key][0] in PROFILE_COLUMNS
+            }
         if len(docs["profile"]) > 1:
             report.notes.append(f"several profile files for {sid}; used {f.name}")
     elif basal is not None:
@@ -491,7 +537,7 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
         ev.add("rates", sched)
     for tb in temps:
         ev.add("rates", tb)
-    return ev, tz, units
+    return ev, tz, units, profile
 
 
 def profile_units(doc: Any) -> str | None:
@@ -502,21 +548,24 @@ def profile_units(doc: Any) -> str | None:
     d = sorted(docs, key=lambda d: str(d.get("startDate", "")))[-1]
     store = d.get("store") if isinstance(d.get("store"), dict) else {}
     name = d.get("defaultProfile")
-    prof = store.get(name) if isinstance(name, str) else None
-    text = (prof if isinstance(prof, dict) else {}).get("units") or d.get("units")
+    return _units_of(d, store.get(name) if isinstance(name, str) else None)
+
+
+def _units_of(doc: dict[str, Any], prof: Any) -> str | None:
+    """'mg/dL' or 'mmol/L' of a profile (its own ``units``, else its document's), or None."""
+    text = (prof if isinstance(prof, dict) else {}).get("units") or doc.get("units")
     return parse_units(text) if isinstance(text, str) else None
 
 
 def _schedule_entry(b: Any) -> tuple[int | None, float]:
-    """(seconds after midnight, U/h) of one profile basal entry; (None, nan) if unusable."""
+    """(seconds after midnight, value) of one profile schedule entry; (None, nan) if unusable."""
     if not isinstance(b, dict):
         return None, np.nan
     secs = numbers([b.get("timeAsSeconds")])[0]
     if not np.isfinite(secs):
         hh, _, mm = str(b.get("time", "")).partition(":")
-        secs = int(hh) * 3600 + int(mm) * 60 if hh.isdigit() and mm[:2].isdigit() else np.nan
-        if mm and not mm[:2].isdigit():
-            secs = np.nan
+        digits = hh.isascii() and hh.isdigit() and mm[:2].isascii() and mm[:2].isdigit()
+        secs = int(hh) * 3600 + int(mm[:2]) * 60 if digits else np.nan
     if not np.isfinite(secs) or not 0 <= secs < 86400:
         return None, np.nan
     return int(secs), float(numbers([b.get("value")])[0])
@@ -543,8 +592,9 @@ def _suspensions(df: pd.DataFrame, t: pd.Series, sid: str) -> pd.DataFrame:
     )
 
 
-def _profile_schedule(doc: Any, path: Path, sid: str, start, end, sink: Sink):
-    """Scheduled-basal segments over [start, end] from a Nightscout profile document."""
+def _read_profile(doc: Any, path: Path, sink: Sink) -> tuple[str, Schedules] | None:
+    """The time zone and the daily schedules (`SCHEDULES`) of a profile document's default
+    profile (its newest document's); None, after reporting, where it has no ``store``."""
     docs = doc if isinstance(doc, list) else [doc]
     docs = [d for d in docs if isinstance(d, dict) and "store" in d]
     if not docs:
@@ -553,24 +603,14 @@ def _profile_schedule(doc: Any, path: Path, sid: str, start, end, sink: Sink):
                 "profile without a 'store'", file=path, record="profile", field="store", value=""
             )
         )
-        return None, None
+        return None
     docs.sort(key=lambda d: str(d.get("startDate", "")))
     d = docs[-1]
     store = d["store"] if isinstance(d["store"], dict) else {}
     name = d.get("defaultProfile") if isinstance(d.get("defaultProfile"), str) else None
     name = name or next(iter(store), None)
     prof = store.get(name) if name is not None else None
-    if not isinstance(prof, dict) or not isinstance(prof.get("basal"), list) or not prof["basal"]:
-        sink.fail(
-            InputError(
-                "profile has no basal schedule",
-                file=path,
-                record=f"store[{name!r}]",
-                field="basal",
-                value="",
-            )
-        )
-        return None, None
+    prof = prof if isinstance(prof, dict) else {}
     tz = prof.get("timezone") or "UTC"
     try:
         tz = check_timezone(tz)
@@ -579,24 +619,63 @@ def _profile_schedule(doc: Any, path: Path, sid: str, start, end, sink: Sink):
             InputError(e.reason, file=path, record=f"store[{name!r}]", field="timezone", value=tz)
         )
         tz = "UTC"
+    mmol = _units_of(d, prof) == MMOLL
+    schedules = {
+        key: _schedule(prof, key, path, name, sink, MGDL_PER_MMOLL if mmol and key == "sens" else 1)
+        for key in SCHEDULES
+    }
+    return tz, schedules
+
+
+def _schedule(
+    prof: dict[str, Any], key: str, path: Path, name: str | None, sink: Sink, scale: float = 1.0
+) -> tuple[list[tuple[int, float]], bool]:
+    """One daily schedule of a profile (a `SCHEDULES` key) as (seconds after local midnight,
+    value x `scale`) sorted by time, and whether every entry was usable.
+
+    A missing schedule and each unusable entry (no time of day; a value that is not a
+    number or, after `scale`, out of the key's range) are reported; the others are kept.
+    """
+    field, (lo, hi), unit = SCHEDULES[key]
+    items = prof.get(key)
+    if not isinstance(items, list) or not items:
+        sink.fail(
+            InputError(
+                f"profile has no {key} schedule",
+                file=path,
+                record=f"store[{name!r}]",
+                field=field,
+                value="",
+            )
+        )
+        return [], False
     entries = []
-    for i, b in enumerate(prof["basal"]):
-        secs, rate = _schedule_entry(b)
-        if secs is None or not np.isfinite(rate) or not 0 <= rate <= 35:
+    for i, b in enumerate(items):
+        secs, value = _schedule_entry(b)
+        value *= scale
+        if secs is None or not np.isfinite(value) or not lo <= value <= hi:
             sink.fail(
                 InputError(
-                    "bad basal schedule entry",
+                    f"bad {key} schedule entry",
                     file=path,
-                    record=f"store[{name!r}].basal[{i}]",
-                    field="basal_u",
+                    record=f"store[{name!r}].{key}[{i}]",
+                    field=field,
                     value=json.dumps(b)[:200],
+                    hint=f"an entry needs a time of day and a value in {lo:g}-{hi:g} {unit}"
+                    + (" (mmol/L x 18.0182)" if scale != 1 else ""),
                 )
             )
             continue
-        entries.append((int(secs), float(rate)))
+        entries.append((secs, float(value)))
+    return sorted(entries), len(entries) == len(items)
+
+
+def _basal_segments(
+    entries: list[tuple[int, float]], tz: str, sid: str, start, end
+) -> pd.DataFrame | None:
+    """Scheduled-basal segments over [start, end] from a profile's basal schedule."""
     if not entries or pd.isna(start):
-        return None, tz
-    entries.sort()
+        return None
     local0 = start.tz_convert(tz).tz_localize(None).normalize()
     local1 = end.tz_convert(tz).tz_localize(None).normalize()
     days = pd.date_range(local0, local1, freq="D")
@@ -607,10 +686,53 @@ def _profile_schedule(doc: Any, path: Path, sid: str, start, end, sink: Sink):
     nxt = st.shift(-1).fillna(end)
     keep = ((nxt > start) & (st <= end)).to_numpy()
     st = st.where(st >= start, start)[keep]
-    sched = table(
+    return table(
         "rates", subject_id=sid, start=st, end=[end] * int(keep.sum()), rate_u_h=rates[keep]
     )
-    return sched, tz
+
+
+def _in_effect(entries: tuple[tuple[int, float], ...], tz: str, times: pd.Series) -> np.ndarray:
+    """The value of a daily schedule in effect at each of `times` (local time of day in
+    `tz`): an entry holds from its start to the next one's; before the first, the day
+    before's last still holds."""
+    secs = np.array([s for s, _ in entries], dtype=np.int64)
+    values = np.array([v for _, v in entries], dtype=np.float64)
+    local = pd.Series(times).dt.tz_convert(tz)
+    of_day = (local.dt.hour * 3600 + local.dt.minute * 60 + local.dt.second).to_numpy()
+    return values[np.searchsorted(secs, of_day, side="right") - 1]  # -1: wraps to the last
+
+
+def _add_profile(
+    frame: pd.DataFrame, profiles: dict[str, list[ProfileColumns | None]], report: DataReport
+) -> pd.DataFrame:
+    """The therapy-profile columns (`PROFILE_COLUMNS`) from each person's profile schedules.
+
+    A column is all or nothing: written only when every person in the frame has one
+    complete schedule for it (a person read from several folders, the same in each);
+    otherwise a note names those who lack it.
+    """
+    if not len(frame) or not any(p is not None for ps in profiles.values() for p in ps):
+        return frame
+    sids = [str(s) for s in pd.unique(frame["subject_id"])]
+    for col in PROFILE_COLUMNS:
+        have = {}
+        for sid in sids:
+            got = {p.get(col) if p is not None else None for p in profiles.get(sid, [None])}
+            if len(got) == 1 and None not in got:
+                have[sid] = got.pop()
+        lacking = [sid for sid in sids if sid not in have]
+        if lacking:
+            report.notes.append(
+                f"{col} not written: no complete profile schedule for {', '.join(lacking)}"
+            )
+            continue
+        values = np.empty(len(frame))
+        for sid, (tz, entries) in have.items():
+            rows = (frame["subject_id"] == sid).to_numpy()
+            values[rows] = _in_effect(entries, tz, frame["time"][rows])
+        frame[col] = values
+    rank = {c: i for i, c in enumerate((*REQUIRED_COLUMNS, *EXTRA_COLUMNS))}
+    return validate_frame(frame[sorted(frame.columns, key=lambda c: rank.get(c, len(rank)))])
 
 
 def _finger_sticks(ev, sink, file, sid, t, traw, rec, mgdl, raw, time_field, value_field, now):
