@@ -56,6 +56,9 @@ glucast trial --controller mpc --model "$OUT/models/lstm/model" --patients "$PAT
 step "6/7 predicted-low alerts vs threshold alerts on held-out days"
 glucast alerts evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --json \
   > "$OUT/alerts.json"
+glucast alerts evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --json \
+  --sweep 0.25,0.3,0.35,0.4,0.45,0.5 --max-false-per-day 1 --plot "$OUT/alerts_tradeoff.png" \
+  > "$OUT/alerts_sweep.json"
 
 step "7/7 the report"
 python scripts/demo_report.py "$OUT"

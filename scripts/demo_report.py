@@ -153,6 +153,12 @@ def build(out: Path) -> Path:
             if isinstance(v, dict) and "sensitivity" in v
         }
         rep.add_table(pd.DataFrame(rows).T)
+    if (out / "alerts_tradeoff.png").exists():
+        rep.add_image(
+            out / "alerts_tradeoff.png",
+            "Predicted lows by forecast quantile: lows warned and median lead against false "
+            "alerts a day (same forecasts, same test days; green: the goal)",
+        )
 
     rep.add_heading("Where the runs are")
     rep.add_text(

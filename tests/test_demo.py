@@ -32,4 +32,6 @@ def test_demo_script_runs_small_and_writes_the_report(tmp_path):
     assert html.count("data:image/png;base64,") >= 5  # error grids, comparison, AGP, CVGA
     for section in ("Forecast accuracy", "Closed loop", "Alerts"):
         assert section in html
+    assert (index.parent / "alerts_tradeoff.png").exists()
+    assert "Predicted lows by forecast quantile" in html
     assert "reports/demo/index.html" in res.stderr and "mlflow ui" in res.stderr
