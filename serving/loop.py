@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from forecast.schema import SLOT, SLOT_MINUTES, GlucastError
-from forecast.windows import WindowConfig
+from forecast.windows import PROFILE_FEATURES, WindowConfig
 from serving.alerts import Alert, AlertEngine, AlertForecast, AlertThresholds
 from serving.hal.cgm import CGM, CGMError
 from serving.hal.pump import Delivery, Pump, PumpError, PumpStatus
@@ -170,8 +170,17 @@ class ReplayBackend:
         from serving.hal.replay import ReplayCGM
         from serving.hal.simulated import ManualClock, VirtualPump
 
+        w = window or WindowConfig()
+        unknown = [c for c in PROFILE_FEATURES if c in w.past_features and c not in frame.columns]
+        if settings is None and unknown:  # population defaults must not pose as the profile
+            raise LoopError(
+                f"the model takes the therapy profile {list(PROFILE_FEATURES)} as inputs and "
+                f"the recording has no {unknown} column(s): add the person's settings to the "
+                "frame (a Nightscout export with profile.json has them), pass PatientSettings, "
+                "or use a model trained with data.profile: off"
+            )
         probe = ReplayCGM(frame, subject_id, ManualClock("2000-01-01"))
-        start = (probe.start + SLOT * (window or WindowConfig()).past_slots).ceil(SLOT)
+        start = (probe.start + SLOT * w.past_slots).ceil(SLOT)
         self.clock = ManualClock(start)
         self._settings = settings or settings_from_frame(frame, subject_id)
         self.replay = ReplayCGM(frame, subject_id, self.clock)

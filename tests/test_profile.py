@@ -148,3 +148,14 @@ def test_replayed_records_take_their_settings_from_the_profile_columns():
     assert (s.carb_ratio_g_per_u, s.isf_mgdl_per_u) == (8.0, 60.0)
     s = settings_from_frame(frame(profile=False), "a")
     assert (s.carb_ratio_g_per_u, s.isf_mgdl_per_u) == (10.0, 40.0)  # population values
+
+
+def test_a_replay_without_profile_refuses_a_profile_model_instead_of_guessing_it():
+    from serving.loop import LoopError, ReplayBackend
+
+    rec = frame(n=80, profile=False)
+    with pytest.raises(LoopError, match="therapy profile.*data.profile: off"):
+        ReplayBackend(rec, "a", window=PROFILE_WINDOW)
+    ReplayBackend(rec, "a", window=WindowConfig())  # a model without the profile is fine
+    b = ReplayBackend(frame(n=80, cr=9.0, isf=55.0), "a", window=PROFILE_WINDOW)
+    assert b.settings(0).profile() == {"carb_ratio_g_per_u": 9.0, "isf_mgdl_per_u": 55.0}
