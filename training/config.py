@@ -20,9 +20,14 @@ import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forecast.schema import GlucastError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from forecast.windows import WindowConfig
 
 DEEP_MODELS = ("lstm", "transformer")
 PROFILE_MODES = ("auto", "on", "off")
@@ -191,7 +196,7 @@ class TrainConfig:
             raise ConfigError("transformer.d_model must be a multiple of transformer.heads")
         return self
 
-    def window_config(self, frame: Any = None):
+    def window_config(self, frame: pd.DataFrame | None = None) -> WindowConfig:
         """The forecast.windows.WindowConfig these settings describe — for `frame`, whose
         columns decide whether the therapy profile is an input (`data.profile`)."""
         from forecast.windows import PAST_FEATURES, PROFILE_FEATURES, WindowConfig
@@ -205,7 +210,7 @@ class TrainConfig:
             max_past_gap_slots=self.data.max_past_gap_slots,
         )
 
-    def uses_profile(self, frame: Any = None) -> bool:
+    def uses_profile(self, frame: pd.DataFrame | None = None) -> bool:
         """Does a model trained on `frame` take the therapy profile as inputs?"""
         from forecast.windows import PROFILE_FEATURES
 
