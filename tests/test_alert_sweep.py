@@ -124,3 +124,5 @@ def test_cli_sweep_options_are_checked(tmp_path, capsys):
     assert "need --sweep" in capsys.readouterr().err
     assert main([*base, "--sweep", "0.3,abc"]) == 2
     assert "separated by commas" in capsys.readouterr().err
+    assert main([*base, "--sweep", "0.3", "--quantile", "0.4"]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep is None and (args.plot or args.max_false_per_day is not None):
         print("error: --plot and --max-false-per-day need --sweep Q[,Q...]", file=sys.stderr)
         return 2
+    if args.sweep is not None and args.quantile is not None:
+        print("error: give --quantile (one rule) or --sweep (several), not both", file=sys.stderr)
+        return 2
     frame = read_parquet(args.data)
     print(f"alerts evaluate: {args.data} ({len(frame)} rows)", file=sys.stderr)
     is_baseline = args.model in BASELINES
