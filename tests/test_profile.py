@@ -159,3 +159,14 @@ def test_a_replay_without_profile_refuses_a_profile_model_instead_of_guessing_it
     ReplayBackend(rec, "a", window=WindowConfig())  # a model without the profile is fine
     b = ReplayBackend(frame(n=80, cr=9.0, isf=55.0), "a", window=PROFILE_WINDOW)
     assert b.settings(0).profile() == {"carb_ratio_g_per_u": 9.0, "isf_mgdl_per_u": 55.0}
+
+
+def test_describe_shows_the_profile_a_model_would_get():
+    from forecast.commands.data import describe_frame
+
+    info = describe_frame(frame(cr=12.0, isf=45.0))
+    assert info["therapy_profile"] == list(PROFILE_COLUMNS)
+    s = info["subjects"][0]
+    assert (s["carb_ratio_g_per_u"], s["isf_mgdl_per_u"]) == (12.0, 45.0)
+    bare = describe_frame(frame(profile=False))
+    assert bare["therapy_profile"] == [] and "isf_mgdl_per_u" not in bare["subjects"][0]

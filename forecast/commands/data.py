@@ -161,11 +161,14 @@ def describe_frame(frame: Any) -> dict[str, Any]:
     import numpy as np
 
     from forecast.glycemia import outcomes_frame
-    from forecast.schema import SLOT_MINUTES, get_meta
+    from forecast.schema import PROFILE_COLUMNS, SLOT_MINUTES, get_meta
 
     meta = get_meta(frame)
     table = outcomes_frame(frame, by="subject")
     slots = frame.groupby("subject_id", sort=True, observed=True).size()
+    # the therapy profile (a forecaster's static inputs), median per subject where the frame has it
+    profile_cols = [c for c in PROFILE_COLUMNS if c in frame.columns]
+    profile = frame.groupby("subject_id", sort=True, observed=True)[profile_cols].median()
     subjects = []
     sampling = float(meta.sampling_minutes or SLOT_MINUTES)
     for sid, row in table.iterrows():
@@ -180,12 +183,15 @@ def describe_frame(frame: Any) -> dict[str, Any]:
         for k, v in row.items():
             d[k] = None if isinstance(v, float) and not np.isfinite(v) else v
         d["n"] = n
+        for c in profile_cols:
+            d[c] = float(profile.loc[sid, c])
         subjects.append(d)
     return {
         "source": meta.source,
         "timezone": meta.timezone,
         "sampling_minutes": meta.sampling_minutes,
         "licence": meta.licence,
+        "therapy_profile": profile_cols,
         "subjects": subjects,
         "totals": {
             "subjects": len(subjects),
@@ -228,6 +234,11 @@ def _describe(args: argparse.Namespace) -> int:
         ("tar250", ">250 %", "{:.0f}"),
         ("lbgi", "LBGI", "{:.1f}"),
         ("hbgi", "HBGI", "{:.1f}"),
+    ]
+    cols += [
+        (c, head, "{:.0f}")
+        for c, head in (("carb_ratio_g_per_u", "CR g/U"), ("isf_mgdl_per_u", "ISF"))
+        if c in info["therapy_profile"]
     ]
     for _, head, _ in cols:
         t.add_column(head, justify="left" if head == "subject" else "right")
