@@ -76,7 +76,14 @@ from serving.modes import (
     scheduled_proposal,
 )
 from serving.safety import CommandResult, SafetyState, Supervisor, assess_cgm
-from serving.types import ControlInput, PatientSettings, Proposal, Reading, Verdict
+from serving.types import (
+    ControlInput,
+    PatientSettings,
+    Proposal,
+    Reading,
+    Verdict,
+    constant_profile,
+)
 
 CYCLE_MINUTES = SLOT_MINUTES
 MODES = (*(m.value for m in Mode), *MODE_ALIASES)  # "open": advisory with nobody to confirm
@@ -103,6 +110,10 @@ class Backend(Protocol):
     def settings(self, i: int) -> PatientSettings: ...
 
     def announced_carbs(self, i: int, t0: pd.Timestamp, t1: pd.Timestamp) -> float: ...
+
+    def profile(self, i: int, times: pd.DatetimeIndex) -> dict[str, np.ndarray]:
+        """The therapy profile in effect at each of `times` (a model's static inputs)."""
+        ...
 
     def advance(self, minutes: int) -> None: ...
 
@@ -141,6 +152,9 @@ class SimBackend:
 
     def announced_carbs(self, i: int, t0: pd.Timestamp, t1: pd.Timestamp) -> float:
         return self.world.announced_carbs(i, t0, t1)
+
+    def profile(self, i: int, times: pd.DatetimeIndex) -> dict[str, np.ndarray]:
+        return constant_profile(self.settings(i), len(times))
 
     def advance(self, minutes: int) -> None:
         self.world.advance(minutes)
@@ -184,6 +198,11 @@ class ReplayBackend:
         self.clock = ManualClock(start)
         self._settings = settings or settings_from_frame(frame, subject_id)
         self.replay = ReplayCGM(frame, subject_id, self.clock)
+        # the recorded profile (a schedule may change over the day), where the frame has it
+        sub = frame[frame["subject_id"].astype(str) == str(subject_id)]
+        known = [c for c in PROFILE_FEATURES if c in sub.columns] if settings is None else []
+        self._profile_times = pd.DatetimeIndex(sub["time"]).tz_convert("UTC")
+        self._profile = {c: sub[c].to_numpy(dtype=float) for c in known}
         self.vpump = VirtualPump(self._settings.basal_u_per_h, self.clock)
         self.names = [str(subject_id)]
         self._cgm = _wrap(self.replay, faults, "cgm", self.clock)
@@ -213,6 +232,18 @@ class ReplayBackend:
 
     def announced_carbs(self, i: int, t0: pd.Timestamp, t1: pd.Timestamp) -> float:
         return self.replay.announced_carbs(t0, t1)
+
+    def profile(self, i: int, times: pd.DatetimeIndex) -> dict[str, np.ndarray]:
+        """The recording's profile at each time (its last row at or before it; the first row
+        before the recording starts), else the settings'."""
+        out = constant_profile(self._settings, len(times))
+        if self._profile:
+            at = self._profile_times.searchsorted(
+                pd.DatetimeIndex(times).tz_convert("UTC"), "right"
+            )
+            row = np.clip(at - 1, 0, len(self._profile_times) - 1)
+            out.update({c: v[row] for c, v in self._profile.items()})
+        return out
 
     def advance(self, minutes: int) -> None:
         self.vpump.advance(minutes)
@@ -614,7 +645,7 @@ class ControlLoop:
                 "carbs_g": np.r_[carbs, np.zeros(len(fut))],
             }
         )
-        for k, v in self.settings[i].profile().items():
+        for k, v in self.backend.profile(i, pd.DatetimeIndex(frame["time"])).items():
             if k in w.past_features:  # the model takes the therapy profile as static inputs
                 frame[k] = v
         frame["subject_id"] = frame["subject_id"].astype("string")

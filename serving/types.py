@@ -57,6 +57,11 @@ class PatientSettings:
         }
 
 
+def constant_profile(settings: PatientSettings, n: int) -> dict[str, np.ndarray]:
+    """A profile that does not change: the settings' values at `n` times."""
+    return {k: np.full(n, v) for k, v in settings.profile().items()}
+
+
 def profile_arrays(settings: Sequence[PatientSettings]) -> dict[str, np.ndarray]:
     """The profiles of a cohort, one ``[N]`` array per profile feature."""
     rows = [s.profile() for s in settings]

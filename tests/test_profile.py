@@ -103,38 +103,44 @@ def test_data_profile_on_needs_the_columns_and_modes_are_checked():
 # --------------------------------------------------------------------------- the runtime
 
 
+class InputSpy:
+    """A predictor that records the inputs the loop builds and forecasts with a real one."""
+
+    def __init__(self, predictor):
+        self.inner, self.config, self.quantiles = predictor, predictor.config, predictor.quantiles
+        self.pasts = []
+
+    def forecast(self, past, future, **kw):
+        self.pasts.append(np.array(past))
+        return self.inner.forecast(past, future, **kw)
+
+
+def run_spied_loop(tmp_path, backend, predictor, **run):
+    from serving.controllers import make_controller
+    from serving.journal import Journal
+    from serving.loop import ControlLoop, run_loop
+
+    spy = InputSpy(predictor)
+    loop = ControlLoop(backend, Journal(tmp_path / "j.db"), make_controller("pid"), spy)
+    loop.start()
+    run_loop(loop, **run)
+    assert spy.pasts, "the loop never asked the predictor"
+    return loop, spy
+
+
 def test_the_runtime_accepts_a_profile_model_and_fills_it_from_the_settings(tmp_path):
     pytest.importorskip("onnxruntime")
     from test_predictor import write_model_dir
 
     from serving.hal.simulated import SimulatedCohort, WorldConfig
-    from serving.journal import Journal
-    from serving.loop import ControlLoop, SimBackend, run_loop
+    from serving.loop import SimBackend
     from serving.predictor import Predictor
 
     predictor = Predictor(write_model_dir(tmp_path / "m", PROFILE_WINDOW))
     assert predictor.config.past_features == PROFILE_WINDOW.past_features
-
-    class Spy:  # records the inputs the loop builds, forecasts with the real predictor
-        config, quantiles = predictor.config, predictor.quantiles
-
-        def __init__(self):
-            self.pasts = []
-
-        def forecast(self, past, future, **kw):
-            self.pasts.append(np.array(past))
-            return predictor.forecast(past, future, **kw)
-
-    from serving.controllers import make_controller
-
     world = SimulatedCohort(WorldConfig(patients="adult#001", sensor="none", seed=3))
-    spy = Spy()
-    loop = ControlLoop(SimBackend(world, ()), Journal(tmp_path / "j.db"), make_controller("pid"),
-                       spy)  # fmt: skip
-    loop.start()
-    run_loop(loop, max_cycles=3)
+    loop, spy = run_spied_loop(tmp_path, SimBackend(world, ()), predictor, max_cycles=3)
     s = loop.settings[0]
-    assert spy.pasts, "the loop never asked the predictor"
     past = spy.pasts[-1][0]  # [L, F_past]
     cfg = predictor.config
     np.testing.assert_allclose(past[:, cfg.past_index("carb_ratio_g_per_u")], s.carb_ratio_g_per_u)
@@ -170,3 +176,23 @@ def test_describe_shows_the_profile_a_model_would_get():
     assert (s["carb_ratio_g_per_u"], s["isf_mgdl_per_u"]) == (12.0, 45.0)
     bare = describe_frame(frame(profile=False))
     assert bare["therapy_profile"] == [] and "isf_mgdl_per_u" not in bare["subjects"][0]
+
+
+def test_a_replay_follows_the_recorded_profile_schedule(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from test_predictor import write_model_dir
+
+    from serving.loop import ReplayBackend
+    from serving.predictor import Predictor
+
+    rec = frame(n=120, cr=10.0, isf=45.0)
+    rec.loc[60:, "isf_mgdl_per_u"] = 60.0  # the ISF schedule changes at slot 60
+    predictor = Predictor(write_model_dir(tmp_path / "m", PROFILE_WINDOW))
+    backend = ReplayBackend(rec, "a", window=predictor.config)
+    times = pd.DatetimeIndex(rec["time"])
+    np.testing.assert_array_equal(backend.profile(0, times[[0, 59, 60, 119]])["isf_mgdl_per_u"],
+                                  [45.0, 45.0, 60.0, 60.0])  # fmt: skip
+    _, spy = run_spied_loop(tmp_path, backend, predictor, until=backend.until)
+    isf = [p[0, :, predictor.config.past_index("isf_mgdl_per_u")] for p in spy.pasts]
+    assert any(set(v) == {45.0, 60.0} for v in isf), "no window saw the schedule change"
+    assert set(isf[0]) == {45.0} and set(isf[-1]) == {60.0}

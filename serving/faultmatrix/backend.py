@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from serving.hal.faults import build_fault, fault_target
-from serving.types import PatientSettings
+from serving.types import PatientSettings, constant_profile
 
 
 class MatrixBackend:
@@ -54,6 +55,9 @@ class MatrixBackend:
 
     def announced_carbs(self, i: int, t0: pd.Timestamp, t1: pd.Timestamp) -> float:
         return self.world.announced_carbs(self.index[i], t0, t1)
+
+    def profile(self, i: int, times: pd.DatetimeIndex) -> dict[str, np.ndarray]:
+        return constant_profile(self.settings(i), len(times))
 
     def advance(self, minutes: int) -> None:
         self.world.advance(minutes)
