@@ -36,7 +36,8 @@ Static exogenous inputs: the therapy profile (``carb_ratio_g_per_u``, ``isf_mgdl
 insulin. They are not part of the default feature list: a `WindowConfig` appends them when
 the training frame carries them (`training.config.DataConfig.profile`), and they are then read
 from the frame's columns, constant across a window unless the settings changed. At run time
-the loop and the trials fill them from `serving.types.PatientSettings`. A population model
+the loop fills them per slot from its backend (a replay follows the recorded schedule) and
+the trials from `serving.types.PatientSettings`. A population model
 that knows the profile forecasts better than one that must guess the person from two hours
 of history (demo cohort, LSTM RMSE at 30/60 min: see the README).
 
