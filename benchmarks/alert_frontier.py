@@ -15,7 +15,8 @@ The README's alert numbers come from this script. It runs the pipeline a user wo
     python benchmarks/alert_frontier.py --patients adult#001,child#004 --days 6 --epochs 1
 
 Prints a table (or one JSON object with ``--json``); the frames, models and per-step JSON
-stay in ``--out``. 30 x 14 days takes about 4 minutes on 2 CPU cores (+ 9 with --personal).
+stay in ``--out``. On 2 CPU cores: 30 x 14 days with --ablate-profile about 3 minutes (+ 9
+with --personal); 30 x 56 days with --personal about 16 minutes.
 """
 
 from __future__ import annotations
