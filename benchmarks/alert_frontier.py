@@ -46,14 +46,11 @@ def glucast(*args: str, out: Path, name: str) -> dict:
     return json.loads(res.stdout)
 
 
-def sweep(data: Path, model_dir: str, personal_dir: Path | None) -> pd.DataFrame:
+def sweep(test: pd.DataFrame, model_dir: str, personal_dir: Path | None) -> pd.DataFrame:
     """The quantile sweep of one model (and its personal models) on the test split."""
-    from forecast.schema import read_parquet
-    from forecast.windows import split_chronological
     from serving.alert_eval import find_subject_models, load_forecaster, replay_forecasts
     from serving.alert_sweep import sweep_quantiles
 
-    test = split_chronological(read_parquet(data))["test"]
     model = load_forecaster(model_dir, None)
     personal = {}
     if personal_dir is not None:
@@ -85,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "cohort.parquet"
     glucast("simulate", "--patients", args.patients, "--days", str(args.days), "--policy",
             "excitation", "--seed", str(args.seed), "--out", str(data), out=out, name="simulate")  # fmt: skip
+    from forecast.schema import read_parquet
+    from forecast.windows import split_chronological
+
+    test = split_chronological(read_parquet(data))["test"]  # one split for every model
     epochs = ["--max-epochs", str(args.epochs)] if args.epochs else []
     runs = [("lstm (profile)", "lstm", None)]
     if args.ablate_profile:
@@ -98,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
                       "--no-register", "--experiment", "frontier", *epochs, *extra, out=out,
                       name=f"train_{name}")  # fmt: skip
         models[label] = {k: round(v["rmse"], 2) for k, v in res["metrics"].items()}
-        frames.append(sweep(data, res["model_dir"], None).assign(model=label))
+        frames.append(sweep(test, res["model_dir"], None).assign(model=label))
         if args.personal and name == "lstm":
             ft = glucast("finetune", "--model", res["model_dir"], "--data", str(data),
                          "--subject", "all", "--out", str(out / "personal"), out=out,
                          name="finetune")  # fmt: skip
             models["personal"] = {h: round(v["median_rmse"], 2) for h, v in ft["summary"].items()}
             frames.append(
-                sweep(data, res["model_dir"], out / "personal").assign(model="personal models")
+                sweep(test, res["model_dir"], out / "personal").assign(model="personal models")
             )
     ceiling = subprocess.run(
         [sys.executable, str(HERE / "alert_ceiling.py"), "--data", str(data), "--json",

@@ -645,9 +645,8 @@ class ControlLoop:
                 "carbs_g": np.r_[carbs, np.zeros(len(fut))],
             }
         )
-        for k, v in self.backend.profile(i, pd.DatetimeIndex(frame["time"])).items():
-            if k in w.past_features:  # the model takes the therapy profile as static inputs
-                frame[k] = v
+        if any(k in w.past_features for k in PROFILE_FEATURES):  # static inputs of the model
+            frame = frame.assign(**self.backend.profile(i, slots.append(fut)))
         frame["subject_id"] = frame["subject_id"].astype("string")
         past, future = inputs_at(frame, w, t)
         return past[0], future[0]
