@@ -15,6 +15,8 @@ from enum import StrEnum
 import numpy as np
 import pandas as pd
 
+from forecast.schema import PROFILE_COLUMNS
+
 
 class CGMStatus(StrEnum):
     OK = "ok"
@@ -51,10 +53,7 @@ class PatientSettings:
     def profile(self) -> dict[str, float]:
         """The therapy profile as a forecaster's static inputs (`forecast.windows`'s
         ``PROFILE_FEATURES``, the frame's profile columns)."""
-        return {
-            "carb_ratio_g_per_u": float(self.carb_ratio_g_per_u),
-            "isf_mgdl_per_u": float(self.isf_mgdl_per_u),
-        }
+        return {k: float(getattr(self, k)) for k in PROFILE_COLUMNS}  # same names as fields
 
 
 def constant_profile(settings: PatientSettings, n: int) -> dict[str, np.ndarray]:
