@@ -275,3 +275,15 @@ def test_profile_columns_need_a_profile_for_every_person(tmp_path):
     assert "isf_mgdl_per_u not written: no complete profile schedule for nightscout-person_b" in (
         report.notes
     )
+
+
+def test_a_flat_basal_with_only_implausible_times_is_no_crash(tmp_path):
+    """Found by the fuzz test: treatments dated 1970 and year 10000 and no usable entry gave a
+    flat-basal span with a start (1970) but no plausible end. Both ends are screened now."""
+    (tmp_path / "entries.json").write_text('["100000", true, 0.15]')
+    (tmp_path / "treatments.json").write_text(json.dumps([
+        {"eventType": "Correction Bolus", "mills": 253402300800000, "insulin": 1.0},
+        {"eventType": "SMB", "mills": 0, "insulin": 1.0},
+    ]))  # fmt: skip
+    frame, report = read_nightscout(tmp_path, basal=0.8)
+    assert len(frame) == 0 and len(report.rejected) >= 2  # the two dates, reported

@@ -271,17 +271,22 @@ def _strs(x: Any, n: int) -> np.ndarray:
     return np.asarray(pd.Series(x).astype("string").fillna(""), dtype=object)
 
 
-def record_end(times: pd.Series, now: pd.Timestamp | None = None, allow_future: bool = False):
-    """Latest plausible timestamp of a record (what a held basal rate lasts until).
+def record_span(times: pd.Series, now: pd.Timestamp | None = None, allow_future: bool = False):
+    """(earliest, latest) plausible timestamp of a record (what a held basal rate spans).
 
     Timestamps that the screen would reject (unset clocks, the future) are ignored, so one
-    bad date cannot stretch a basal rate over decades.
+    bad date cannot stretch a basal rate over decades; (NaT, NaT) when none is plausible.
     """
     t = pd.Series(times).dropna()
     t = t[t >= EARLIEST]
     if not allow_future:
         t = t[t <= (now if now is not None else pd.Timestamp.now(tz="UTC")) + FUTURE_TOLERANCE]
-    return t.max() if len(t) else pd.NaT
+    return (t.min(), t.max()) if len(t) else (pd.NaT, pd.NaT)
+
+
+def record_end(times: pd.Series, now: pd.Timestamp | None = None, allow_future: bool = False):
+    """Latest plausible timestamp of a record (`record_span`'s end)."""
+    return record_span(times, now, allow_future)[1]
 
 
 def check_times(

@@ -54,7 +54,7 @@ from forecast.io.common import (
     minutes,
     numbers,
     read_bytes,
-    record_end,
+    record_span,
     screen_amounts,
     screen_readings,
     screen_spans,
@@ -506,7 +506,9 @@ def _read_person(files: list[Path], sid: str, sink: Sink, basal: float | None, n
         if all_times
         else pd.Series([], dtype="datetime64[ns, UTC]")
     )
-    start, end = times.dropna().min(), record_end(times, now)
+    # both ends screened: an unset clock (1970) must not start a basal span that no
+    # plausible time ends
+    start, end = record_span(times, now)
     tz = None
     sched = None
     profile: ProfileColumns | None = None
