@@ -23,7 +23,7 @@ from forecast.baselines import (
     load_baseline,
 )
 from forecast.insulin import carb_absorption, insulin_activity
-from forecast.schema import DatasetMeta, set_meta
+from forecast.schema import GLUCOSE_MIN_MGDL, DatasetMeta, set_meta
 from forecast.windows import WindowConfig, make_windows, split_chronological
 
 CFG = WindowConfig()
@@ -216,7 +216,9 @@ def test_more_planned_insulin_never_raises_the_forecast(
     future[1, :, CFG.future_index("bolus_u")] += extra_bolus
     pred = model.predict(past, future)
     assert (pred[1] <= pred[0]).all()
-    if extra_bolus[:6].sum() > 1:  # a real bolus early in the horizon does lower the forecast
+    # a real bolus early in the horizon does lower the forecast — unless the forecast already
+    # sits at the plausible floor it is clipped to (a falling window near 20 mg/dL)
+    if extra_bolus[:6].sum() > 1 and pred[0, -1, 1] > GLUCOSE_MIN_MGDL:
         assert pred[1, -1, 1] < pred[0, -1, 1]
 
 
