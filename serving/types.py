@@ -67,6 +67,22 @@ def profile_arrays(settings: Sequence[PatientSettings]) -> dict[str, np.ndarray]
     return {k: np.array([r[k] for r in rows], np.float64) for k in (rows[0] if rows else {})}
 
 
+@dataclass(frozen=True)
+class SlotHistory:
+    """One patient's recent record on the 5-minute grid, oldest first, ending at the current
+    slot (whose insulin is what was delivered before this cycle's decision).
+
+    What a controller that reasons over the raw record (oref0's IOB and meal COB, Loop's
+    glucose effects) needs beyond the model windows; the canonical frame's column names.
+    """
+
+    time: np.ndarray  # [T] datetime64[ns], UTC slot starts
+    glucose: np.ndarray  # [T] mg/dL CGM, NaN = no reading
+    basal_u: np.ndarray  # [T] U delivered in the slot
+    bolus_u: np.ndarray  # [T] U delivered in the slot
+    carbs_g: np.ndarray  # [T] g announced in the slot (0 = none)
+
+
 @dataclass
 class ControlInput:
     """Everything a controller may look at for one patient in one cycle."""
@@ -78,6 +94,7 @@ class ControlInput:
     iob_u: float
     settings: PatientSettings
     carbs_announced_g: float = 0.0  # meal announced for this cycle (bolus decision)
+    history: SlotHistory | None = None  # the raw record, for controllers that need more than windows
 
 
 @dataclass
