@@ -279,3 +279,46 @@ def carb_absorption(
     """
     c = np.nan_to_num(_doses(carbs_g, "carbs_g"), nan=0.0)
     return _causal_filter(c, _kernels("carbs", curve.absorption_min, 0.0, float(slot_minutes))[1])
+
+
+# --------------------------------------------------------------------------- what a controller counts
+
+
+def iob_before(dose_u: np.ndarray, kernel: np.ndarray) -> np.ndarray | float:
+    """Insulin on board at the start of the last slot, before its own dose.
+
+    ``Σ_{m≥1} kernel[m]·dose[−1−m]``: `dose_u` is U per slot on the last axis, oldest first,
+    the last slot being the current one (its dose still to decide); `kernel` is
+    `InsulinCurve.iob_kernel` (kernel[0] = 1). What `serving.types.ControlInput.iob_u` holds
+    and what the supervisor counts, for one patient (a float) or a cohort (``[N, T]`` → ``[N]``).
+    A history shorter than the kernel counts only what it has.
+    """
+    d = np.asarray(dose_u, dtype=np.float64)[..., :-1][..., ::-1][..., : len(kernel) - 1]
+    out = d @ np.asarray(kernel, dtype=np.float64)[1 : 1 + d.shape[-1]]
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def basal_iob_u(
+    basal_u_per_h: float | np.ndarray,
+    *,
+    slot_minutes: float = SLOT_MINUTES,
+    curve: InsulinCurve | None = None,
+    include_current: bool = False,
+) -> float | np.ndarray:
+    """Insulin on board of a patient who has had only scheduled basal for a whole DIA.
+
+    IOB from steady scheduled basal is not "extra" insulin: bolus calculators and oref0
+    reason with *net* IOB (IOB above this), so a patient resting on basal has none.
+    `include_current=False` gives the IOB before the current slot's dose (`iob_before`'s
+    convention); True counts the current slot's dose too (`insulin_on_board`'s).
+    """
+    kernel = (curve or InsulinCurve()).iob_kernel(slot_minutes)  # [K], kernel[0] = 1
+    per_slot = np.asarray(basal_u_per_h, dtype=np.float64) * slot_minutes / 60.0
+    total = float(kernel.sum()) if include_current else float(kernel[1:].sum())
+    return per_slot * total
+
+
+def net_iob_u(iob_u: float, basal_u_per_h: float, *, slot_minutes: float = SLOT_MINUTES) -> float:
+    """IOB above steady scheduled basal, before this cycle's dose (negative after a
+    suspension): what a bolus calculator subtracts."""
+    return float(iob_u) - float(basal_iob_u(basal_u_per_h, slot_minutes=slot_minutes))

@@ -56,6 +56,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from forecast.insulin import iob_before
 from forecast.schema import SLOT, SLOT_MINUTES, GlucastError
 from forecast.windows import PROFILE_FEATURES, WindowConfig
 from serving.alerts import Alert, AlertEngine, AlertForecast, AlertThresholds
@@ -869,17 +870,6 @@ def plan_window(
     future[:, fb] = settings.basal_u_per_h * slot_h
     future[:n_temp, fb] = rate * slot_h
     return past, future
-
-
-def iob_before(dose: np.ndarray, kernel: np.ndarray) -> float:
-    """IOB at the start of the last slot, before its own dose: Σ_{m≥1} kernel[m]·dose[−1−m].
-
-    `dose` is U per slot, oldest first, the last slot being the current one; `kernel` is
-    `InsulinCurve.iob_kernel` (kernel[0] = 1). The same quantity as the trial's
-    `CohortHistory.iob_before` and what `ControlInput.iob_u` holds.
-    """
-    d = np.asarray(dose, dtype=float)[:-1][::-1][: len(kernel) - 1]
-    return float(d @ kernel[1 : 1 + len(d)])
 
 
 def _empty_carbs() -> pd.DataFrame:

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from forecast.insulin import net_iob_u
 from forecast.schema import GlucastError
-from serving.controllers import basal_iob_u
 from serving.types import PatientSettings, Proposal, Verdict
 
 RATE_TOLERANCE_U_PER_H = 0.025  # the supervisor's own "same as scheduled" (half a pump step)
@@ -132,16 +132,6 @@ def same_plan(a: Proposal | None, b: Proposal | None) -> bool:
 # --------------------------------------------------------------------------- bolus advice
 
 
-def net_iob_u(iob_u: float, settings: PatientSettings, *, slot_minutes: int = 5) -> float:
-    """IOB above what steady scheduled basal keeps on board (`ControlInput.iob_u` convention).
-
-    A bolus calculator subtracts the insulin *beyond* basal: a person resting on their
-    schedule has none to subtract. Negative after a suspension. (The controllers' own
-    `serving.controllers.net_iob_u` takes a whole `ControlInput`; this one a number.)
-    """
-    return float(iob_u) - float(basal_iob_u(settings.basal_u_per_h, slot_minutes=slot_minutes))
-
-
 @dataclass(frozen=True)
 class BolusAdvice:
     """A bolus the person is asked to confirm, and the arithmetic behind it.
@@ -237,7 +227,7 @@ def calculator(
     carbs_u = carbs / settings.carb_ratio_g_per_u if settings.carb_ratio_g_per_u > 0 else 0.0
     g = float(glucose_mgdl)
     corr = (g - settings.target_mgdl) / settings.isf_mgdl_per_u if math.isfinite(g) else 0.0
-    net = net_iob_u(iob_u, settings) if math.isfinite(iob_u) else math.inf
+    net = net_iob_u(iob_u, settings.basal_u_per_h) if math.isfinite(iob_u) else math.inf
     sub = max(0.0, net)
     total = max(0.0, carbs_u + corr - sub) if math.isfinite(sub) else 0.0
     return {"carbs_u": carbs_u, "correction_u": corr, "iob_u": sub, "calculator_u": total}

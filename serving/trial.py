@@ -276,10 +276,12 @@ class CohortHistory:
 
         Σ_{m≥1} kernel[m]·dose[j−m]: what `ControlInput.iob_u` and the supervisor count.
         """
+        from forecast.insulin import iob_before
+
         j = self.col(cycle)
         k = len(self.k_ins)
-        dose = self.basal[:, j - k + 1 : j] + self.bolus[:, j - k + 1 : j]  # [N, K-1]
-        return dose @ self.k_ins[:-1]
+        dose = self.basal[:, j - k + 1 : j + 1] + self.bolus[:, j - k + 1 : j + 1]  # [N, K]
+        return iob_before(dose, self.k_ins[::-1])
 
     def windows(self, cycle: int, *, live: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """past [N, L, F_past], future [N, H, F_future] at the cycle's slot (float32).

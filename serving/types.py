@@ -94,7 +94,9 @@ class ControlInput:
     iob_u: float
     settings: PatientSettings
     carbs_announced_g: float = 0.0  # meal announced for this cycle (bolus decision)
-    history: SlotHistory | None = None  # the raw record, for controllers that need more than windows
+    history: SlotHistory | None = (
+        None  # the raw record, for controllers that need more than windows
+    )
 
 
 @dataclass

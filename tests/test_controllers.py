@@ -223,7 +223,7 @@ def test_helpers():
     assert meal_bolus_u(0, s) == 0 and meal_bolus_u(float("nan"), s) == 0
     assert meal_bolus_u(25, s) == 2.5
     inp = control_input(120, s)
-    assert net_iob_u(inp) == pytest.approx(0.0, abs=1e-9)
+    assert net_iob_u(inp.iob_u, inp.settings.basal_u_per_h) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(UnknownControllerError):
         make_controller("bang-bang")
     with pytest.raises(ValueError, match="predictor"):

@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from forecast.insulin import iob_before
 from forecast.sim import load_patients
 from forecast.windows import WindowConfig
 from serving.hal.simulated import WorldConfig
 from serving.journal import Journal, bin_insulin
-from serving.loop import iob_before
 
 ROOT = Path(__file__).resolve().parents[1]
 HOURS = 24

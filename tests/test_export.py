@@ -19,6 +19,8 @@ from training.config import TrainConfig  # noqa: E402
 from training.export import (  # noqa: E402
     ExportError,
     ManifestError,
+    ModelIntegrityError,
+    ModelMissingError,
     OnnxForecaster,
     check_parity,
     export_model_dir,
@@ -165,18 +167,18 @@ def test_manifest_mismatch_is_a_clear_error(lstm_dir, tmp_path):
     OnnxForecaster.load(d)  # intact copy loads
     with open(d / "model.onnx", "ab") as fh:
         fh.write(b"\0")
-    with pytest.raises(ManifestError, match="does not match its manifest"):
+    with pytest.raises(ModelIntegrityError, match="does not match its manifest"):
         OnnxForecaster.load(d)
 
     shutil.copy(lstm_dir / "model.onnx", d / "model.onnx")
     m = json.loads((d / "manifest.json").read_text())
     m["horizon_slots"] = 6  # a manifest describing another geometry
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ManifestError, match="future"):
+    with pytest.raises(ManifestError, match="horizon_slots 6"):
         OnnxForecaster.load(d)
 
     (d / "manifest.json").unlink()
-    with pytest.raises(ManifestError, match="no manifest.json"):
+    with pytest.raises(ModelMissingError, match="has no manifest.json"):
         OnnxForecaster.load(d)
-    with pytest.raises(ManifestError, match="not a model directory"):
+    with pytest.raises(ModelMissingError, match="not a model directory"):
         OnnxForecaster.load(tmp_path / "nowhere")

@@ -394,7 +394,9 @@ def test_bolus_calculator_subtracts_net_iob():
     x = inp(g=210.0, carbs=60.0)
     b = bolus_advice(time=at(0), glucose_mgdl=210.0, iob_u=x.iob_u + extra, carbs_g=60.0,
                      settings=SETTINGS, proposed_u=7.0, advised_u=7.0)  # fmt: skip
-    assert net_iob_u(x.iob_u, SETTINGS) == pytest.approx(0.0, abs=1e-9)  # resting on basal
+    assert net_iob_u(x.iob_u, SETTINGS.basal_u_per_h) == pytest.approx(
+        0.0, abs=1e-9
+    )  # resting on basal
     assert (b.carbs_u, b.correction_u, b.iob_u) == pytest.approx((6.0, 2.0, extra))
     assert b.calculator_u == pytest.approx(6.0)
     none = bolus_advice(time=at(0), glucose_mgdl=float("nan"), iob_u=x.iob_u, carbs_g=60.0,

@@ -15,7 +15,7 @@ What is added, end to end:
   basal) and carbs written into an OhioT1DM file come out of `read_ohio` → grid with the same
   totals, and the window builder's IOB of that frame is never negative nor above what was
   given;
-* **the loop's IOB is forecast.insulin's** — `serving.loop.iob_before` equals
+* **the loop's IOB is forecast.insulin's** — `forecast.insulin.iob_before` equals
   `insulin_on_board` of the history before the current slot, and is never negative.
 """
 
@@ -63,9 +63,9 @@ proposal = st.tuples(
     cycles=st.lists(proposal, min_size=1, max_size=36),
 )
 def test_pump_history_never_exceeds_the_supervisor_limits(sched, k_max, max_bolus, max_iob, cycles):
+    from forecast.insulin import iob_before
     from serving.hal.pump import BASAL_INCREMENT_U_PER_H
     from serving.hal.simulated import ManualClock, VirtualPump
-    from serving.loop import iob_before
     from serving.safety import SafetyState, Supervisor, max_basal
     from serving.types import PatientSettings, Proposal, Reading
 
@@ -202,7 +202,7 @@ def test_ohio_file_to_grid_conserves_insulin_and_carbs_and_iob_stays_sane(
     doses=st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=1, max_size=120),
 )
 def test_loop_iob_equals_forecast_insulin_and_is_never_negative(doses):
-    from serving.loop import iob_before
+    from forecast.insulin import iob_before
 
     d = np.asarray(doses)
     got = iob_before(d, KERNEL)

@@ -1,4 +1,4 @@
-"""ONNX export under the model contract, the parity check, the manifest, and a loader.
+"""ONNX export under the model contract (`forecast.contract`), the parity check, the manifest.
 
 A model directory holds exactly two files:
 
@@ -6,7 +6,8 @@ A model directory holds exactly two files:
   ``past`` float32 ``[B, L, F_past]`` and ``future`` float32 ``[B, H, F_future]``; output
   ``glucose`` float32 ``[B, H, Q]`` mg/dL. The batch axis is dynamic. Normalisation, the
   monotone insulin head and the conformal offsets are inside the graph.
-- ``manifest.json`` — what a consumer needs to build inputs and to trust the file::
+- ``manifest.json`` — what a consumer needs to build inputs and to trust the file
+  (its schema, reader and the one loader, `OnnxForecaster`, live in `forecast.contract`)::
 
     format                "glucast-forecaster/1"
     model                 "lstm" | "transformer"
@@ -35,37 +36,30 @@ the TorchScript path is removed from torch.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# the contract lives in forecast.contract; these names are what training code imports
+from forecast.contract import MODEL_FILE as ONNX_FILE
+from forecast.contract import (  # noqa: F401 - re-exported for training code and tests
+    ManifestError,
+    ModelIntegrityError,
+    ModelMissingError,
+    OnnxForecaster,
+    manifest_dict,
+    write_manifest,
+)
+from forecast.contract import file_sha256 as sha256_file
 from forecast.schema import GlucastError
 
-MANIFEST = "manifest.json"
-ONNX_FILE = "model.onnx"
-FORMAT = "glucast-forecaster/1"
 OPSET = 18
 
 
 class ExportError(GlucastError, RuntimeError):
     """The ONNX export failed or the exported graph disagrees with the torch model."""
-
-
-class ManifestError(GlucastError, ValueError):
-    """A model directory is incomplete or its manifest does not match its ONNX file."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def glucast_version() -> str:
@@ -156,14 +150,15 @@ def _rename_batch_axis(path: Path) -> None:
 
 
 def onnx_session(path: str | Path, threads: int = 1):
+    """A bare onnxruntime session on an export (the parity check, before a manifest exists)."""
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from forecast.contract import session_options
+
+    return ort.InferenceSession(
+        str(path), session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
 def check_parity(
@@ -217,167 +212,24 @@ def export_model_dir(
     onnx_path = export_onnx(model, out / ONNX_FILE, past, future, exporter=exporter)
     diff = check_parity(model, onnx_path, past, future, tol=tol)
     lay = model.layout
-    L, H, Q = lay.past_slots, lay.horizon_slots, len(lay.quantiles)
-    manifest = {
-        "format": FORMAT,
-        "model": kind,
-        "onnx_file": ONNX_FILE,
-        "sha256": sha256_file(onnx_path),
-        "inputs": {
-            "past": {"dtype": "float32", "shape": ["batch", L, len(lay.past_features)]},
-            "future": {"dtype": "float32", "shape": ["batch", H, len(lay.future_features)]},
-        },
-        "output": {
-            "name": "glucose",
-            "dtype": "float32",
-            "shape": ["batch", H, Q],
-            "units": "mg/dL",
-        },
-        "past_features": list(lay.past_features),
-        "future_features": list(lay.future_features),
-        "past_slots": L,
-        "horizon_slots": H,
-        "slot_minutes": int(window_config.slot_minutes),
-        "horizons_min": [int(window_config.slot_minutes) * (h + 1) for h in range(H)],
-        "quantiles": list(lay.quantiles),
-        "window_config": window_config.to_dict(),
-        "monotone_in_planned_insulin": True,
-        "parity_max_abs_mgdl": diff,
-        "parity_windows": int(len(past)),
-        "opset": OPSET,
-        "exporter": exporter,
-        "glucast_version": glucast_version(),
-        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    if tuple(lay.past_features) != tuple(window_config.past_features) or tuple(
+        lay.future_features
+    ) != tuple(window_config.future_features):
+        raise ExportError("the model's feature layout differs from the window it was trained on")
+    manifest = manifest_dict(
+        kind=kind,
+        sha256=sha256_file(onnx_path),
+        window=window_config,
+        quantiles=tuple(lay.quantiles),
+        model_file=ONNX_FILE,
+        monotone_in_planned_insulin=True,
+        parity_max_abs_mgdl=diff,
+        parity_windows=int(len(past)),
+        opset=OPSET,
+        exporter=exporter,
+        glucast_version=glucast_version(),
+        created_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
     manifest.update(info)
     write_manifest(out, manifest)
     return out
-
-
-def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    path = Path(out_dir) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=_jsonable) + "\n")
-    return path
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-@dataclass
-class OnnxForecaster:
-    """An exported model directory behind the baselines' `predict(past, future)` API.
-
-    Loading verifies the manifest: the file's sha256, the input names and shapes, and the
-    output shape. (serving.predictor does the same for the runtime; this one is for
-    evaluation, comparisons and tests, where onnxruntime is all we need.)
-    """
-
-    directory: Path
-    manifest: dict[str, Any]
-    session: Any
-
-    @classmethod
-    def load(cls, directory: str | Path, threads: int = 1) -> OnnxForecaster:
-        d = Path(directory)
-        mpath = d / MANIFEST
-        if not d.is_dir():
-            raise ManifestError(f"{d} is not a model directory (expected {ONNX_FILE} + {MANIFEST})")
-        if not mpath.exists():
-            raise ManifestError(f"{d} has no {MANIFEST}; export the model with `glucast train`")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{mpath} is not valid JSON: {e}") from e
-        for key in ("format", "sha256", "past_features", "future_features", "past_slots",
-                    "horizon_slots", "slot_minutes", "quantiles", "window_config"):  # fmt: skip
-            if key not in manifest:
-                raise ManifestError(f"{mpath} lacks the required key {key!r}")
-        if manifest["format"] != FORMAT:
-            raise ManifestError(f"{mpath}: format {manifest['format']!r}, expected {FORMAT!r}")
-        onnx_path = d / manifest.get("onnx_file", ONNX_FILE)
-        if not onnx_path.exists():
-            raise ManifestError(f"{d} has no {onnx_path.name} beside its manifest")
-        digest = sha256_file(onnx_path)
-        if digest != manifest["sha256"]:
-            raise ManifestError(
-                f"{onnx_path} does not match its manifest: sha256 {digest[:12]}… but the "
-                f"manifest says {str(manifest['sha256'])[:12]}…; the file was changed or "
-                "belongs to another export — re-export, do not edit the manifest"
-            )
-        sess = onnx_session(onnx_path, threads)
-        cls._check_signature(sess, manifest, onnx_path)
-        return cls(d, manifest, sess)
-
-    @staticmethod
-    def _check_signature(sess: Any, m: dict[str, Any], path: Path) -> None:
-        want = {
-            "past": [m["past_slots"], len(m["past_features"])],
-            "future": [m["horizon_slots"], len(m["future_features"])],
-        }
-        got = {i.name: i.shape for i in sess.get_inputs()}
-        if set(got) != set(want):
-            raise ManifestError(
-                f"{path}: inputs {sorted(got)} but the manifest implies {sorted(want)}"
-            )
-        for name, shape in want.items():
-            if list(got[name][1:]) != shape:
-                raise ManifestError(
-                    f"{path}: input {name!r} has shape {got[name]} but the manifest says "
-                    f"[batch, {shape[0]}, {shape[1]}]"
-                )
-        outs = sess.get_outputs()
-        q = len(m["quantiles"])
-        if (
-            len(outs) != 1
-            or outs[0].name != "glucose"
-            or list(outs[0].shape[1:])
-            != [
-                m["horizon_slots"],
-                q,
-            ]
-        ):
-            raise ManifestError(
-                f"{path}: output {[(o.name, o.shape) for o in outs]} does not match "
-                f"glucose [batch, {m['horizon_slots']}, {q}] from the manifest"
-            )
-
-    # the Forecaster-like surface used by evaluation
-    @property
-    def quantiles(self) -> tuple[float, ...]:
-        return tuple(self.manifest["quantiles"])
-
-    @property
-    def window_config(self):
-        from forecast.windows import WindowConfig
-
-        return WindowConfig.from_dict(self.manifest["window_config"])
-
-    @property
-    def config(self):
-        return self.window_config
-
-    def predict(self, past: np.ndarray, future: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """past [B, L, F_past], future [B, H, F_future] raw units -> [B, H, Q] mg/dL."""
-        if len(past) == 0:
-            return np.zeros((0, self.manifest["horizon_slots"], len(self.quantiles)), np.float32)
-        out = [
-            self.session.run(
-                ["glucose"],
-                {
-                    "past": np.ascontiguousarray(past[i : i + batch], dtype=np.float32),
-                    "future": np.ascontiguousarray(future[i : i + batch], dtype=np.float32),
-                },
-            )[0]
-            for i in range(0, len(past), batch)
-        ]
-        return np.concatenate(out)

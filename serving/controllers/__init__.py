@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from forecast.insulin import InsulinCurve
+from forecast.insulin import basal_iob_u, net_iob_u  # noqa: F401 - the controllers' names
 from forecast.schema import GlucastError
 from serving.types import ControlInput, PatientSettings, Proposal
 
@@ -35,32 +35,6 @@ class Controller(Protocol):
 
 class UnknownControllerError(GlucastError, ValueError):
     """A controller name the CLI does not know."""
-
-
-def basal_iob_u(
-    basal_u_per_h: float | np.ndarray,
-    *,
-    slot_minutes: int = 5,
-    curve: InsulinCurve | None = None,
-    include_current: bool = False,
-) -> float | np.ndarray:
-    """Insulin on board of a patient who has had only scheduled basal for a whole DIA.
-
-    IOB from steady scheduled basal is not "extra" insulin: bolus calculators and oref0
-    reason with *net* IOB (IOB above this), so a patient resting on basal has none.
-    `include_current=False` gives the IOB before the current slot's dose (what
-    `ControlInput.iob_u` holds); True counts the current slot's dose too (what the window's
-    ``iob_u`` feature shows, `forecast.insulin` convention).
-    """
-    kernel = (curve or InsulinCurve()).iob_kernel(slot_minutes)  # [K], kernel[0] = 1
-    per_slot = np.asarray(basal_u_per_h, dtype=np.float64) * slot_minutes / 60.0
-    total = float(kernel.sum()) if include_current else float(kernel[1:].sum())
-    return per_slot * total
-
-
-def net_iob_u(inp: ControlInput, *, slot_minutes: int = 5) -> float:
-    """IOB above steady scheduled basal, before this cycle's dose (negative after a suspension)."""
-    return float(inp.iob_u - basal_iob_u(inp.settings.basal_u_per_h, slot_minutes=slot_minutes))
 
 
 def meal_bolus_u(carbs_g: float, settings: PatientSettings) -> float:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.controllers import meal_bolus_u, net_iob_u
+from forecast.insulin import net_iob_u
+from serving.controllers import meal_bolus_u
 from serving.types import ControlInput, Proposal
 
 
@@ -44,7 +45,10 @@ class BasalBolusController:
         if carb > 0 and np.isfinite(g) and g > c.correction_above_mgdl:
             corr = (g - s.target_mgdl) / s.isf_mgdl_per_u
             if c.iob_aware:
-                corr -= max(0.0, net_iob_u(inp, slot_minutes=c.slot_minutes))
+                corr -= max(
+                    0.0,
+                    net_iob_u(inp.iob_u, inp.settings.basal_u_per_h, slot_minutes=c.slot_minutes),
+                )
             corr = max(0.0, corr)
         bolus = carb + corr
         reason = "scheduled basal"

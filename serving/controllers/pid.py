@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.controllers import meal_bolus_u, net_iob_u
+from forecast.insulin import net_iob_u
+from serving.controllers import meal_bolus_u
 from serving.types import ControlInput, Proposal
 
 
@@ -63,7 +64,9 @@ class PIDController:
         lim = c.integral_limit_basal * basal
         integ = float(np.clip(integ, -lim, lim))
         p, d = kp * e, kp * c.td_min * de
-        ifb = c.ifb_per_h * net_iob_u(inp, slot_minutes=c.slot_minutes)
+        ifb = c.ifb_per_h * net_iob_u(
+            inp.iob_u, inp.settings.basal_u_per_h, slot_minutes=c.slot_minutes
+        )
         rate = basal + p + integ + d - ifb
         rate_c = float(np.clip(rate, 0.0, c.max_basal_multiple * basal))
         if rate_c != rate:  # anti-windup: do not integrate while saturated the same way
