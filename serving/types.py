@@ -94,9 +94,8 @@ class ControlInput:
     iob_u: float
     settings: PatientSettings
     carbs_announced_g: float = 0.0  # meal announced for this cycle (bolus decision)
-    history: SlotHistory | None = (
-        None  # the raw record, for controllers that need more than windows
-    )
+    # the raw record, for controllers that need more than windows (the peers' adapters)
+    history: SlotHistory | None = None
 
 
 @dataclass
