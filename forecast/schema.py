@@ -41,6 +41,15 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     "meal_announced",
     "carb_ratio_g_per_u",
     "isf_mgdl_per_u",
+    # insulin the pump gave on its own (automated insulin delivery's correction boluses),
+    # U per slot; already counted in `bolus_u` (which stays the total), so the person's own
+    # boluses are `bolus_u - bolus_auto_u`
+    "bolus_auto_u",
+    # 1 where the source states the basal rate in force, 0 where it does not (there
+    # `basal_u` is 0 because the rate is unknown, not because none was delivered)
+    "basal_known",
+    # the pump's mode in the slot as text ("sleep", "exercise"; NA = normal)
+    "device_mode",
 )
 FLOAT_COLUMNS: tuple[str, ...] = ("glucose", "basal_u", "bolus_u", "carbs_g")
 

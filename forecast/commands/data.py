@@ -1,8 +1,8 @@
 """``glucast data``: ingest real data into a canonical frame, and describe a frame.
 
-    glucast data ingest PATH... --format ohio|shanghai|nightscout|csv --out F.parquet
+    glucast data ingest PATH... --format ohio|shanghai|nightscout|csv|azt1d --out F.parquet
                         [--strict] [--json] [--timezone TZ] [--units U] [--columns MAP]
-                        [--subject ID] [--basal U/H] [--time-format FMT]
+                        [--subject ID] [--basal U/H] [--time-format FMT] [--extended-hours H]
     glucast data describe F.parquet [--json]
 
 Only the standard library is imported here; pandas and the readers load inside `run`.
@@ -16,7 +16,9 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="ingest real data (OhioT1DM, ShanghaiT1DM, Nightscout, CSV)")
+    p = sub.add_parser(
+        "data", help="ingest real data (OhioT1DM, ShanghaiT1DM, AZT1D, Nightscout, CSV)"
+    )
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
 
@@ -30,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ing.add_argument("paths", nargs="+", metavar="PATH", help="files or directories")
     ing.add_argument(
         "--format",
-        choices=["ohio", "shanghai", "nightscout", "csv"],
-        help="source format (default: from the file suffixes)",
+        choices=["ohio", "shanghai", "nightscout", "csv", "azt1d"],
+        help="source format (default: from the file suffixes; AZT1D from the CSV header)",
     )
     ing.add_argument("--out", required=True, metavar="F.parquet", help="frame to write")
     ing.add_argument("--strict", action="store_true", help="stop at the first bad record")
@@ -46,7 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ing.add_argument(
         "--columns",
         metavar="MAP",
-        help="CSV column mapping, e.g. subject_id=id,time=ts,glucose=sgv",
+        help="CSV column mapping, e.g. subject_id=id,time=ts,glucose=sgv; time=date+time joins "
+        "two columns; insulin and carbs: bolus_u=COL (U per record), basal_rate=COL (U/h held "
+        "until the next value), basal_u=COL (U per record), carbs_g=COL (g); finger_stick=COL; "
+        "type=COL with cgm/manual rows",
     )
     ing.add_argument("--subject", metavar="ID", help="subject id (Nightscout, single-person CSV)")
     ing.add_argument(
@@ -56,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Nightscout scheduled basal rate without a profile",
     )
     ing.add_argument("--time-format", metavar="FMT", help="CSV strftime format of timestamps")
+    ing.add_argument(
+        "--extended-hours",
+        type=float,
+        metavar="H",
+        help="AZT1D: spread the delayed part of extended boluses over H hours (the files do "
+        "not record the duration; without it that part is listed in the report, not the frame)",
+    )
     ing.set_defaults(func=run)
 
     desc = dsub.add_parser("describe", help="per-subject days, coverage and glycaemic outcomes")
@@ -129,12 +141,26 @@ def _ingest(args: argparse.Namespace) -> int:
         subject_id=args.subject,
         basal=args.basal,
         time_format=args.time_format,
+        extended_hours=getattr(args, "extended_hours", None),
     )
+    # a file that could not be read at all (unrecognised header...) fails the ingest: an
+    # empty or partial frame with exit status 0 would pass for success in a script
+    unread = [r for r in report.rejected if r.field == "header"]
+    if unread and not len(frame):
+        for r in unread:
+            print(f"error: {r.file}: {r.reason} ({r.record}: {r.value!r})", file=sys.stderr)
+        for note in report.notes:
+            print(f"  note: {note}", file=sys.stderr)
+        print(
+            f"  readings 0 of {report.readings_in}; nothing written to {args.out}",
+            file=sys.stderr,
+        )
+        return 1
     write_parquet(frame, args.out)
     summary = ingest_summary(frame, report, str(args.out))
     if args.json:
         emit_json(json_safe(summary))
-        return 0
+        return _unread(unread)
     print(
         f"{summary['source']}: {len(summary['files'])} file(s) -> {args.out}\n"
         f"  subjects {summary['subjects']}, rows {summary['rows']}, readings "
@@ -153,7 +179,14 @@ def _ingest(args: argparse.Namespace) -> int:
         print(f"  e.g. {r.file}: {r.record}: {r.field}={r.value!r} ({r.reason})", file=sys.stderr)
     for note in report.notes[:10]:
         print(f"  note: {note}")
-    return 0
+    return _unread(unread)
+
+
+def _unread(unread: list[Any]) -> int:
+    """Exit status 1 (with the reasons on stderr) when some file was not read at all."""
+    for r in unread:
+        print(f"error: {r.file} was not read: {r.reason} ({r.value!r})", file=sys.stderr)
+    return 1 if unread else 0
 
 
 def describe_frame(frame: Any) -> dict[str, Any]:

@@ -22,6 +22,8 @@ FORMATS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "shanghai": ("forecast.io.shanghai", "read_shanghai", (".xls", ".xlsx")),
     "nightscout": ("forecast.io.nightscout", "read_nightscout", (".json",)),
     "csv": ("forecast.io.csv", "read_csv", (".csv", ".tsv", ".txt")),
+    # AZT1D files are .csv too: told apart from other CSV by their header (`guess_format`)
+    "azt1d": ("forecast.io.azt1d", "read_azt1d", (".csv",)),
 }
 
 
@@ -36,17 +38,40 @@ def reader(fmt: str):
 
 
 def guess_format(paths: Iterable[str | Path]) -> str:
-    """The format implied by the files' suffixes (directories are not guessed)."""
-    suffixes = {Path(p).suffix.lower() for p in paths}
-    fmts = {name for name, (_, _, suf) in FORMATS.items() if suffixes & set(suf)}
+    """The format implied by the files' suffixes, and for CSV by the header.
+
+    AZT1D files are CSV with their own header, so CSV files (and folders of them) are told
+    apart by their first line; other directories are not guessed.
+    """
+    paths = [Path(p) for p in paths]
+    files = [p for p in paths if not p.is_dir()]
+    dirs = [p for p in paths if p.is_dir()]
+    inside = [f for d in dirs for f in sorted(d.rglob("*.csv")) if f.is_file()]
+    suffixes = {p.suffix.lower() for p in files}
+    if dirs:
+        # a folder is guessed only when it holds AZT1D files (``Subject N/Subject N.csv``)
+        if inside and not files and _all_azt1d(inside):
+            return "azt1d"
+        suffixes.add("")
+    if suffixes == {".csv"} and _all_azt1d(files):
+        return "azt1d"
+    fmts = {
+        name for name, (_, _, suf) in FORMATS.items() if name != "azt1d" and suffixes & set(suf)
+    }
     if len(fmts) != 1 or not suffixes <= {s for n in fmts for s in FORMATS[n][2]}:
         raise InputError(
             "cannot tell the format from the file names",
             field="format",
             value=", ".join(sorted(suffixes)),
-            hint="pass --format ohio|shanghai|nightscout|csv",
+            hint=f"pass --format {'|'.join(FORMATS)}",
         )
     return fmts.pop()
+
+
+def _all_azt1d(files: list[Path]) -> bool:
+    from forecast.io.azt1d import looks_like
+
+    return bool(files) and all(looks_like(f) for f in files)
 
 
 def read(paths: str | Path | Iterable[str | Path], fmt: str | None = None, **options: Any):

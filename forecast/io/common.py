@@ -69,6 +69,26 @@ def expand_paths(paths: PathLike | Iterable[PathLike], suffixes: Sequence[str]) 
     return out
 
 
+def reject_unread(
+    sink: Sink, path: PathLike, rows: Iterable[tuple[int, list[str]]], reason: str
+) -> None:
+    """Count the rows of a file that was not read (bad header...) as input, each rejected.
+
+    Any of them might have been a reading, so each is an input reading with a reason;
+    the header's own rejection says why (call this after reporting it).
+    """
+    rep = sink.report
+    for ln, fields in rows:
+        rep.readings_in += 1
+        rep.reject(
+            file=path,
+            record=f"line {ln}",
+            field="glucose",
+            value=",".join(fields)[:200],
+            reason=reason,
+        )
+
+
 def read_bytes(path: Path, sink: Sink) -> bytes | None:
     """The file's bytes, or None (after reporting) when it is empty."""
     data = path.read_bytes()
