@@ -192,7 +192,7 @@ def resolve(
         fc.fit(splits.windows["train"])
         fc.calibrate(splits.windows["val"])
         info = {"model": model, "dataset_hash": splits.test_hash}
-        return fc, splits.windows["test"], info, splits.frames["test"], splits.frames["test"]
+        return fc, splits.windows["test"], info, splits.frames["test"]
     path = Path(model)
     if not path.exists():
         raise EvaluationError(
