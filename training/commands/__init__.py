@@ -2,7 +2,7 @@
 
 from forecast.commands._registry import register_modules
 
-COMMANDS = ["train", "evaluate", "compare"]
+COMMANDS = ["train", "evaluate", "compare", "benchmark"]
 
 
 def register(sub) -> None:

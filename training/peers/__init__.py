@@ -1,0 +1,1 @@
+"""Peers' forecasting models run as their own code in their own environments (adapters)."""
