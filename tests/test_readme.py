@@ -28,6 +28,71 @@ def readme_commands() -> list[str]:
     return cmds
 
 
+def documented_forms() -> list[str]:
+    """The command forms of the README's command table (``glucast X ... `` in column one)."""
+    forms = []
+    for line in README.read_text().splitlines():
+        m = re.match(r"\| `(glucast [^`]*)`", line)
+        if m:
+            forms.append(m.group(1).replace("\\|", "|"))
+    return forms
+
+
+def subcommand(cmd: str) -> str:
+    """'glucast data ingest PATH --format ..' -> 'data ingest' (words before the first
+    argument that is an option, a placeholder or a choice)."""
+    words = []
+    for w in cmd.split()[1:]:
+        if w.startswith("-") or not re.fullmatch(r"[a-z][a-z-]*", w):
+            break
+        words.append(w)
+    return " ".join(words)
+
+
+#: forms whose run is a long-running process (real time) or an interactive tool: the tour
+#: shows their --help, which parses their arguments and loads their module
+HELP_ONLY = {"loop", "journal", "faults"}
+
+
+def test_every_documented_form_is_run_by_the_tour():
+    """Each row of the command table is exercised by a command of the tour, and where a
+    row takes ``--model DIR|BASELINE`` both an exported model and a baseline are run (a
+    baseline crashed `glucast evaluate` while only the DIR form was in the tour)."""
+    from training.config import BASELINE_MODELS
+
+    cmds = readme_commands()
+    forms = documented_forms()
+    assert len(forms) >= 10
+    for form in forms:
+        sub = subcommand(form)
+        runs = [c for c in cmds if subcommand(c) == sub]
+        assert runs, f"README documents `{form}` but the tour never runs `glucast {sub}`"
+        if sub.split()[0] not in HELP_ONLY:
+            assert any("--help" not in c for c in runs), f"only --help of `glucast {sub}` runs"
+        if "--model DIR|BASELINE" in form:
+            models = [shlex.split(c)[shlex.split(c).index("--model") + 1] for c in runs]
+            assert any(m in BASELINE_MODELS for m in models), f"no baseline for `{sub}`"
+            assert any(m not in BASELINE_MODELS for m in models), f"no model DIR for `{sub}`"
+
+
+@pytest.mark.parametrize("baseline", ["persistence", "linear", "ridge", "physio"])
+def test_evaluate_every_baseline(baseline, tmp_path, capsys):
+    """`glucast evaluate --model BASELINE` (the crash: resolve returned five values)."""
+    import json
+
+    pytest.importorskip("torch")
+    from forecast.cli import main
+    from forecast.schema import write_parquet
+    from training.synthetic import replay_cohort
+
+    path = write_parquet(replay_cohort("adult#001", days=2.5, seed=2), tmp_path / "f.parquet")
+    rc = main(["evaluate", "--model", baseline, "--data", str(path), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    res = json.loads(out)
+    assert res["model"] == baseline and res["horizons"]["30"]["rmse"] > 0
+
+
 def test_readme_opens_with_the_two_commands():
     head = "\n".join(README.read_text().splitlines()[:10])
     assert "make demo" in head and "make test" in head
