@@ -59,7 +59,7 @@ controller then writes its plan into ``future[..., config.future_index("basal_u"
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,15 +80,18 @@ from forecast.schema import (
 
 __all__ = [
     "FUTURE_FEATURES",
+    "IncrementalWindows",
     "PAST_FEATURES",
     "PROFILE_FEATURES",
     "WindowConfig",
     "Windows",
     "add_features",
+    "history_slots",
     "inputs_at",
     "make_windows",
     "split_chronological",
     "split_subjects",
+    "windows_from_slots",
 ]
 
 PAST_FEATURES: tuple[str, ...] = (
@@ -723,6 +726,258 @@ def inputs_at(
     past = _gather(dense.past, origins, -L + 1, 1)  # [1, L, F_past]
     future = _gather(dense.future, origins, 1, H + 1)  # [1, H, F_future]
     return past, future
+
+
+# --------------------------------------------------------------------------- the incremental form
+
+
+def history_slots(config: WindowConfig) -> int:
+    """Slots of record, ending at the current slot, that `windows_from_slots` needs: the past
+    window plus the longest look-back of a feature (IOB/COB kernels, 24 h for ``tdd_u``)."""
+    per_day = _SECONDS_PER_DAY // (config.slot_minutes * 60)
+    k_ins = len(config.insulin_curve.iob_kernel(config.slot_minutes))
+    k_cob = len(config.carb_curve.cob_kernel(config.slot_minutes))
+    return config.past_slots + max(k_ins, k_cob, per_day)
+
+
+def windows_from_slots(
+    config: WindowConfig,
+    *,
+    glucose: np.ndarray,
+    basal_u: np.ndarray,
+    bolus_u: np.ndarray,
+    carbs_g: np.ndarray,
+    first_slot_ns: int,
+    future_basal_u: np.ndarray,
+    profile: Mapping[str, np.ndarray] | None = None,
+    daily_dose_before_u: np.ndarray | None = None,
+    known_from: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window at the current slot of N records on the slot grid — the same features as
+    `make_windows`/`inputs_at`, from arrays instead of a frame (the runtime's every cycle).
+
+    Each array is ``[N, T]``, oldest first, the last column being the current slot (its
+    insulin is what the controller is about to decide: write the scheduled basal there).
+    ``T >= history_slots(config)``. `glucose` holds readings (NaN = none; carried forward
+    within the span, with the ``observed`` mask); `carbs_g` announced grams; `first_slot_ns`
+    the UTC ns of column 0 (time of day, UTC). `future_basal_u` ``[N]`` is the insulin per
+    slot planned after the current slot (scheduled basal; bolus and carbs are 0 there).
+    `profile`: the therapy profile, ``[N]`` (static) or ``[N, T]`` per slot, per feature.
+    ``tdd_u`` counts `daily_dose_before_u` ``[N]`` (U per slot) for the columns before
+    `known_from` (a record that starts mid-life: what the pump history would show).
+
+    Returns ``past [N, L, F_past]``, ``future [N, H, F_future]`` (float32) and ``ok [N]``:
+    False where no reading lies at or before the past window's start (no input to give).
+    """
+    c = config
+    L, H = c.past_slots, c.horizon_slots
+    g = np.asarray(glucose, np.float64)
+    n, t = g.shape
+    if t < history_slots(c):
+        raise SchemaError(f"{t} slots of record; the window needs {history_slots(c)}")
+    basal = np.asarray(basal_u, np.float64)
+    dose = basal + np.asarray(bolus_u, np.float64)  # [N, T]
+    carbs = np.asarray(carbs_g, np.float64)
+    idx = np.arange(t)
+    observed = np.isfinite(g)
+    last_obs = np.maximum.accumulate(np.where(observed, idx, -1), axis=1)  # [N, T]
+    ff = np.where(last_obs >= 0, np.take_along_axis(g, np.maximum(last_obs, 0), 1), np.nan)
+    ok = np.isfinite(ff[:, t - L])
+    past_sl = slice(t - L, t)
+
+    def on_board(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+        """On-board amounts after each of the last L slots' doses: [N, L]."""
+        k = len(kernel)
+        seg = x[:, t - L - k + 1 :]  # [N, L+K-1]
+        return sliding_window_view(seg, k, axis=1) @ kernel[::-1]  # [N, L]
+
+    per_day = _SECONDS_PER_DAY // (c.slot_minutes * 60)
+    seg = dose[:, t - L - per_day + 1 :].copy()  # [N, L+D-1]
+    if daily_dose_before_u is not None and known_from > t - L - per_day + 1:
+        before = np.arange(t - L - per_day + 1, t) < known_from
+        seg[:, before] = np.asarray(daily_dose_before_u, np.float64)[:, None]
+    cs = np.concatenate([np.zeros((n, 1)), np.cumsum(seg, axis=1)], axis=1)  # [N, L+D]
+    tdd = cs[:, per_day:] - cs[:, :L]  # [N, L] the 24 h ending at each past slot
+
+    tab_s, tab_c = _tod_table()
+    sec0 = (int(first_slot_ns) // 1_000_000_000) % _SECONDS_PER_DAY
+    step = c.slot_minutes * 60
+    sec = (sec0 + np.arange(t + H) * step) % _SECONDS_PER_DAY  # [T+H]
+    cols = {
+        "glucose": ff[:, past_sl],
+        "observed": observed[:, past_sl],
+        "basal_u": basal[:, past_sl],
+        "bolus_u": np.asarray(bolus_u, np.float64)[:, past_sl],
+        "carbs_g": carbs[:, past_sl],
+        "iob_u": on_board(dose, c.insulin_curve.iob_kernel(c.slot_minutes)),
+        "cob_g": on_board(carbs, c.carb_curve.cob_kernel(c.slot_minutes)),
+        "tdd_u": tdd,
+        "tod_sin": tab_s[sec[past_sl]][None, :],
+        "tod_cos": tab_c[sec[past_sl]][None, :],
+    }
+    for k, v in (profile or {}).items():
+        v = np.asarray(v, np.float64)
+        cols[k] = v[:, None] if v.ndim == 1 else v[:, past_sl]
+    past = np.empty((n, L, len(c.past_features)), np.float32)  # [N, L, F_past]
+    for j, name in enumerate(c.past_features):
+        if name not in cols:
+            raise SchemaError(
+                f"past feature {name!r} is not computed from the runtime's record "
+                f"({sorted(cols)}); the model needs inputs the loop does not have"
+            )
+        past[:, :, j] = cols[name]
+    fut_sl = slice(t, t + H)
+    fut = {
+        "basal_u": np.asarray(future_basal_u, np.float64).reshape(n, 1),
+        "bolus_u": 0.0,
+        "carbs_g": 0.0,
+        "tod_sin": tab_s[sec[fut_sl]][None, :],
+        "tod_cos": tab_c[sec[fut_sl]][None, :],
+    }
+    future = np.empty((n, H, len(c.future_features)), np.float32)  # [N, H, F_future]
+    for j, name in enumerate(c.future_features):
+        future[:, :, j] = fut[name]
+    return past, future, ok
+
+
+class IncrementalWindows:
+    """The records of N subjects that grow one slot per cycle, and their windows.
+
+    The incremental form of this module's builder, for a loop that steps a whole cohort
+    (the in-silico trial): readings and announced carbs arrive with each cycle
+    (`observe`), delivered insulin after it (`deliver`), and `windows` gives the model
+    inputs at the current slot through `windows_from_slots` — the same function the
+    journaled runtime calls on its record — instead of rebuilding a frame every cycle.
+
+    Before the first cycle the subjects rest at steady state on scheduled basal with their
+    first reading (how the simulator starts them); the prefill is never reported as data.
+    The trailing daily dose (``tdd_u``) counts the day before at ``prior_daily_dose_u`` (what
+    the pump history would show; scheduled basal alone when not given).
+    """
+
+    def __init__(
+        self,
+        config: WindowConfig,
+        scheduled_u_per_h: np.ndarray,
+        start: pd.Timestamp,
+        cycles: int,
+        prior_daily_dose_u: np.ndarray | None = None,
+        profile: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        c = self.config = config
+        self.n = len(scheduled_u_per_h)
+        self.start = pd.Timestamp(start)
+        self.span = history_slots(c)
+        self.pad = self.span
+        width = self.pad + cycles + 1
+        self.scheduled_slot = np.asarray(scheduled_u_per_h, np.float64) * c.slot_minutes / 60.0
+        self.glucose = np.full((self.n, width), np.nan)  # [N, T] readings (NaN = none)
+        self.basal = np.zeros((self.n, width))  # U per slot
+        self.bolus = np.zeros((self.n, width))
+        self.carbs = np.zeros((self.n, width))  # announced grams per slot
+        self.basal[:, : self.pad] = self.scheduled_slot[:, None]
+        per_day = _SECONDS_PER_DAY // (c.slot_minutes * 60)
+        prior = (
+            self.scheduled_slot * per_day
+            if prior_daily_dose_u is None
+            else np.asarray(prior_daily_dose_u, np.float64)
+        )
+        self.prior_slot = prior / per_day  # [N] U per slot before the record
+        self.profile = {k: np.asarray(v, np.float64) for k, v in (profile or {}).items()}
+        self.k_ins = c.insulin_curve.iob_kernel(c.slot_minutes)  # [K], k[0] = 1
+        t0 = self.start.tz_localize("UTC") if self.start.tzinfo is None else self.start
+        self._t0_ns = int(t0.tz_convert("UTC").as_unit("ns").value)
+        self.cycle = -1
+
+    def col(self, cycle: int) -> int:
+        return self.pad + cycle
+
+    def observe(self, cycle: int, glucose: np.ndarray, carbs_g: np.ndarray) -> None:
+        """A new cycle: this slot's readings and announced carbs (insulin still to decide)."""
+        j = self.col(cycle)
+        g = np.asarray(glucose, np.float64)
+        if cycle == 0:  # steady-state prefill from the first reading
+            self.glucose[:, : self.pad] = np.where(np.isfinite(g), g, 120.0)[:, None]
+        self.glucose[:, j] = g
+        self.carbs[:, j] = np.nan_to_num(carbs_g, nan=0.0)
+        self.basal[:, j] = self.scheduled_slot  # placeholder until delivery is known
+        self.bolus[:, j] = 0.0
+        self.cycle = cycle
+
+    def deliver(self, cycle: int, basal_u: np.ndarray, bolus_u: np.ndarray) -> None:
+        """Record what was delivered in this slot (U)."""
+        j = self.col(cycle)
+        self.basal[:, j] = basal_u
+        self.bolus[:, j] = bolus_u
+
+    def record(self, cycle: int) -> dict[str, np.ndarray]:
+        """The last `history_slots` of every record, ending at the cycle's slot: ``[N, T]``
+        arrays ``glucose``, ``basal_u``, ``bolus_u``, ``carbs_g`` and ``time`` ``[T]`` (UTC)."""
+        j = self.col(cycle)
+        sl = slice(j - self.span + 1, j + 1)
+        ns = self._t0_ns + (np.arange(sl.start, sl.stop) - self.pad) * (
+            self.config.slot_minutes * 60 * 1_000_000_000
+        )
+        return {
+            "time": ns.astype("datetime64[ns]"),
+            "glucose": self.glucose[:, sl],
+            "basal_u": self.basal[:, sl],
+            "bolus_u": self.bolus[:, sl],
+            "carbs_g": self.carbs[:, sl],
+        }
+
+    def iob_before(self, cycle: int) -> np.ndarray:
+        """[N] insulin on board at the start of the cycle's slot, before its own dose."""
+        from forecast.insulin import iob_before
+
+        r = self.record(cycle)
+        return iob_before(r["basal_u"] + r["bolus_u"], self.k_ins)
+
+    def windows(
+        self, cycle: int, *, future_basal_u: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """past [N, L, F_past], future [N, H, F_future] at the cycle's slot (float32).
+
+        The slot's own insulin is what `observe` or `deliver` last wrote there; future insulin
+        is scheduled basal unless `future_basal_u` ``[N]`` says otherwise.
+        """
+        r = self.record(cycle)
+        j = self.col(cycle)
+        past, future, _ = windows_from_slots(
+            self.config,
+            glucose=r["glucose"],
+            basal_u=r["basal_u"],
+            bolus_u=r["bolus_u"],
+            carbs_g=r["carbs_g"],
+            first_slot_ns=int(r["time"][0].astype(np.int64)),
+            future_basal_u=self.scheduled_slot if future_basal_u is None else future_basal_u,
+            profile=self.profile,
+            daily_dose_before_u=self.prior_slot,
+            known_from=self.pad - (j - self.span + 1),
+        )
+        return past, future
+
+    def frame(self, names: Sequence[str], upto_cycle: int) -> pd.DataFrame:
+        """The canonical frame of cycles 0 … upto_cycle (readings, delivered insulin, carbs)."""
+        a, b = self.col(0), self.col(upto_cycle) + 1
+        t = self.start + pd.to_timedelta(np.arange(b - a) * self.config.slot_minutes, "min")
+        parts = [
+            pd.DataFrame(
+                {
+                    "subject_id": name,
+                    "time": t,
+                    "glucose": self.glucose[i, a:b],
+                    "basal_u": self.basal[i, a:b],
+                    "bolus_u": self.bolus[i, a:b],
+                    "carbs_g": self.carbs[i, a:b],
+                    **{k: v[i] for k, v in self.profile.items()},
+                }
+            )
+            for i, name in enumerate(names)
+        ]
+        out = pd.concat(parts, ignore_index=True)
+        out["subject_id"] = out["subject_id"].astype("string")
+        return out
 
 
 def split_chronological(

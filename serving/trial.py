@@ -2,7 +2,7 @@
 
 Every 5 minutes, for all N patients at once:
 
-    CGM readings → windows (`CohortHistory`, the array twin of `forecast.windows`) →
+    CGM readings → windows (`forecast.windows.IncrementalWindows`, the builder's incremental form) →
     controller.propose (the MPC makes ONE batched forecaster call for all patients ×
     candidates) → `serving.safety.check_batch` (the supervisor, one vectorised decision) →
     the supervisor's own command translation (`Supervisor.commands_for`) → `CohortPump` →
@@ -29,17 +29,16 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.lib.stride_tricks import sliding_window_view
 
 from forecast.schema import GLUCOSE_MIN_MGDL, SLOT_MINUTES, GlucastError
-from forecast.windows import WindowConfig
+from forecast.windows import IncrementalWindows, WindowConfig
 from serving.controllers import (
     CONTROLLER_NAMES,
     Controller,
@@ -165,190 +164,6 @@ def make_simulator(config: TrialConfig, patients):
         start=config.start,
         duration_min=config.cycles * SLOT_MINUTES,
     )
-
-
-# --------------------------------------------------------------------------- windows
-
-
-class CohortHistory:
-    """What the loop has seen and done, per slot, for N patients — and windows from it.
-
-    The array twin of `forecast.windows.inputs_at` for a cohort that grows one slot per
-    cycle: the same features, the same kernels (`forecast.insulin`), the same conventions
-    (glucose carried forward with an `observed` mask; IOB/COB after the slot's own dose;
-    time of day at slot starts), computed incrementally instead of rebuilding a frame 2000
-    times. tests/test_trial.py checks it against `inputs_at` on the trial's own frame.
-
-    Before the first cycle the patients rest at their basal steady state (that is how the
-    simulator starts them), so the history is prefilled with scheduled basal and the first
-    reading; the prefill is never reported as data. The trailing daily dose (``tdd_u``)
-    counts the day before the trial at ``prior_daily_dose_u`` (what the person's pump
-    history would show; scheduled basal alone when not given), so a model's insulin
-    sensitivity does not swing during the first day.
-    """
-
-    def __init__(
-        self,
-        config: WindowConfig,
-        scheduled_u_per_h: np.ndarray,
-        start: pd.Timestamp,
-        cycles: int,
-        prior_daily_dose_u: np.ndarray | None = None,
-        profile: Mapping[str, np.ndarray] | None = None,
-    ) -> None:
-        self.config = c = config
-        self.n = len(scheduled_u_per_h)
-        self.start = pd.Timestamp(start)
-        self.k_ins = c.insulin_curve.iob_kernel(c.slot_minutes)[::-1].copy()  # [K] oldest first
-        self.k_cob = c.carb_curve.cob_kernel(c.slot_minutes)[::-1].copy()
-        self.per_day = 1440 // c.slot_minutes  # slots in the daily-dose look-back
-        self.pad = max(len(self.k_ins), len(self.k_cob), self.per_day) + c.past_slots
-        width = self.pad + cycles + c.horizon_slots + 1
-        self.scheduled_slot = np.asarray(scheduled_u_per_h, np.float64) * c.slot_minutes / 60.0
-        self.glucose = np.full((self.n, width), np.nan)  # [N, T] readings (NaN = none)
-        self.glucose_ff = np.full((self.n, width), np.nan)
-        self.observed = np.zeros((self.n, width))
-        self.basal = np.zeros((self.n, width))  # U per slot
-        self.bolus = np.zeros((self.n, width))
-        self.carbs = np.zeros((self.n, width))  # announced grams per slot
-        self.basal[:, : self.pad] = self.scheduled_slot[:, None]
-        prior = (
-            self.scheduled_slot * self.per_day
-            if prior_daily_dose_u is None
-            else np.asarray(prior_daily_dose_u, np.float64)
-        )
-        self.prior_slot = prior / self.per_day  # [N] U per slot before the trial
-        # therapy profile ([N] per feature): static inputs, the same in every slot
-        self.profile = {k: np.asarray(v, np.float64) for k, v in (profile or {}).items()}
-        self.cycle = -1
-        sod = (start - start.normalize()).total_seconds()
-        slots = np.arange(width) - self.pad
-        ang = 2 * np.pi * ((sod + slots * c.slot_minutes * 60.0) % 86400.0) / 86400.0
-        self.tod_sin, self.tod_cos = np.sin(ang), np.cos(ang)  # [T]
-        self._pi = {name: c.past_index(name) for name in c.past_features}
-        self._fi = {name: c.future_index(name) for name in c.future_features}
-
-    def col(self, cycle: int) -> int:
-        return self.pad + cycle
-
-    def observe(self, cycle: int, glucose: np.ndarray, carbs_g: np.ndarray) -> None:
-        """A new cycle: this slot's readings and announced carbs (insulin still to decide)."""
-        j = self.col(cycle)
-        g = np.asarray(glucose, np.float64)
-        ok = np.isfinite(g)
-        if cycle == 0:  # steady-state prefill from the first reading
-            first = np.where(ok, g, 120.0)
-            self.glucose_ff[:, : self.pad] = first[:, None]
-            self.observed[:, : self.pad] = 1.0
-        self.glucose[:, j] = g
-        self.observed[:, j] = ok
-        self.glucose_ff[:, j] = np.where(ok, g, self.glucose_ff[:, j - 1])
-        self.carbs[:, j] = np.nan_to_num(carbs_g, nan=0.0)
-        self.basal[:, j] = self.scheduled_slot  # placeholder until delivery is known
-        self.bolus[:, j] = 0.0
-        self.cycle = cycle
-
-    def deliver(self, cycle: int, basal_u: np.ndarray, bolus_u: np.ndarray) -> None:
-        """Record what was commanded in this slot (U)."""
-        j = self.col(cycle)
-        self.basal[:, j] = basal_u
-        self.bolus[:, j] = bolus_u
-
-    def _on_board(self, dose: np.ndarray, kernel: np.ndarray, j: int, n: int) -> np.ndarray:
-        """On-board amounts (after each slot's dose) at slots j-n+1 … j: [N, n]."""
-        k = len(kernel)
-        seg = dose[:, j - n - k + 2 : j + 1]  # [N, n+K-1]
-        return sliding_window_view(seg, k, axis=1) @ kernel  # [N, n]
-
-    def _daily_dose(self, dose: np.ndarray, j: int, n: int) -> np.ndarray:
-        """Trailing-24-h insulin (U/day) at slots j-n+1 … j: [N, n] (`forecast.windows`'s
-        ``tdd_u``; slots before the trial count at the prior daily rate)."""
-        k = self.per_day
-        a = j - n - k + 1
-        seg = dose[:, a : j + 1].copy()  # [N, n+K]
-        before = np.arange(a, j + 1) < self.pad
-        seg[:, before] = self.prior_slot[:, None]
-        cs = np.cumsum(seg, axis=1)  # [N, n+K]
-        return cs[:, k:] - cs[:, :n]  # [N, n] sums over 24 h ending at each slot
-
-    def iob_before(self, cycle: int) -> np.ndarray:
-        """[N] insulin on board at the start of the cycle's slot, before its own dose.
-
-        Σ_{m≥1} kernel[m]·dose[j−m]: what `ControlInput.iob_u` and the supervisor count.
-        """
-        from forecast.insulin import iob_before
-
-        j = self.col(cycle)
-        k = len(self.k_ins)
-        dose = self.basal[:, j - k + 1 : j + 1] + self.bolus[:, j - k + 1 : j + 1]  # [N, K]
-        return iob_before(dose, self.k_ins[::-1])
-
-    def windows(self, cycle: int, *, live: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """past [N, L, F_past], future [N, H, F_future] at the cycle's slot (float32).
-
-        live=True: the slot's insulin is the scheduled-basal placeholder the controller
-        overwrites, and future insulin is scheduled basal (future carbs unknown → 0).
-        live=False: what the frame would show afterwards (delivered insulin; future zeros),
-        for the parity check against `forecast.windows.inputs_at`.
-        """
-        c = self.config
-        L, H = c.past_slots, c.horizon_slots
-        j = self.col(cycle)
-        sl = slice(j - L + 1, j + 1)
-        dose = self.basal + self.bolus
-        cols = {
-            "glucose": self.glucose_ff[:, sl],
-            "observed": self.observed[:, sl],
-            "basal_u": self.basal[:, sl],
-            "bolus_u": self.bolus[:, sl],
-            "carbs_g": self.carbs[:, sl],
-            "iob_u": self._on_board(dose, self.k_ins, j, L),
-            "cob_g": self._on_board(self.carbs, self.k_cob, j, L),
-            "tdd_u": self._daily_dose(dose, j, L),
-            "tod_sin": np.broadcast_to(self.tod_sin[sl], (self.n, L)),
-            "tod_cos": np.broadcast_to(self.tod_cos[sl], (self.n, L)),
-            **{k: np.broadcast_to(v[:, None], (self.n, L)) for k, v in self.profile.items()},
-        }
-        past = np.empty((self.n, L, len(c.past_features)), np.float32)  # [N, L, Fp]
-        for name, i in self._pi.items():
-            if name not in cols:
-                raise TrialError(f"the trial cannot compute past feature {name!r}")
-            past[:, :, i] = cols[name]
-        fs = slice(j + 1, j + H + 1)
-        future = np.zeros((self.n, H, len(c.future_features)), np.float32)  # [N, H, Ff]
-        fut = {
-            "basal_u": np.repeat(self.scheduled_slot[:, None], H, axis=1) if live else 0.0,
-            "bolus_u": 0.0,
-            "carbs_g": 0.0,
-            "tod_sin": self.tod_sin[fs],
-            "tod_cos": self.tod_cos[fs],
-        }
-        for name, i in self._fi.items():
-            future[:, :, i] = fut[name]
-        return past, future
-
-    def frame(self, names: Sequence[str], upto_cycle: int) -> pd.DataFrame:
-        """The canonical frame of cycles 0 … upto_cycle (readings, commanded insulin, carbs)."""
-        a, b = self.col(0), self.col(upto_cycle) + 1
-        t = self.start + pd.to_timedelta(np.arange(b - a) * self.config.slot_minutes, "min")
-        parts = []
-        for i, name in enumerate(names):
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "subject_id": name,
-                        "time": t,
-                        "glucose": self.glucose[i, a:b],
-                        "basal_u": self.basal[i, a:b],
-                        "bolus_u": self.bolus[i, a:b],
-                        "carbs_g": self.carbs[i, a:b],
-                        **{k: v[i] for k, v in self.profile.items()},
-                    }
-                )
-            )
-        out = pd.concat(parts, ignore_index=True)
-        out["subject_id"] = out["subject_id"].astype("string")
-        return out
 
 
 # --------------------------------------------------------------------------- the pump side
@@ -683,7 +498,7 @@ def run_trial(
         np.array([s.max_daily_basal_u_per_h or s.basal_u_per_h for s in settings]),
         sched,
     )
-    hist = CohortHistory(
+    hist = IncrementalWindows(
         window,
         sched,
         sim.start,

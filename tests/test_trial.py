@@ -11,11 +11,16 @@ import pytest
 from test_predictor import write_model_dir
 
 from forecast.cli import main
-from forecast.windows import PAST_FEATURES, PROFILE_FEATURES, WindowConfig, inputs_at
+from forecast.windows import (
+    PAST_FEATURES,
+    PROFILE_FEATURES,
+    IncrementalWindows,
+    WindowConfig,
+    inputs_at,
+)
 from serving.controllers.mpc import MPCController
 from serving.predictor import Predictor
 from serving.trial import (
-    CohortHistory,
     TrialConfig,
     TrialError,
     make_simulator,
@@ -121,13 +126,15 @@ def test_trial_windows_equal_the_shared_window_builder():
     r = run_trial(cfg)
     # with the therapy profile as static inputs (a superset of the default features)
     window = WindowConfig(past_features=PAST_FEATURES + PROFILE_FEATURES)
-    hist = CohortHistory(window, sched, sim.start, cfg.cycles, profile=profile_arrays(settings))
+    hist = IncrementalWindows(
+        window, sched, sim.start, cfg.cycles, profile=profile_arrays(settings)
+    )
     for c in range(cfg.cycles):  # replay the record into a fresh history
         hist.observe(c, r.log["cgm"][:, c], r.log["carbs_announced"][:, c])
         hist.deliver(c, r.log["sent_rate"][:, c] * 5 / 60, r.log["sent_bolus"][:, c])
     frame = hist.frame(r.names, cfg.cycles - 1)
     for c in (40, 77, 313, cfg.cycles - 1):
-        past, future = hist.windows(c, live=False)
+        past, future = hist.windows(c, future_basal_u=np.zeros(len(r.names)))
         for i, name in enumerate(r.names):
             sub = frame[frame["subject_id"] == name].iloc[: c + 1]
             p_ref, f_ref = inputs_at(sub, hist.config)
