@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from forecast.schema import DatasetMeta, GlucastError, set_meta
+from forecast.schema import DatasetMeta, set_meta
 from serving.hal.pump import Ack, Command, Delivery, Pump, resolve_command
-from serving.types import Proposal, Reading, Verdict
+from serving.types import JournalError, Proposal, Reading, Verdict
 
 SCHEMA_VERSION = "1"
 COMMAND_STATUSES = ("pending", "acked", "failed", "unknown")
@@ -124,10 +124,6 @@ EVENT_KINDS = (
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class JournalError(GlucastError):
-    """The journal could not do what was asked."""
 
 
 class JournalUnavailable(JournalError):

@@ -15,7 +15,12 @@ from enum import StrEnum
 import numpy as np
 import pandas as pd
 
-from forecast.schema import PROFILE_COLUMNS
+from forecast.schema import PROFILE_COLUMNS, GlucastError
+
+
+class JournalError(GlucastError):
+    """The journal could not do what was asked. `serving.journal` raises it (and subclasses);
+    the supervisor catches it without importing the journal, so it is defined here."""
 
 
 class CGMStatus(StrEnum):
