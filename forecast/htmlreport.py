@@ -2,7 +2,9 @@
 
 Figures are rendered to PNG and embedded as base64 ``data:`` URIs, the style sheet is inline,
 and nothing is fetched from anywhere, so the page can be mailed, archived as an MLflow
-artifact or opened offline. All text is HTML-escaped.
+artifact or opened offline. Links (`add_links`) are plain anchors to other pages (a trial's
+own report beside this one, a run in the MLflow UI): followed when clicked, never loaded with
+the page. All text is HTML-escaped.
 
     report = HtmlReport("Trial: MPC vs basal-bolus")
     report.add_heading("Cohort")
@@ -23,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -45,6 +48,8 @@ nav { background: var(--stripe); border: 1px solid var(--line); border-radius: 6
       padding: .6rem 1rem; margin-bottom: 1.5rem; font-size: .9rem; }
 nav a { color: var(--accent); text-decoration: none; margin-right: 1.2rem; }
 p.text { margin: .6rem 0; white-space: pre-wrap; }
+ul.links { margin: .6rem 0; padding-left: 1.4rem; }
+ul.links a, p.text a { color: var(--accent); }
 .table-wrap { overflow-x: auto; margin: 1rem 0; }
 table { border-collapse: collapse; font-size: .85rem; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid var(--line); padding: .3rem .6rem; text-align: right; }
@@ -104,6 +109,29 @@ class HtmlReport:
                 self._parts.append(f'<p class="text">{html.escape(para)}</p>')
         return self
 
+    def add_link(self, href: str, text: str, note: str | None = None) -> HtmlReport:
+        """One link as a paragraph (see `add_links`)."""
+        return self.add_links([(text, href, note)])
+
+    def add_links(self, links: list[tuple[str, str, str | None]]) -> HtmlReport:
+        """A list of links: (text, href, note or None). `href` is a path relative to the page
+        (e.g. ``trial-mpc/index.html``), an in-page ``#anchor`` or an http(s) URL; anything
+        else (``javascript:``, ``file:``) is refused."""
+        items = []
+        for text, href, note in links:
+            href = str(href)
+            scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", href)
+            if scheme and scheme.group(1).lower() not in ("http", "https"):
+                raise ReportError(f"link {href!r}: only relative paths and http(s) URLs")
+            tail = f" — {html.escape(note)}" if note else ""
+            items.append(
+                f'<li><a href="{html.escape(href, quote=True)}">{html.escape(str(text))}</a>'
+                f"{tail}</li>"
+            )
+        if items:
+            self._parts.append(f'<ul class="links">{"".join(items)}</ul>')
+        return self
+
     def add_table(
         self,
         table: pd.DataFrame | Mapping[str, Any],
@@ -112,13 +140,19 @@ class HtmlReport:
         float_format: str = "{:.2f}",
         index: bool = True,
         max_rows: int | None = 500,
+        integers: tuple[str, ...] | list[str] = (),
     ) -> HtmlReport:
         """A table from a DataFrame (or a flat mapping, shown as key/value rows); escaped.
 
-        Floats are written with `float_format`; NaN shows as an en dash. Tables longer than
-        `max_rows` are cut, and the caption says so.
+        Floats are written with `float_format`, integers as integers, NaN/None as an en
+        dash. `integers` names the columns (rows, for a mapping) that hold counts, so a count
+        stored as a float (30.0 in JSON) prints as 30. The index name, if any, heads the index
+        column (no extra header row). Tables longer than `max_rows` are cut, and the caption
+        says so.
         """
+        as_int_rows: set[str] = set()
         if isinstance(table, Mapping):
+            as_int_rows = {str(k) for k in integers}
             table = pd.DataFrame(
                 {
                     "value": [
@@ -127,6 +161,7 @@ class HtmlReport:
                     ]
                 },
                 index=pd.Index([str(k) for k in table], name="metric"),
+                dtype=object,
             )
         if not isinstance(table, pd.DataFrame):
             raise ReportError(
@@ -136,21 +171,42 @@ class HtmlReport:
         if max_rows is not None and len(table) > max_rows:
             note = f" (first {max_rows} of {len(table)} rows)"
             table = table.head(max_rows)
+        as_int_cols = {str(c) for c in integers} if not as_int_rows else set()
 
-        def fmt(v: Any) -> str:
-            try:
-                return float_format.format(v)
-            except (ValueError, TypeError):
-                return str(v)
+        def fmt(v: Any, as_int: bool) -> str:
+            if v is None or v is pd.NA or (isinstance(v, float | np.floating) and v != v):
+                return "–"
+            if isinstance(v, bool | np.bool_):
+                return str(bool(v))
+            if isinstance(v, int | np.integer):
+                return str(int(v))
+            if isinstance(v, float | np.floating):
+                if as_int and float(v).is_integer():
+                    return str(int(v))
+                try:
+                    return float_format.format(v)
+                except (ValueError, TypeError):
+                    return str(v)
+            return str(v)
 
-        body = table.to_html(
-            escape=True,
-            index=index,
-            border=0,
-            na_rep="–",
-            float_format=fmt,
-            classes=None,
+        if isinstance(table.columns, pd.MultiIndex) or isinstance(table.index, pd.MultiIndex):
+            raise ReportError("add_table takes flat tables (no MultiIndex rows or columns)")
+        corner = table.index.name or table.columns.name or ""
+        cells = pd.DataFrame(
+            [
+                [
+                    fmt(v, str(c) in as_int_cols or str(r) in as_int_rows)
+                    for c, v in zip(table.columns, row, strict=True)
+                ]
+                for r, row in zip(table.index, table.itertuples(index=False), strict=True)
+            ],
+            index=pd.Index([str(i) for i in table.index]),
+            columns=[str(c) for c in table.columns],
+            dtype=object,
         )
+        body = cells.to_html(escape=True, index=index, border=0, classes=None)
+        if index and corner:  # the index name goes in the corner cell, not a row of its own
+            body = body.replace("<th></th>", f"<th>{html.escape(str(corner))}</th>", 1)
         cap = ""
         if caption or note:
             cap = f'<div class="caption">{html.escape((caption or "") + note)}</div>'

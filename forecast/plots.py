@@ -204,11 +204,16 @@ def overlay_plot(
     [T] or [T, Q] with `quantiles` (the column nearest 0.5 is the median; bands join each
     quantile with its mirror, outermost lightest). Typical use: one horizon of a test split,
     e.g. ``pred[:, 5, :]`` against ``target[:, 5]`` at ``origin + 30 min``.
+
+    Where consecutive times are further apart than 1.5 times their median spacing (hours
+    without readings, so without forecasts) the line and the bands stop and start again
+    instead of bridging the gap with a forecast nobody made.
     """
     t = np.asarray(pd.to_datetime(times) if _is_datetime(times) else np.asarray(times))
     ref = np.asarray(reference, dtype=np.float64).ravel()
     if t.shape[0] != ref.size:
         raise PlotError(f"{t.shape[0]} times for {ref.size} reference values")
+    gaps = _gap_starts(t)
     fig, ax = _axes(ax, (10.0, 4.0))
     if target_range is not None:
         ax.axhspan(*target_range, color=RANGE_COLOUR, zorder=0, label="target range")
@@ -225,12 +230,13 @@ def overlay_plot(
         order = np.argsort(q)
         q, p = q[order], p[:, order]
         mi = metrics.median_index(q)
+        tp, p = _break_at(t, p, gaps)
         n_bands = min(mi, len(q) - 1 - mi)
         for k in range(n_bands):
             lo, hi = p[:, k], p[:, len(q) - 1 - k]
             alpha = 0.15 + 0.15 * k
             ax.fill_between(
-                t,
+                tp,
                 lo,
                 hi,
                 color="#1565c0",
@@ -238,7 +244,7 @@ def overlay_plot(
                 lw=0,
                 label=f"{label} {q[k]:g}–{q[len(q) - 1 - k]:g}",
             )
-        ax.plot(t, p[:, mi], color="#1565c0", lw=1.3, label=f"{label} (q={q[mi]:g})")
+        ax.plot(tp, p[:, mi], color="#1565c0", lw=1.3, label=f"{label} (q={q[mi]:g})")
     ax.plot(t, ref, ".", color="black", ms=3, label="reference CGM")
     ax.set_ylabel("glucose (mg/dL)")
     ax.set_title(title)
@@ -246,6 +252,31 @@ def overlay_plot(
     if _is_datetime(times):
         fig.autofmt_xdate()
     return fig
+
+
+def _gap_starts(t: np.ndarray) -> np.ndarray:
+    """Indices i where t[i + 1] - t[i] exceeds 1.5 x the median positive spacing."""
+    if t.shape[0] < 3:
+        return np.zeros(0, dtype=np.int64)
+    d = np.diff(t)
+    if np.issubdtype(d.dtype, np.timedelta64):
+        d = d.astype("timedelta64[ns]").astype(np.float64)
+    d = np.asarray(d, dtype=np.float64)
+    pos = d[np.isfinite(d) & (d > 0)]
+    if pos.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(d > 1.5 * np.median(pos))
+
+
+def _break_at(t: np.ndarray, p: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`t` and `p` [T, Q] with a NaN row inserted after each gap start: matplotlib stops a
+    line and a fill_between at NaN, so nothing is drawn across the gap."""
+    if gaps.size == 0:
+        return t, p
+    mid = t[gaps] + (t[gaps + 1] - t[gaps]) / 2
+    tt = np.insert(t, gaps + 1, mid)
+    pp = np.insert(p, gaps + 1, np.nan, axis=0)
+    return tt, pp
 
 
 def _is_datetime(x: Any) -> bool:

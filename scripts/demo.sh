@@ -36,8 +36,9 @@ glucast train --model lstm --data "$OUT/cohort.parquet" --experiment "$EXP" $EPO
   --out "$OUT/models/lstm" --json > "$OUT/train_lstm.json"
 
 step "4/7 evaluate the exported ONNX model on held-out days (+ interventional re-simulation)"
+# logged as a child run of the LSTM's training run (found from the model's manifest)
 glucast evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --interventional \
-  --plots "$OUT/forecast" --json > "$OUT/evaluate_lstm.json"
+  --mlflow --experiment "$EXP" --json > "$OUT/evaluate_lstm.json"
 # this run's test data only: an mlflow.db kept from an earlier demo (older simulator or sensor)
 # holds runs on other test windows, which compare refuses to put side by side
 HASH=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['dataset_hash'])" \
@@ -55,10 +56,10 @@ glucast trial --controller mpc --model "$OUT/models/lstm/model" --patients "$PAT
 
 step "6/7 predicted-low alerts vs threshold alerts on held-out days"
 glucast alerts evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --json \
-  > "$OUT/alerts.json"
+  --mlflow --experiment "$EXP" > "$OUT/alerts.json"
 glucast alerts evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --json \
   --sweep 0.25,0.3,0.35,0.4,0.45,0.5 --max-false-per-day 1 --plot "$OUT/alerts_tradeoff.png" \
-  > "$OUT/alerts_sweep.json"
+  --mlflow --experiment "$EXP" > "$OUT/alerts_sweep.json"
 
 step "7/7 the report"
 python scripts/demo_report.py "$OUT"
@@ -68,5 +69,6 @@ cat >&2 <<MSG
 
   Report:  $OUT/index.html   (open it in a browser: xdg-open $OUT/index.html)
   MLflow:  .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI
-           then http://127.0.0.1:5000 (experiment "$EXP")
+           then $(python -c "import json,sys; print(json.load(open(sys.argv[1]))['run_url'].split('/runs/')[0])" "$OUT/train_lstm.json")
+           (experiment "$EXP"; the report links to every run)
 MSG

@@ -2,8 +2,10 @@
 
 Every step of scripts/demo.sh leaves a JSON summary (its `--json` output) and, where people
 would rather look than read, PNGs. This page puts them side by side: forecast accuracy of
-every model on the same held-out windows, the error grids, the interventional check, MPC
-against basal-bolus in closed loop, and the alert evaluation. One self-contained file.
+every model on the same held-out windows, every model's error grids and overlay, the
+interventional check, MPC against basal-bolus in closed loop, and the alert evaluation, with
+links to each trial's own report and to every run in the MLflow UI. One self-contained file
+(images embedded; links are followed, never loaded).
 
     python scripts/demo_report.py reports/demo
 """
@@ -35,6 +37,24 @@ TRIAL_COLUMNS = {
     "patients_with_tbr54": "patients with any <54",
     "interventions_per_day": "supervisor interventions/day",
     "limit_violations": "limit violations",
+}
+TRIAL_COUNTS = ("patients with any <54", "limit violations")
+# what each plot `training.evaluate.save_plots` writes shows (file stem -> caption)
+PLOT_CAPTIONS = {
+    "clarke_30min": "Clarke error grid, 30-min forecasts of every held-out window",
+    "clarke_60min": "Clarke error grid, 60-min forecasts of every held-out window",
+    "parkes_30min": "Parkes (consensus) error grid, 30-min forecasts",
+    "parkes_60min": "Parkes (consensus) error grid, 60-min forecasts",
+    "overlay_30min": "30-min forecast (median and 90 % interval) against the CGM, first test "
+    "patient's first two held-out days; breaks where there were no readings",
+}
+MODEL_NAMES = {
+    "persistence": "Persistence",
+    "linear": "Linear trend",
+    "ridge": "Ridge (exogenous inputs)",
+    "physio": "Physiological",
+    "lstm": "LSTM",
+    "transformer": "Transformer",
 }
 
 
@@ -84,7 +104,65 @@ def trial_table(out: Path) -> pd.DataFrame:
             continue
         cohort = res["cohort"]
         rows[c] = {label: cohort.get(k) for k, label in TRIAL_COLUMNS.items()}
-    return pd.DataFrame(rows).T.astype(float).round(2)
+    table = pd.DataFrame(rows).T.astype(float).round(2)
+    table.index.name = "controller"
+    return table
+
+
+def alert_table(alerts: dict) -> pd.DataFrame:
+    """Per alert rule: sensitivity (%), median lead, false alerts a day and the counts."""
+    rows = {}
+    for rule, v in alerts.items():
+        if not isinstance(v, dict) or "sensitivity" not in v:
+            continue
+        sens = v.get("sensitivity")
+        rows[rule.replace("_", " ")] = {
+            "lows/highs warned %": None if sens is None else 100.0 * sens,
+            "median lead min": v.get("lead_min"),
+            "false alerts/day": v.get("false_per_day"),
+            "episodes": v.get("episodes"),
+            "warned": v.get("warned"),
+            "alerts": v.get("alerts"),
+        }
+    table = pd.DataFrame(rows).T
+    table.index.name = "alert"
+    return table
+
+
+def _mlflow_links(out: Path) -> tuple[str | None, list[tuple[str, str, str | None]]]:
+    """(experiment URL, [(text, run URL, note)]) from the steps' JSON summaries."""
+    from training.tracking import experiment_url
+
+    runs: list[tuple[str, str, str | None]] = []
+    experiment = None
+    for m in MODELS:
+        res = _load(out / f"train_{m}.json")
+        if res and res.get("run_url"):
+            experiment = experiment or res.get("experiment_id")
+            runs.append((f"{MODEL_NAMES.get(m, m)} training run", res["run_url"],
+                         f"run {res['run_id'][:8]}, params, per-horizon metrics, plots, model"))  # fmt: skip
+    for name, what in (
+        ("evaluate_lstm.json", "LSTM evaluation (ONNX) with the interventional check"),
+        ("alerts.json", "LSTM alert replay"),
+        ("alerts_sweep.json", "LSTM alert quantile sweep"),
+        *((f"trial_{c}.json", f"{c} trial") for c in TRIALS),
+    ):
+        ref = (_load(out / name) or {}).get("mlflow")
+        if ref:
+            runs.append((what, ref["url"], f"run {ref['run_id'][:8]}"))
+    return (experiment_url(experiment) if experiment else None), runs
+
+
+def _model_plots(rep: HtmlReport, out: Path) -> None:
+    """Each model's error grids and forecast overlay (what `glucast train` wrote)."""
+    for m in MODELS:
+        pngs = sorted((out / "models" / m / "plots").glob("*.png"))
+        if not pngs:
+            continue
+        rep.add_heading(f"{MODEL_NAMES.get(m, m)}: error grids and forecast overlay", level=3)
+        for png in pngs:
+            caption = PLOT_CAPTIONS.get(png.stem, png.stem.replace("_", " "))
+            rep.add_image(png, f"{MODEL_NAMES.get(m, m)}: {caption}")
 
 
 def build(out: Path) -> Path:
@@ -105,11 +183,11 @@ def build(out: Path) -> Path:
     rep.add_heading("Forecast accuracy on held-out days")
     acc = accuracy_table(out)
     if len(acc):
+        acc.index.name = "model"
         rep.add_table(acc, caption="mg/dL unless marked; coverage of the 90 % interval")
     if (out / "compare.png").exists():
         rep.add_image(out / "compare.png", "RMSE by horizon, all models, same test windows")
-    for name in sorted((out / "forecast").glob("*.png")):
-        rep.add_image(name, name.stem.replace("_", " "))
+    _model_plots(rep, out)
 
     ev = _load(out / "evaluate_lstm.json")
     if ev and ev.get("interventional"):
@@ -129,30 +207,42 @@ def build(out: Path) -> Path:
                     "correlation": v.get("correlation"),
                     "median raised by more insulin %": res.get("monotonicity_violation_pct"),
                 }
-        rep.add_table(pd.DataFrame(rows).T.astype(float).round(2))
+        table = pd.DataFrame(rows).T.astype(float).round(2)
+        table.index.name = "intervention"
+        rep.add_table(table)
 
     trials = trial_table(out)
     if len(trials):
         rep.add_heading("Closed loop: MPC (LSTM forecasts) vs basal–bolus")
-        rep.add_table(trials, caption="cohort means on CGM readings; same patients, meals, seeds")
+        rep.add_table(
+            trials,
+            caption="cohort means on CGM readings; same patients, meals, seeds",
+            integers=TRIAL_COUNTS,
+        )
+        rep.add_text(
+            "Supervisor interventions/day: 5-minute cycles a day in which the safety "
+            "supervisor changed what the controller proposed (capped a rate or a bolus at the "
+            "max basal, max bolus or max IOB limit, suspended for a predicted low, or fell back "
+            "to the scheduled basal on stale or implausible CGM), per patient. Limit "
+            "violations: doses that broke a supervisor limit anyway (must be 0)."
+        )
+        links = []
         for c in TRIALS:
             d = out / f"trial-{c}"
             for png in ("agp.png", "cvga.png"):
                 if (d / png).exists():
-                    rep.add_image(d / png, f"{c}: {png[:-4].upper()}")
+                    what = {"agp.png": "ambulatory glucose profile (AGP)",
+                            "cvga.png": "control-variability grid (CVGA)"}[png]  # fmt: skip
+                    rep.add_image(d / png, f"{c} trial: {what}")
             if (d / "index.html").exists():
-                rep.add_text(f"Full {c} trial report: {d.name}/index.html")
+                links.append((f"Full {c} trial report", f"{d.name}/index.html",
+                              "per-patient outcomes, traces, supervisor record"))  # fmt: skip
+        rep.add_links(links)
 
     alerts = _load(out / "alerts.json")
     if alerts:
         rep.add_heading("Alerts: warned before the low, not after")
-        keep = ("sensitivity", "false_per_day", "lead_min", "episodes", "warned", "alerts")
-        rows = {
-            k: {kk: _fmt(v.get(kk)) for kk in keep}
-            for k, v in alerts.items()
-            if isinstance(v, dict) and "sensitivity" in v
-        }
-        rep.add_table(pd.DataFrame(rows).T)
+        rep.add_table(alert_table(alerts), integers=("episodes", "warned", "alerts"))
     if (out / "alerts_tradeoff.png").exists():
         rep.add_image(
             out / "alerts_tradeoff.png",
@@ -161,10 +251,16 @@ def build(out: Path) -> Path:
         )
 
     rep.add_heading("Where the runs are")
+    experiment, runs = _mlflow_links(out)
     rep.add_text(
-        "Every run is in the local MLflow store: .venv/bin/mlflow ui --backend-store-uri "
-        "sqlite:///mlflow.db, then http://127.0.0.1:5000."
+        "Every run is in the local MLflow store. Start its UI with .venv/bin/mlflow ui "
+        "--backend-store-uri sqlite:///mlflow.db (from the directory the demo ran in); the "
+        "links below then open the experiment and each run. Metric names and units: "
+        "docs/metrics.md."
     )
+    if experiment:
+        rep.add_link(experiment, "The demo experiment in MLflow", "all runs, side by side")
+    rep.add_links(runs)
     return rep.write(out / "index.html")
 
 

@@ -81,7 +81,7 @@ def test_train_lstm_end_to_end(lstm_run):
     import mlflow
 
     run = mlflow.get_run(r["run_id"])
-    assert run.data.tags["glucast.dataset_hash"] == r["dataset_hash"]
+    assert run.data.tags["dataset_hash"] == r["dataset_hash"]
     assert "mlflow.source.git.commit" in run.data.tags
     assert run.data.params["model"] == "lstm"
     assert {"test_rmse_30", "test_rmse_60", "test_clarke_A_30"} <= set(run.data.metrics)

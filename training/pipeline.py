@@ -257,14 +257,16 @@ def train(
             _spec(cfg, wc), splits, cfg, out, run_id=None, experiment=experiment, progress=False
         )
         return {}
-    with tracking.run(experiment, run_name=f"{cfg.model}", tags=tags) as active:
+    with tracking.run(experiment, run_name=f"{cfg.model}", tags=tags, kind="train") as active:
         run_id = active.info.run_id
-        tracking.log_params({**cfg.flat(), **{f"window.{k}": v for k, v in wc.to_dict().items()}})
         tracking.log_params({f"data.{k}.windows": len(w) for k, w in splits.windows.items()})
+        _log_splits(splits, data_path)
         if cfg.model in DEEP_MODELS:
+            tracking.log_params(tracking.train_params(cfg, wc))
             result = _train_deep(cfg, splits, out, run_id, experiment, register, progress)
         else:
             result = _fit_baseline(cfg, splits, out)
+            tracking.log_params(tracking.train_params(cfg, wc, result["params"]))
         if result is None:  # a non-zero DDP rank: rank 0 does the rest
             return {}
         report = result["report"]
@@ -275,17 +277,21 @@ def train(
         report["dataset_hash"] = splits.test_hash
         report["model"] = cfg.model
         (out / "evaluation.json").write_text(json.dumps(public(report), indent=2) + "\n")
-        tracking.log_metrics(tracking.metrics_from_evaluation(report))
+        tracking.log_evaluation(report)
         tracking.log_metrics(result.get("extra_metrics", {}))
         tracking.log_artifact(out / "evaluation.json")
         tracking.log_artifact(out / "plots", "plots")
         tracking.log_artifact(result["model_dir"], "model")
-        version = None
-        if cfg.model in DEEP_MODELS and register:
-            version = tracking.log_onnx_model(result["model_dir"], f"glucast-{cfg.model}")
+        description = _description(cfg.model, "trained", data_path, cfg.data.split, report)
+        version = _track_model(result["model_dir"], f"glucast-{cfg.model}", description,
+                               register=cfg.model in DEEP_MODELS and register)  # fmt: skip
+        tracking.set_description(description)
+        experiment_id = str(active.info.experiment_id)
     summary = {
         "run_id": run_id,
         "experiment": experiment,
+        "experiment_id": experiment_id,
+        "run_url": tracking.run_url(experiment_id, run_id),
         "model": cfg.model,
         "model_dir": str(Path(result["model_dir"]).resolve()),
         "out_dir": str(out.resolve()),
@@ -302,6 +308,54 @@ def train(
         "tracking_uri": tracking.tracking_uri(),
     }
     return summary
+
+
+def _log_splits(splits: Splits, data_path: str | None) -> None:
+    """Each split frame as an MLflow dataset input (digest: its dataset hash)."""
+    stem = Path(data_path).stem if data_path else "frame"
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
+        if split in splits.frames:
+            tracking.log_dataset(
+                splits.frames[split],
+                splits.hashes[split],
+                context=context,
+                source=data_path,
+                name=f"{stem}-{split}",
+            )
+
+
+def _description(
+    model: str, verb: str, data_path: str | None, split: str, report: dict[str, Any]
+) -> str:
+    """One sentence for the MLflow run and model version: what, on what, how well."""
+    h = report.get("horizons", {})
+
+    def rmse(k: str) -> str:
+        v = (h.get(k) or {}).get("rmse")
+        return "-" if v is None else f"{v:.1f}"
+
+    return (
+        f"{model} forecaster {verb} on {data_path or 'a frame'} ({split} split); scored on "
+        f"{report.get('windows', '?')} held-out windows (test dataset hash "
+        f"{str(report.get('dataset_hash', '?'))[:12]}): RMSE {rmse('30')} / {rmse('60')} "
+        "mg/dL at 30 / 60 min."
+    )
+
+
+def _track_model(
+    model_dir: str | Path, registered_name: str, description: str, *, register: bool
+) -> str | None:
+    """Lineage of an exported model on its training run: the ONNX sha256 and, registered,
+    the model version (tagged with the same sha256 on the registry side)."""
+    manifest = tracking.read_manifest(model_dir)
+    if manifest.get("sha256"):
+        tracking.set_tags({tracking.TAG_SHA: manifest["sha256"]})
+    if not register or not manifest:
+        return None
+    version = tracking.log_onnx_model(model_dir, registered_name, description)
+    if version:
+        tracking.set_tags({tracking.TAG_REGISTERED: f"{registered_name}/{version}"})
+    return version
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
@@ -397,17 +451,18 @@ def _train_deep(
         exporter=cfg.export.exporter,
         tol=cfg.export.parity_tol_mgdl,
     )
+    # names and units: docs/metrics.md (shares in percent, like the test coverage)
     extra_metrics = {
-        "fit_seconds": fit["fit_seconds"],
-        "epochs": fit["epochs"],
-        "train_windows_per_second": fit["windows_per_second"],
-        "val_coverage_before_conformal": calib["coverage_before"],
-        "val_coverage_after_conformal": calib["coverage_after"],
+        "fit_s": fit["fit_seconds"],
+        "epochs_trained": fit["epochs"],
+        "train_windows_per_s": fit["windows_per_second"],
+        "val_coverage_before_conformal": 100.0 * calib["coverage_before"],
+        "val_coverage_after_conformal": 100.0 * calib["coverage_after"],
     }
     for k, m in validation.items():
         for name, v in m.items():
             if v is not None:
-                extra_metrics[f"val_final_{name}_{k}"] = v
+                extra_metrics[f"best_val_{name}_{k}"] = v
     return {
         "report": report,
         "model_dir": model_dir,
@@ -438,7 +493,8 @@ def _fit_baseline(cfg: TrainConfig, splits: Splits, out: Path) -> dict[str, Any]
         "report": report,
         "model_dir": model_dir,
         "fit": {"fit_seconds": seconds},
-        "extra_metrics": {"fit_seconds": seconds},
+        "extra_metrics": {"fit_s": seconds},
+        "params": model.get_params(),
     }
 
 
@@ -510,9 +566,14 @@ def finetune(
         fit_module(spec_, splits, cfg, out, run_id=None, experiment=experiment,
                    init_state=state, fit_normalisation=False, lr=cfg.trainer.lr * 0.3, progress=False)  # fmt: skip
         return {}
-    with tracking.run(experiment, run_name=f"{cfg.model}-finetune-{subject}", tags=tags) as active:
+    # the population model it started from (its own run and ONNX file)
+    tags["glucast.base_model_sha256"] = str(manifest.get("sha256"))
+    with tracking.run(
+        experiment, run_name=f"{cfg.model}-finetune-{subject}", tags=tags, kind="finetune"
+    ) as active:
         run_id = active.info.run_id
-        tracking.log_params(cfg.flat())
+        tracking.log_params(tracking.train_params(cfg, wc))
+        _log_splits(splits, data_path)
         result = _train_deep(
             cfg,
             splits,
@@ -540,15 +601,20 @@ def finetune(
         report["dataset_hash"] = splits.test_hash
         report["model"] = f"{cfg.model}-finetuned"
         (out / "evaluation.json").write_text(json.dumps(public(report), indent=2) + "\n")
-        tracking.log_metrics(tracking.metrics_from_evaluation(report))
-        tracking.log_metrics(tracking.metrics_from_evaluation(population, prefix="population"))
+        tracking.log_evaluation(report)
+        tracking.log_evaluation(population, prefix="population")
         tracking.log_metrics(result["extra_metrics"])
         tracking.log_artifact(out / "evaluation.json")
         tracking.log_artifact(out / "plots", "plots")
         tracking.log_artifact(result["model_dir"], "model")
-        version = None
-        if register:
-            version = tracking.log_onnx_model(result["model_dir"], f"glucast-{cfg.model}-finetuned")
+        description = _description(
+            f"{cfg.model} (fine-tuned for {subject})", "adapted", data_path, "chronological",
+            report,
+        )  # fmt: skip
+        version = _track_model(
+            result["model_dir"], f"glucast-{cfg.model}-finetuned", description, register=register
+        )
+        tracking.set_description(description)
     return {
         "run_id": run_id,
         "experiment": experiment,

@@ -64,6 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rule with --sweep without touching the test days) or the whole frame",
     )
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="log the scores to MLflow: a child run of the model's training run (from its "
+        "manifest), or a run in --experiment for a baseline",
+    )
+    e.add_argument("--experiment", default="glucast", help="MLflow experiment (default: glucast)")
     r = e.add_argument_group("alert rule (defaults: the engine's)")
     r.add_argument(
         "--quantile",
@@ -236,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
     res = {"model": args.model, "data": str(args.data), "split": args.split, **res}
     if args.subject_models:
         res["subject_models"] = {"dir": args.subject_models, "subjects": sorted(personal)}
+    if args.mlflow:
+        res["mlflow"] = _log_mlflow(args, res, data, th)
     if args.json:
         emit_json(res)
         return 0
@@ -310,10 +319,14 @@ def run_sweep(
 
         goal = None if budget is None else (budget, GOAL_SENSITIVITY, GOAL_LEAD_MIN)
         fig = alert_tradeoff_plot(
-            frame, goal=goal, title=f"Predicted-low alerts: {args.model}, {args.split} split"
-        )
+            frame, goal=goal, title=f"Predicted-low alerts: {_name(model, args.model)}, "
+            f"{args.split} split"
+        )  # fmt: skip
         fig.savefig(args.plot, dpi=100, bbox_inches="tight")
         print(f"wrote {args.plot}", file=sys.stderr)
+    ref = None
+    if args.mlflow:
+        ref = _log_mlflow(args, {"split": args.split}, data, th, sweep=frame)
     if args.json:
         rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
         emit_json(
@@ -324,6 +337,7 @@ def run_sweep(
                 "sweep": rows,
                 "max_false_per_day": budget,
                 "chosen_quantile": chosen,
+                **({"mlflow": ref} if ref else {}),
             }
         )
         return 0
@@ -339,6 +353,45 @@ def run_sweep(
             + (f"quantile {chosen:g}" if chosen is not None else "none of the sweep")
         )
     return 0
+
+
+def _name(model: Any, spec: str) -> str:
+    """What a plot calls the model: the manifest's model kind, not the directory path."""
+    manifest = getattr(model, "manifest", None)
+    kind = (getattr(manifest, "raw", None) or {}).get("model")
+    return str(kind) if kind else spec
+
+
+def _log_mlflow(
+    args: argparse.Namespace,
+    res: Mapping[str, Any],
+    data: pd.DataFrame,
+    th: AlertThresholds,
+    sweep: pd.DataFrame | None = None,
+) -> dict:
+    """The replay as an MLflow run (training.tracking.log_alert_run); its id and UI link."""
+    from dataclasses import asdict
+
+    from training import tracking  # the lab's MLflow logging; never loaded by the runtime
+
+    params = {
+        **{f"rule.{k}": v for k, v in asdict(th).items()},
+        "split": args.split,
+        "future_inputs": args.future_inputs,
+        "episodes_from": args.episodes_from,
+        "min_readings": args.min_readings,
+        "separation_min": args.separation,
+        "window_min": args.window,
+        "subject_models": args.subject_models,
+    }
+    if sweep is not None:  # the sweep's rule varies the quantile
+        params.pop("rule.predicted_low_quantile")
+    ref = tracking.log_alert_run(
+        args.experiment, res, model=args.model, frame=data, data_path=args.data,
+        params=params, sweep=sweep,
+    )  # fmt: skip
+    print(f"MLflow run: {ref['url']}", file=sys.stderr)
+    return ref
 
 
 def score_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:

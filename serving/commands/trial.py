@@ -7,7 +7,7 @@
 
 Standard-library imports only at the top (the CLI must start fast and never load torch);
 the simulator, onnxruntime and matplotlib load inside `run`. MLflow is imported only when
-`--mlflow` is given, through `training.tracking` when that package is installed.
+`--mlflow` is given, through `training.tracking`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {report}", file=sys.stderr)
     data = result.to_json()
     if args.mlflow:
-        _log_mlflow(args.experiment, data, report)
+        data["mlflow"] = _log_mlflow(args.experiment, data, report)
     if args.json:
         emit_json(data)
     else:
@@ -169,35 +169,11 @@ def _fmt(v) -> str:
     return f"{v:9.2f}" if isinstance(v, int | float) else f"{'-':>9s}"
 
 
-def _log_mlflow(experiment: str, data: dict, report) -> None:
-    """One MLflow run: config as params, cohort outcomes as metrics, the report as artifacts."""
-    try:
-        from training import tracking
-    except ImportError:  # serving-only install: talk to mlflow directly
-        tracking = None
-    params = {k: v for k, v in data["run"].items() if isinstance(v, str | int | float | bool)}
-    metrics = {f"cohort_{k}": float(v) for k, v in data["cohort"].items() if v is not None}
-    if tracking is not None:
-        with tracking.run(experiment, run_name=_run_name(data)):
-            tracking.log_params(params)
-            tracking.log_metrics(metrics)
-            if report is not None:
-                tracking.log_artifact(report.parent, "trial_report")
-        return
-    import os
+def _log_mlflow(experiment: str, data: dict, report) -> dict:
+    """One MLflow run (training.tracking.log_trial_run: settings as params, outcomes and
+    timings as metrics, the model's lineage as tags); its id and UI link."""
+    from training import tracking  # the lab's MLflow logging; never loaded by the runtime
 
-    import mlflow
-
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=_run_name(data)):
-        mlflow.log_params(params)
-        mlflow.log_metrics(metrics)
-        if report is not None:
-            mlflow.log_artifacts(str(report.parent), artifact_path="trial_report")
-
-
-def _run_name(data: dict) -> str:
-    r = data["run"]
-    mode = r.get("mode", "closed")
-    return f"trial-{r['controller']}" + ("" if mode == "closed" else f"-{mode}")
+    ref = tracking.log_trial_run(experiment, data, report)
+    print(f"MLflow run: {ref['url']}", file=sys.stderr)
+    return ref

@@ -32,7 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from forecast.cli import emit_json
-    from training.tracking import TrackingError, find_runs, group_by_hash, tracking_uri
+    from training.tracking import (
+        TrackingError,
+        compare_url,
+        find_runs,
+        group_by_hash,
+        tracking_uri,
+    )
 
     runs = find_runs(args.experiment)
     if args.dataset_hash:
@@ -70,9 +76,14 @@ def run(args: argparse.Namespace) -> int:
         "groups": [
             {
                 "dataset_hash": g["dataset_hash"],
+                # MLflow's compare-runs page of this group (open it with the UI running)
+                "url": compare_url(
+                    [r["experiment_id"] for r in g["runs"]], [r["run_id"] for r in g["runs"]]
+                ),
                 "runs": [
                     {
                         "run_id": r["run_id"],
+                        "url": r["url"],
                         "model": r["model"],
                         "data": r["data"],
                         "metrics": {k: r["metrics"].get(m) for k, m in COLUMNS},
@@ -139,5 +150,7 @@ def _tables(out: dict) -> None:
                 *("-" if v is None else f"{v:.2f}" for v in r["metrics"].values()),
             )
         console.print(t)
+        # plain print: rich would wrap the long link and break it for copy and paste
+        print(f"compare in MLflow: {g['url']}")
     if "plot" in out:
         console.print(f"plot: {out['plot']}")

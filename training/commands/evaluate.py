@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="model directory (model.onnx + manifest.json) or persistence|linear|ridge|physio",
+        help="model directory (model.onnx + manifest.json) or persistence|linear|ridge|physio, "
+        "or on a simulated frame oracle-noise|oracle-filter|oracle (the forecast ceilings; "
+        "oracle = oracle-filter with --ceiling)",
     )
     p.add_argument("--data", required=True, help="canonical frame (.parquet)")
     p.add_argument("--config", help="YAML config for baselines (split, window)")
@@ -37,7 +39,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-windows", type=int, default=300, help="windows for --interventional")
     p.add_argument("--plots", metavar="DIR", help="write Clarke/Parkes/overlay PNGs here")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="simulated frames: also score both oracles on the same windows and report the "
+        "model's RMSE ratio to each per horizon (the filter oracle takes ~1 min)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="log the results to MLflow: a child run of the model's training run (found "
+        "from its manifest), or a run in --experiment for a baseline",
+    )
+    p.add_argument("--experiment", default="glucast", help="MLflow experiment (default: glucast)")
     p.set_defaults(func=run)
 
 
@@ -54,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     report = score(fc, windows)
     pred = report.pop("_pred")
     out = {**info, **public(report)}
+    if args.ceiling or args.model == "oracle":
+        from training.evaluate import ceiling
+
+        known = {str(info["model"]): report}  # an oracle is not scored twice
+        out["ceiling"] = ceiling(frame, windows, report, tuple(fc.quantiles), known)
     if args.bglp:
         out["bglp"] = bglp(fc, test_frame, windows.config)
     if args.interventional:
@@ -65,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
     if args.plots:
         paths = save_plots(windows, pred, tuple(fc.quantiles), args.plots, str(info["model"]))
         out["plots"] = [str(p) for p in paths]
+    if args.mlflow:
+        from training.tracking import log_evaluation_run
+
+        out["mlflow"] = log_evaluation_run(
+            args.experiment, out, model=args.model, frame=test_frame, data_path=args.data
+        )
     if args.json:
         emit_json(out)
     else:
@@ -124,5 +150,12 @@ def _table(out: dict) -> None:
             f"interventional: relative error at 60 min {iv['relative_error_60']}, "
             f"monotonicity violations {iv['monotonicity_violation_pct']}%"
         )
+    for name, r in out.get("ceiling", {}).get("ratio", {}).items():
+        print(
+            f"RMSE / {name}: "
+            + ", ".join(f"{h} min {r[h]:.2f}x" for h in ("30", "60") if r.get(h) is not None)
+        )
     for p in out.get("plots", []):
         print(f"plot: {p}")
+    if "mlflow" in out:
+        print(f"MLflow run: {out['mlflow']['url']}")
