@@ -1,6 +1,8 @@
 """CSV reader: iglu, Dexcom Clarity, LibreView, mapped columns; units; bad rows."""
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +191,90 @@ def test_empty_headers_only_unknown_layout_and_ambiguous_dates(tmp_path):
         read_csv(amb)
     frame, _ = read_csv(amb, time_format="%d-%m-%Y %H:%M")
     assert frame["time"].iloc[0] == pd.Timestamp("2024-04-03 10:00", tz="UTC")
+
+
+# --------------------------------------------------------------------------- no silent loss
+
+
+def test_unknown_or_unsupported_column_key_is_an_error(tmp_path):
+    p = tmp_path / "export.csv"
+    p.write_text("EventDateTime,CGM,Basal\n2024-01-01 00:00,100,0.8\n")
+    for bad in ({"time": "EventDateTime", "glucose": "CGM", "foo": "Basal"},):
+        with pytest.raises(InputError, match="unknown --columns key 'foo'") as e:
+            read_csv(p, columns=bad)
+        assert "basal_rate (basal rate, U/h held until the next value)" in str(e.value)
+    with pytest.raises(InputError, match="not both"):
+        read_csv(
+            p,
+            columns={
+                "time": "EventDateTime",
+                "glucose": "CGM",
+                "basal_u": "Basal",
+                "basal_rate": "Basal",
+            },
+        )
+
+
+def test_insulin_and_carb_columns_with_their_units(tmp_path):
+    p = tmp_path / "export.csv"
+    rows = ["EventDateTime,CGM,Basal,Bolus,Carbs"]
+    for i in range(24):  # two hours; 1.2 U/h from the start, 0.6 U/h from 01:00
+        t = pd.Timestamp("2024-01-01") + pd.Timedelta(minutes=5 * i)
+        basal = "1.2" if i == 0 else "0.6" if i == 12 else ""
+        rows.append(f"{t},{100 + i},{basal},{'3.5' if i == 6 else ''},{'40' if i == 6 else ''}")
+    p.write_text("\n".join(rows) + "\n")
+    cols = {"time": "EventDateTime", "glucose": "CGM", "bolus_u": "Bolus", "carbs_g": "Carbs"}
+    frame, rep = read_csv(p, columns={**cols, "basal_rate": "Basal"})
+    # 1.2 U/h for 1 h + 0.6 U/h until the file's last record (00:55 after 01:00)
+    assert frame["basal_u"].sum() == pytest.approx(1.2 + 0.6 * 55 / 60)
+    assert frame["bolus_u"].sum() == 3.5 and np.nansum(frame["carbs_g"]) == 40
+    assert not any("not read" in n for n in rep.notes)
+    frame, _ = read_csv(p, columns={**cols, "basal_u": "Basal"})
+    assert frame["basal_u"].sum() == pytest.approx(1.8)  # U per record
+
+
+def test_columns_not_read_are_named(tmp_path):
+    p = tmp_path / "iglu_plus.csv"
+    p.write_text("id,time,gl,insulin,meal\na,2024-01-01 00:00,100,2,30\na,2024-01-01 00:05,101,,\n")
+    frame, rep = read_csv(p)
+    assert frame["glucose"].notna().sum() == 2
+    assert "iglu_plus.csv: column(s) not read: insulin, meal" in rep.notes
+    q = tmp_path / "mapped.csv"
+    q.write_text("ts,sgv,device\n2024-01-01 00:00,100,x\n")
+    _, rep = read_csv(q, columns={"time": "ts", "glucose": "sgv"})
+    assert "mapped.csv: column(s) not read: device" in rep.notes
+
+
+def test_unrecognised_header_fails_and_counts_its_rows(tmp_path):
+    p = tmp_path / "device.csv"
+    p.write_text("date,time,glucose,type\n2024-01-01,00:00,100,cgm\n2024-01-01,00:05,98,cgm\n")
+    frame, rep = read_csv(p)
+    assert len(frame) == 0 and rep.readings_in == 2 and rep.readings_rejected == 2
+    head = rep.rejected[0]
+    assert head.field == "header" and "iglu (id,time,gl), Dexcom Clarity, LibreView" in head.reason
+    assert any("--columns time=date+time,glucose=glucose,type=type" in n for n in rep.notes)
+    out = tmp_path / "out.parquet"
+    res = subprocess.run(
+        [sys.executable, "-m", "forecast.cli", "data", "ingest", str(p), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1 and "unrecognised CSV header" in res.stderr
+    assert "readings 0 of 2" in res.stderr and not out.exists()
+
+
+def test_date_and_time_columns_and_finger_sticks(tmp_path):
+    p = tmp_path / "device.csv"
+    rows = ["date,time,glucose,type"]
+    for i in range(300):  # a day and a bit: times of day repeat on the next date
+        t = pd.Timestamp("2024-03-01 22:00") + pd.Timedelta(minutes=5 * i)
+        rows.append(f"{t:%Y-%m-%d},{t:%H:%M},{100 + i % 50},cgm")
+    rows.append("2024-03-02,07:02,123,manual")
+    rows.append("2024-03-02,07:03,124,calibration?")
+    p.write_text("\n".join(rows) + "\n")
+    frame, rep = read_csv(p, columns={"time": "date+time", "glucose": "glucose", "type": "type"})
+    assert frame["glucose"].notna().sum() == 300 == rep.readings_kept
+    assert rep.readings_in == 301  # 300 CGM rows + the row of unknown type
+    assert [r.reason for r in rep.rejected] == ["unknown record type (neither cgm nor manual)"]
+    fs = frame.set_index("time")["finger_stick"].dropna()
+    assert fs.to_dict() == {pd.Timestamp("2024-03-02 07:00", tz="UTC"): 123.0}

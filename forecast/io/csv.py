@@ -19,8 +19,18 @@ The layout is recognised from the header:
   dose the reader's calculator suggested and are not added again. LibreView writes records
   grouped by device and type, not in time order, so order is not checked.
 * **anything else** with ``columns={"subject_id": .., "time": .., "glucose": ..}``
-  (CLI ``--columns subject_id=id,time=ts,glucose=sgv``; ``subject_id`` optional, and
-  ``bolus_u``, ``carbs_g``, ``finger_stick`` may be mapped too).
+  (CLI ``--columns subject_id=id,time=ts,glucose=sgv``; ``subject_id`` optional). The keys
+  a mapping accepts are `MAPPABLE` (any other is an error that lists them):
+  ``time=date+time`` joins a date column and a time-of-day column; ``bolus_u`` (U per
+  record), ``basal_rate`` (U/h, held until the next value or the end of the file),
+  ``basal_u`` (U per record), ``carbs_g`` (g per record), ``finger_stick`` (a column of
+  meter readings); ``type`` names a column that tells CGM rows (``cgm``...) from finger
+  sticks (``manual``...), whose glucose then goes to ``finger_stick``.
+
+Every column a layout does not read is named in the report's notes. A file whose header
+matches no layout is rejected (field ``header``, naming the layouts looked for, with a
+note giving a ``--columns`` line to start from), and each of its rows is counted as an
+input reading, rejected as ``file not read``.
 
 Units: a header that names them (Clarity, LibreView) is believed unless the values
 contradict it; otherwise ``units="mmol/L"`` (or ``"mg/dL"``) or the values decide, and
@@ -53,6 +63,8 @@ from forecast.io.common import (
     parse_local,
     present,
     read_bytes,
+    record_end,
+    reject_unread,
     screen_amounts,
     screen_readings,
     screen_times,
@@ -83,6 +95,90 @@ TIME_FORMATS = (
 )
 EXERCISE_INTENSITY = {"light": 1.0, "medium": 2.0, "heavy": 3.0}
 
+#: what ``columns=`` may map, and the unit each column must be in
+MAPPABLE: dict[str, str] = {
+    "subject_id": "subject id (optional; default the file name)",
+    "time": "timestamp; DATE+TIME joins two columns",
+    "glucose": "CGM glucose (mg/dL or mmol/L)",
+    "finger_stick": "meter glucose (same units as glucose)",
+    "bolus_u": "bolus insulin, U per record",
+    "basal_rate": "basal rate, U/h held until the next value",
+    "basal_u": "basal insulin, U per record",
+    "carbs_g": "carbohydrate, g per record",
+    "type": "record type column: cgm rows vs manual (finger-stick) rows",
+}
+#: values of a ``type`` column
+CGM_TYPES = {"cgm", "sgv", "egv", "sensor", "cgm reading", "historic", "scan"}
+MANUAL_TYPES = {"manual", "bg", "bgm", "mbg", "smbg", "meter", "finger", "fingerstick", "cbg"}
+LAYOUTS_LOOKED_FOR = "iglu (id,time,gl), Dexcom Clarity, LibreView"
+
+
+def check_columns(columns: dict[str, str] | None) -> dict[str, str] | None:
+    """A column mapping with only known keys, or InputError listing the accepted ones."""
+    if columns is None:
+        return None
+    accepted = "; ".join(f"{k} ({v})" for k, v in MAPPABLE.items())
+    for k, v in columns.items():
+        if k not in MAPPABLE:
+            raise InputError(
+                f"unknown --columns key {k!r}",
+                field="columns",
+                value=f"{k}={v}",
+                hint=f"accepted keys: {accepted}",
+            )
+        if not str(v).strip() or (k != "time" and "+" in str(v)):
+            raise InputError("bad --columns value", field="columns", value=f"{k}={v}")
+    for need in ("time", "glucose"):
+        if need not in columns:
+            raise InputError(
+                f"--columns must map {need!r}",
+                field="columns",
+                value=columns,
+                hint=f"accepted keys: {accepted}",
+            )
+    if "basal_rate" in columns and "basal_u" in columns:
+        raise InputError(
+            "map basal_rate (U/h) or basal_u (U per record), not both",
+            field="columns",
+            value=columns,
+        )
+    return columns
+
+
+def suggest_columns(header: list[str]) -> str:
+    """A ``--columns`` line to start from, guessed from a header's names."""
+    norm = {_norm(h): h for h in header if h.strip()}
+
+    def pick(*keys: str) -> str | None:
+        for k in keys:
+            for n, h in norm.items():
+                if k in n:
+                    return h
+        return None
+
+    out = {}
+    date, tod = pick("date"), pick("time")
+    if date and tod and date != tod:
+        out["time"] = f"{date}+{tod}"
+    elif date or tod:
+        out["time"] = date or tod
+    g = pick("cgm", "glucose", "sgv", "gl", "bg", "reading")
+    if g:
+        out["glucose"] = g
+    for key, names in (
+        ("subject_id", ("subject", "patient", "id")),
+        ("bolus_u", ("bolus",)),
+        ("basal_rate", ("basal",)),
+        ("carbs_g", ("carb",)),
+        ("type", ("type",)),
+    ):
+        c = pick(*names)
+        if c and c not in out.values() and not any(c in v.split("+") for v in out.values()):
+            out[key] = c
+    out.setdefault("time", "<time column>")
+    out.setdefault("glucose", "<glucose column>")
+    return "--columns " + ",".join(f"{k}={v}" for k, v in out.items())
+
 
 def read_csv(
     paths: PathLike | Iterable[PathLike],
@@ -103,6 +199,7 @@ def read_csv(
     `time_format`: strftime format when the date order is ambiguous.
     """
     tz = check_timezone(timezone)
+    columns = check_columns(columns)
     declared = None
     if units is not None:
         declared = parse_units(units)
@@ -183,7 +280,8 @@ def detect_layout(
     for i, (_, fields) in enumerate(rows[:5]):
         norm = [_norm(x) for x in fields]
         if columns:
-            if all(_norm(v) in norm for k, v in columns.items()):
+            parts = [p for v in columns.values() for p in str(v).split("+")]
+            if all(_norm(p) in norm for p in parts):
                 return "columns", i
             continue
         if "device timestamp" in norm and "record type" in norm:
@@ -206,7 +304,16 @@ def _read_file(path, sink, declared, columns, subject_id, tz, time_format, now):
         return None
     layout, h = detect_layout(rows, columns)
     if layout == "unknown":
-        want = "the mapped columns " + ", ".join(columns.values()) if columns else "a known layout"
+        want = (
+            "the mapped columns " + ", ".join(columns.values())
+            if columns
+            else f"a known layout: {LAYOUTS_LOOKED_FOR}"
+        )
+        line = suggest_columns(rows[0][1])
+        from forecast.io.azt1d import header_columns
+
+        if header_columns([x.strip() for x in rows[0][1]]) is not None:
+            line = "--format azt1d"
         sink.fail(
             InputError(
                 f"unrecognised CSV header (looked for {want})",
@@ -214,10 +321,11 @@ def _read_file(path, sink, declared, columns, subject_id, tz, time_format, now):
                 record=f"line {rows[0][0]}",
                 field="header",
                 value=",".join(rows[0][1])[:200],
-                hint="recognised: iglu (id,time,gl), Dexcom Clarity, LibreView; otherwise pass "
-                "--columns subject_id=..,time=..,glucose=..",
+                hint=f"recognised: {LAYOUTS_LOOKED_FOR}; otherwise pass e.g. {line}",
             )
         )
+        report.notes.append(f"{path.name} was not read; try: {line}")
+        reject_unread(sink, path, rows[1:], "file not read (unrecognised CSV header)")
         return None
     header = [x.strip() for x in rows[h][1]]
     body = rows[h + 1 :]
@@ -248,6 +356,16 @@ def _read_file(path, sink, declared, columns, subject_id, tz, time_format, now):
     df = pd.DataFrame(good, columns=_unique(header), dtype=object)
     df["_record"] = [f"line {ln}" for ln in lines]
     long, header_units = LAYOUTS[layout](df, path, subject_id, columns)
+    used = set(long["time_field"]) | set(long["value_field"]) | CONSULTED.get(layout, set())
+    if layout == "columns":
+        used |= {_norm(p) for v in columns.values() for p in v.split("+")}
+    unread = [
+        c
+        for c in df.columns
+        if c != "_record" and c.strip() and c not in used and _norm(c) not in used
+    ]
+    if unread:
+        report.notes.append(f"{path.name}: column(s) not read: {', '.join(unread)}")
     return _to_events(long, path, sink, declared, header_units, tz, time_format, now, layout)
 
 
@@ -309,19 +427,41 @@ def _iglu(df, path, subject_id, columns):
 
 def _mapped(df, path, subject_id, columns):
     cols = {_norm(c): c for c in df.columns}
-    col = {k: cols[_norm(v)] for k, v in columns.items()}
-    for need in ("time", "glucose"):
-        if need not in col:
-            raise InputError(f"--columns must map {need!r}", field="columns", value=columns)
+    col = {k: "+".join(cols[_norm(p)] for p in v.split("+")) for k, v in columns.items()}
+    if "+" in col["time"]:
+        # a date column and a time-of-day column, joined into one timestamp
+        parts = col["time"].split("+")
+        joined = df[parts[0]].astype(str).str.strip()
+        for p in parts[1:]:
+            joined = joined + " " + df[p].astype(str).str.strip()
+        df = df.copy()
+        df[col["time"]] = joined
     sid = (
         df[col["subject_id"]].astype(str).to_numpy()
         if "subject_id" in col
         else (subject_id or path.stem)
     )
-    parts = [_long("reading", df, sid, col["time"], col["glucose"])]
-    for key, kind in (("bolus_u", "bolus"), ("carbs_g", "carbs"), ("finger_stick", "finger_stick")):
+    tcol = col["time"]
+    if "type" in col:
+        typ = df[col["type"]].astype(str).str.strip().str.lower()
+        cgm, manual = typ.isin(CGM_TYPES).to_numpy(), typ.isin(MANUAL_TYPES).to_numpy()
+        parts = [
+            _long("reading", df, sid, tcol, col["glucose"], cgm),
+            _long("finger_stick", df, sid, tcol, col["glucose"], manual),
+            # a row of another type may hold a reading: counted, rejected with its type
+            _long("untyped", df, sid, tcol, col["glucose"], ~cgm & ~manual, rtype=typ),
+        ]
+    else:
+        parts = [_long("reading", df, sid, tcol, col["glucose"])]
+    for key, kind in (
+        ("bolus_u", "bolus"),
+        ("carbs_g", "carbs"),
+        ("finger_stick", "finger_stick"),
+        ("basal_rate", "basal_rate"),
+        ("basal_u", "basal_dose"),
+    ):
         if key in col:
-            parts.append(_long(kind, df, sid, col["time"], col[key]))
+            parts.append(_long(kind, df, sid, tcol, col[key]))
     return pd.concat(parts, ignore_index=True), None
 
 
@@ -394,6 +534,12 @@ def _libreview(df, path, subject_id, columns):
 
 
 LAYOUTS = {"iglu": _iglu, "columns": _mapped, "dexcom": _dexcom, "libreview": _libreview}
+#: columns a layout reads besides the time and value columns of its records
+CONSULTED = {
+    "dexcom": {"Event Type", "Event Subtype", "Duration (hh:mm:ss)"},
+    "libreview": {"Record Type"},
+    "iglu": {"id"},
+}
 
 
 # --------------------------------------------------------------------------- times & units
@@ -503,7 +649,42 @@ def _to_events(long, path, sink, declared, header, tz, time_format, now, layout)
         )
         return d, t, v, ok
 
+    # ---- rows whose record type is neither CGM nor manual: input readings, rejected
+    d, t = sub((long["kind"] == "untyped").to_numpy())
+    for i in range(len(d)):
+        report.readings_in += 1
+        sink.fail(
+            InputError(
+                "unknown record type (neither cgm nor manual)",
+                file=path,
+                record=f"{d['record'].iat[i]}, {d['time_field'].iat[i]}",
+                field="glucose",
+                value=d["rtype"].iat[i],
+            )
+        )
+
     kinds = set(long["kind"])
+    if "basal_rate" in kinds:
+        d, t, v, ok = amounts("basal_rate", "basal_u", maximum=35.0)
+        if ok.any():
+            sid = d["subject_id"][ok].reset_index(drop=True)
+            st = t[ok].reset_index(drop=True)
+            # held until the next value of the same subject, the last until the file's end
+            last = record_end(t_all, now)
+            end = pd.Series(last if pd.notna(last) else st.max(), index=st.index)
+            end = end.where(end > st, st)
+            ev.add(
+                "rates",
+                table("rates", subject_id=sid, start=st, end=end, rate_u_h=v[ok], temp=False),
+            )
+    if "basal_dose" in kinds:
+        d, t, v, ok = amounts("basal_dose", "basal_u", maximum=35.0)
+        ev.add(
+            "doses",
+            table(
+                "doses", subject_id=d["subject_id"][ok], start=t[ok], units=v[ok], column="basal_u"
+            ),
+        )
     for kind, field, lo, hi, scale in (
         ("finger_stick", "finger_stick", 20.0, 600.0, factor),
         ("ketones", "ketones_mmol", 0.0, 30.0, 1.0),
