@@ -10,8 +10,9 @@ A cycle, for every patient of a backend at once:
 1. read the CGM (the readings as the device reports them) and judge them (`assess_cgm`);
 2. update state from the journal: copy the pump's new deliveries in, resolve commands left
    unresolved, rebuild insulin on board from the delivered insulin (`insulin_history`);
-3. build the model inputs with `forecast.windows.inputs_at` (THE window builder) from a
-   canonical frame of trusted readings, delivered insulin and announced carbs;
+3. build the model inputs with `forecast.windows.windows_from_slots` (the window builder's
+   array form, which the trial calls too) from the slot arrays of trusted readings,
+   delivered insulin and announced carbs — no frame is built per cycle;
 4. the controller proposes (one batched call; not in monitor mode, where the proposal is
    the pump's schedule); the prediction that goes with a proposal is the controller's, or
    the loop's own under the proposed plan;
@@ -58,7 +59,7 @@ import pandas as pd
 
 from forecast.insulin import iob_before
 from forecast.schema import SLOT, SLOT_MINUTES, GlucastError
-from forecast.windows import PROFILE_FEATURES, WindowConfig
+from forecast.windows import PROFILE_FEATURES, WindowConfig, history_slots, windows_from_slots
 from serving.alerts import Alert, AlertEngine, AlertForecast, AlertThresholds
 from serving.hal.cgm import CGM, CGMError
 from serving.hal.pump import Delivery, Pump, PumpError, PumpStatus
@@ -116,6 +117,11 @@ class Backend(Protocol):
         """The therapy profile in effect at each of `times` (a model's static inputs)."""
         ...
 
+    def prior_daily_dose_u(self, i: int) -> float | None:
+        """Total daily insulin before the run began (the pump history's; None: unknown, the
+        scheduled basal is counted)."""
+        ...
+
     def advance(self, minutes: int) -> None: ...
 
 
@@ -156,6 +162,9 @@ class SimBackend:
 
     def profile(self, i: int, times: pd.DatetimeIndex) -> dict[str, np.ndarray]:
         return constant_profile(self.settings(i), len(times))
+
+    def prior_daily_dose_u(self, i: int) -> float | None:
+        return float(self.world.sim.patients.tdi[i])  # as the trial counts it
 
     def advance(self, minutes: int) -> None:
         self.world.advance(minutes)
@@ -245,6 +254,9 @@ class ReplayBackend:
             row = np.clip(at - 1, 0, len(self._profile_times) - 1)
             out.update({c: v[row] for c, v in self._profile.items()})
         return out
+
+    def prior_daily_dose_u(self, i: int) -> float | None:
+        return None  # a recording's insulin before its first row is not known
 
     def advance(self, minutes: int) -> None:
         self.vpump.advance(minutes)
@@ -361,12 +373,9 @@ class ControlLoop:
         self.window = window or getattr(predictor, "config", None) or WindowConfig()
         w = self.window
         self.k_ins = w.insulin_curve.iob_kernel(w.slot_minutes)  # [K], k[0] = 1
-        # History each cycle rebuilds: the past window plus the longest look-back of a
-        # feature the model reads (IOB/COB kernels; 24 h for the daily dose, tdd_u).
-        day = 1440 // w.slot_minutes if "tdd_u" in w.past_features else 0
-        self.span = w.past_slots + max(
-            len(self.k_ins), len(w.carb_curve.cob_kernel(w.slot_minutes)), day
-        )
+        # the record each cycle reads back: the past window plus the longest look-back of a
+        # feature (IOB/COB kernels, 24 h for the daily dose)
+        self.span = history_slots(w)
         self.names = list(backend.names)
         self.settings = [backend.settings(i) for i in range(len(self.names))]
         self.supervisors = [
@@ -587,7 +596,7 @@ class ControlLoop:
         past = future = None
         try:
             past, future = self._window(
-                name, t, slots, check.readings, basal, bolus, carbs_hist, carbs_now, i
+                i, slots, check.readings, basal, bolus, carbs_hist, carbs_now
             )
         except GlucastError as e:
             notes.append(("warning", {"inputs": str(e)}))
@@ -613,43 +622,68 @@ class ControlLoop:
             "insulin limited to scheduled basal, no bolus"
         )
 
-    def _window(self, name, t, slots, trusted, basal, bolus, carbs_hist, carbs_now, i):
-        from forecast.windows import inputs_at
-
+    def _window(
+        self,
+        i: int,
+        slots: pd.DatetimeIndex,
+        trusted: Sequence[Reading],
+        basal: np.ndarray,
+        bolus: np.ndarray,
+        carbs_hist: pd.DataFrame,
+        carbs_now: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The model inputs at the cycle's slot from the patient's record on the slot grid
+        (`forecast.windows.windows_from_slots`, the function the trial calls too)."""
         w = self.window
         sched = self.settings[i].basal_u_per_h * w.slot_minutes / 60.0
-        glucose = np.full(len(slots), np.nan)
-        idx = {ts.value: k for k, ts in enumerate(slots)}
-        for r in trusted:
-            k = idx.get(r.time.floor(SLOT).value)
-            if k is not None:
-                glucose[k] = r.glucose_mgdl
-        before = np.asarray(slots < self._run_start)
+        slot_ns = slots.as_unit("ns").asi8  # [T]
+        t0, n = int(slot_ns[0]), len(slot_ns)
+
+        def column(times: Sequence[pd.Timestamp]) -> np.ndarray:
+            """Slot index of each time ([-1] outside the span)."""
+            k = np.array([pd.Timestamp(x).floor(SLOT).value for x in times], np.int64) - t0
+            k = k // SLOT.value if len(k) else np.zeros(0, np.int64)
+            return np.where((k >= 0) & (k < n), k, -1)
+
+        glucose = np.full(n, np.nan)
+        for k, r in zip(column([r.time for r in trusted]), trusted):
+            if k >= 0:
+                glucose[k] = r.glucose_mgdl  # a later reading in the same slot wins
+        before = slot_ns < self._run_start.value
         if before.any() and trusted and trusted[0].time >= self._run_start:
             glucose[before] = trusted[0].glucose_mgdl  # steady state before the run (as trials do)
-        carbs = np.zeros(len(slots))
+        carbs = np.zeros(n)
         if len(carbs_hist):
-            for ts, g in zip(carbs_hist["time"], carbs_hist["carbs_g"]):
-                k = idx.get(pd.Timestamp(ts).floor(SLOT).value)
-                if k is not None:
-                    carbs[k] += float(g)
+            ks = column(list(carbs_hist["time"]))
+            grams = carbs_hist["carbs_g"].to_numpy(dtype=float)
+            np.add.at(carbs, ks[ks >= 0], grams[ks >= 0])
         basal, bolus = basal.copy(), bolus.copy()
         basal[-1], bolus[-1], carbs[-1] = sched, 0.0, carbs_now  # this slot: decided now
-        fut = pd.date_range(t + SLOT, periods=w.horizon_slots, freq=SLOT)
-        frame = pd.DataFrame(
-            {
-                "subject_id": name,
-                "time": slots.append(fut),
-                "glucose": np.r_[glucose, np.full(len(fut), np.nan)],
-                "basal_u": np.r_[basal, np.full(len(fut), sched)],
-                "bolus_u": np.r_[bolus, np.zeros(len(fut))],
-                "carbs_g": np.r_[carbs, np.zeros(len(fut))],
-            }
-        )
+        profile = None
         if any(k in w.past_features for k in PROFILE_FEATURES):  # static inputs of the model
-            frame = frame.assign(**self.backend.profile(i, slots.append(fut)))
-        frame["subject_id"] = frame["subject_id"].astype("string")
-        past, future = inputs_at(frame, w, t)
+            profile = {
+                k: np.asarray(v, float)[None] for k, v in self.backend.profile(i, slots).items()
+            }
+        prior = self.backend.prior_daily_dose_u(i)
+        past, future, ok = windows_from_slots(
+            w,
+            glucose=glucose[None],
+            basal_u=basal[None],
+            bolus_u=bolus[None],
+            carbs_g=carbs[None],
+            first_slot_ns=t0,
+            future_basal_u=np.array([sched]),
+            profile=profile,
+            daily_dose_before_u=None
+            if prior is None
+            else np.array([prior / (1440 // w.slot_minutes)]),
+            known_from=int(before.sum()),
+        )  # [1, L, F_past], [1, H, F_future]
+        if not ok[0]:
+            raise LoopError(
+                f"no glucose reading at or before the start of the past window ({w.past_slots} "
+                f"slots before {slots[-1]}): no model inputs this cycle"
+            )
         return past[0], future[0]
 
     def _input(self, i: int, p: _Prepared, t: pd.Timestamp) -> ControlInput | None:

@@ -59,6 +59,9 @@ class MatrixBackend:
     def profile(self, i: int, times: pd.DatetimeIndex) -> dict[str, np.ndarray]:
         return constant_profile(self.settings(i), len(times))
 
+    def prior_daily_dose_u(self, i: int) -> float | None:
+        return float(self.world.sim.patients.tdi[self.index[i]])
+
     def advance(self, minutes: int) -> None:
         self.world.advance(minutes)
 
