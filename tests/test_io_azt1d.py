@@ -256,3 +256,20 @@ def test_cli_ingest_and_describe(tmp_path):
     assert f"readings {report.readings_kept} of {report.readings_in}" in res.stdout
     frame = read_parquet(out)
     assert {"bolus_auto_u", "basal_known", "device_mode"} <= set(frame.columns)
+
+
+def test_describe_shows_daily_insulin_and_carbs(shipped):
+    from forecast.commands.data import describe_frame
+
+    frame, _ = shipped
+    info = {s["subject_id"]: s for s in describe_frame(frame)["subjects"]}
+    s8 = info["azt1d-8"]
+    g = frame[frame["subject_id"] == "azt1d-8"]
+    days = len(g) * 5 / 1440
+    assert s8["auto_u_day"] == pytest.approx(g["bolus_auto_u"].sum() / days)
+    assert s8["bolus_u_day"] + s8["auto_u_day"] == pytest.approx(g["bolus_u"].sum() / days)
+    assert s8["carbs_g_day"] == pytest.approx(np.nansum(g["carbs_g"]) / days)
+    # subject 14's trimmed day states no basal rate: unknown, not 0 U/day
+    assert info["azt1d-14"]["basal_u_day"] is None and info["azt1d-14"]["tdd_u_day"] is None
+    for k in ("tir", "tbr70", "coverage", "days"):
+        assert s8[k] is not None

@@ -70,7 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ing.set_defaults(func=run)
 
-    desc = dsub.add_parser("describe", help="per-subject days, coverage and glycaemic outcomes")
+    desc = dsub.add_parser(
+        "describe",
+        help="per-subject days, coverage, glycaemic outcomes, daily insulin (basal / own bolus "
+        "/ automatic) and carbs",
+    )
     desc.add_argument("path", metavar="F.parquet")
     desc.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     desc.set_defaults(func=run)
@@ -202,6 +206,7 @@ def describe_frame(frame: Any) -> dict[str, Any]:
     # the therapy profile (a forecaster's static inputs), median per subject where the frame has it
     profile_cols = [c for c in PROFILE_COLUMNS if c in frame.columns]
     profile = frame.groupby("subject_id", sort=True, observed=True)[profile_cols].median()
+    per_day = insulin_per_day(frame)
     subjects = []
     sampling = float(meta.sampling_minutes or SLOT_MINUTES)
     for sid, row in table.iterrows():
@@ -218,6 +223,7 @@ def describe_frame(frame: Any) -> dict[str, Any]:
         d["n"] = n
         for c in profile_cols:
             d[c] = float(profile.loc[sid, c])
+        d.update(per_day.get(sid, {}))
         subjects.append(d)
     return {
         "source": meta.source,
@@ -235,6 +241,41 @@ def describe_frame(frame: Any) -> dict[str, Any]:
             "carbs_g": float(np.nansum(frame["carbs_g"])),
         },
     }
+
+
+def insulin_per_day(frame: Any) -> dict[str, dict[str, float | None]]:
+    """Per subject: total daily insulin split basal / own bolus / automatic, and carbs/day.
+
+    Per day of the subject's grid. Basal is per day *where the rate is known* when the frame
+    says so (``basal_known``): a day with no stated rate would otherwise read as no basal.
+    Automatic boluses (``bolus_auto_u``) are part of ``bolus_u`` and are shown apart.
+    """
+    import numpy as np
+
+    from forecast.schema import SLOT_MINUTES
+
+    per_slot = SLOT_MINUTES / 1440.0
+    out: dict[str, dict[str, float | None]] = {}
+    for sid, g in frame.groupby("subject_id", sort=True, observed=True):
+        days = len(g) * per_slot
+        auto = float(g["bolus_auto_u"].sum()) if "bolus_auto_u" in g else 0.0
+        if "basal_known" in g:
+            known = g["basal_known"].to_numpy(dtype=float) > 0
+            kdays = float(known.sum()) * per_slot
+            basal = float(g["basal_u"].to_numpy()[known].sum()) / kdays if kdays else None
+        else:
+            kdays, basal = days, float(g["basal_u"].sum()) / days
+        bolus = (float(g["bolus_u"].sum()) - auto) / days
+        d = {
+            "basal_u_day": basal,
+            "bolus_u_day": bolus,
+            "auto_u_day": auto / days,
+            "tdd_u_day": None if basal is None else basal + bolus + auto / days,
+            "carbs_g_day": float(np.nansum(g["carbs_g"])) / days,
+            "basal_known_days": kdays,
+        }
+        out[str(sid)] = d
+    return out
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -267,6 +308,11 @@ def _describe(args: argparse.Namespace) -> int:
         ("tar250", ">250 %", "{:.0f}"),
         ("lbgi", "LBGI", "{:.1f}"),
         ("hbgi", "HBGI", "{:.1f}"),
+        ("tdd_u_day", "TDD U/d", "{:.1f}"),
+        ("basal_u_day", "basal", "{:.1f}"),
+        ("bolus_u_day", "bolus", "{:.1f}"),
+        ("auto_u_day", "auto", "{:.1f}"),
+        ("carbs_g_day", "carbs g/d", "{:.0f}"),
     ]
     cols += [
         (c, head, "{:.0f}")
@@ -277,7 +323,7 @@ def _describe(args: argparse.Namespace) -> int:
         t.add_column(head, justify="left" if head == "subject" else "right")
     for s in info["subjects"]:
         t.add_row(*["—" if s.get(k) is None else fmt.format(s[k]) for k, _, fmt in cols])
-    Console(width=160).print(t)
+    Console(width=200).print(t)
     tot = info["totals"]
     print(
         f"{tot['subjects']} subjects, {tot['days']:.1f} days, {tot['readings']} readings; "
