@@ -721,6 +721,80 @@ def test_csv_fuzz(file, suffix, units):
         check_read(read_csv, p, **kw)
 
 
+# --------------------------------------------------------------------------- AZT1D
+
+AZT1D_HEADERS = {
+    "standard": [
+        "EventDateTime", "DeviceMode", "BolusType", "Basal", "CorrectionDelivered",
+        "TotalBolusInsulinDelivered", "FoodDelivered", "CarbSize", "CGM",
+    ],
+    "reordered": [
+        "EventDateTime", "Basal", "BolusType", "CarbSize", "CorrectionDelivered",
+        "FoodDelivered", "Readings (CGM / BGM)", "TotalBolusInsulinDelivered", "DeviceMode",
+    ],
+}  # fmt: skip
+AZT1D_WORDS = [
+    "Standard", "Standard/Correction", "Automatic Bolus/Correction", "BLE Standard Bolus",
+    "Quick", "Extended 50.00%/12.00", "Extended/Correction 65.00%/3.18",
+    "Extended 50.00%/0.00", "Extended 150.00%/99999", "Extended x%/y", "sleep", "exercise",
+    "sleepsleep", "0", "1910.0", "476", "-1", "nan", "inf", "1e308",
+]  # fmt: skip
+
+
+@st.composite
+def azt1d_file(draw) -> tuple[bytes, int | None]:
+    """(file bytes, CGM rows when the file is intact and every row well formed, else None)."""
+    layout = draw(st.sampled_from(["standard", "reordered", "zero-filled"]))
+    header = AZT1D_HEADERS["reordered" if layout == "reordered" else "standard"]
+    gcol = header[6] if layout == "reordered" else "CGM"
+    empty = "0" if layout == "zero-filled" else ""
+    rows, well_formed, n_cgm = [], True, 0
+    t = BASE
+    for _k in range(draw(st.integers(0, 30))):
+        t = t + pd.Timedelta(minutes=draw(st.sampled_from([5, 5, 5, 0, 4, 6, 60])))
+        good = dict.fromkeys(header, empty)
+        good.update(EventDateTime=str(t), **{gcol: str(draw(st.integers(40, 400)))})
+        good["Basal"] = draw(st.sampled_from(["", "0.8", "1.25"]))
+        if draw(st.integers(0, 3)) == 0:
+            good.update(
+                BolusType=draw(st.sampled_from(AZT1D_WORDS[:7])),
+                TotalBolusInsulinDelivered="2.5",
+                CorrectionDelivered="0.5",
+                FoodDelivered="2.0",
+                CarbSize="30",
+            )
+        row = []
+        for h in header:
+            if draw(st.integers(0, 6)):
+                row.append(good[h])
+            else:
+                well_formed = False
+                row.append(draw(st.one_of(csv_cell, st.sampled_from(AZT1D_WORDS))))
+        n_cgm += 1
+        if draw(st.integers(0, 8)) == 0:
+            rows.append(row)  # a verbatim duplicate row
+            n_cgm += 1
+        rows.append(row)
+    data = "\n".join([",".join(header)] + [",".join(r) for r in rows]).encode()
+    data, intact = mutate(data, draw)
+    return data, (n_cgm if intact and well_formed else None)
+
+
+@FUZZ
+@given(file=azt1d_file(), hours=st.sampled_from([None, None, 2.0]))
+def test_azt1d_fuzz(file, hours):
+    from forecast.io.azt1d import read_azt1d
+
+    data, n_cgm = file
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "Subject 3.csv"
+        p.write_bytes(data)
+        out = check_read(read_azt1d, p, expect_in=n_cgm, extended_hours=hours)
+        if n_cgm:
+            frame, _ = out
+            assert set(frame["subject_id"]) <= {"azt1d-3"}
+
+
 # --------------------------------------------------------------------------- spreadsheets
 
 NS = "http://schemas.openxmlformats.org"
