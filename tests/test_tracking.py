@@ -8,21 +8,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("mlflow")
 pytest.importorskip("onnx")
 
+from test_predictor import write_model_dir  # noqa: E402
+
 from forecast.cli import main  # noqa: E402
 from forecast.schema import write_parquet  # noqa: E402
 from training import tracking  # noqa: E402
 from training.synthetic import replay_cohort  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_predictor import write_model_dir  # noqa: E402
 
 EXP = "workbench"
 

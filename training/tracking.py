@@ -156,9 +156,9 @@ def _finite(v: Any) -> bool:
 
 
 def metrics_from_evaluation(report: dict[str, Any], prefix: str = "test") -> dict[str, float]:
-    """Headline scalars of forecast.metrics.evaluate_forecast's report: ``<prefix>_rmse_<min>``
-    at every horizon (what `glucast compare` reads) and MAE, MARD, bias, coverage, width, lag,
-    Clarke/Parkes A and A+B at 30 and 60 min. The per-horizon curves: `horizon_curves`."""
+    """Headline scalars of forecast.metrics.evaluate_forecast's report at 30 and 60 min
+    (``<prefix>_rmse_30`` ...: RMSE, MAE, MARD, bias, coverage, width, lag, Clarke/Parkes A
+    and A+B), for the runs table. Every horizon: the curves of `horizon_curves`."""
     out: dict[str, float] = {}
     for key, m in report.get("horizons", {}).items():
         minutes = int(key)
@@ -167,8 +167,8 @@ def metrics_from_evaluation(report: dict[str, Any], prefix: str = "test") -> dic
             if _finite(v):
                 out[f"{prefix}_{name}_{minutes}"] = float(v)
 
-        put("rmse", m.get("rmse"))
         if minutes in SUMMARY_HORIZONS:
+            put("rmse", m.get("rmse"))
             for name in ("mae", "mard", "bias", "coverage", "width", "lag_min"):
                 put(name, m.get(name))
             for grid in ("clarke", "parkes"):
@@ -202,21 +202,42 @@ def log_evaluation(report: dict[str, Any], prefix: str = "test") -> None:
 
 
 def interventional_metrics(iv: Mapping[str, Any]) -> dict[str, float]:
-    """training.interventional.interventional_accuracy's summary as metrics (see the table)."""
+    """The scalars of training.interventional.interventional_accuracy (windows, subjects,
+    reconstruction RMSE, violation shares in %, the 60-min relative error of the +1 U bolus
+    in %). Its per-horizon changes: `interventional_curves`."""
     out: dict[str, float] = {}
-    for k, v in iv.items():
-        if _finite(v) and not k.startswith("_"):
-            out[f"interventional_{k}"] = float(v)
+    for k in ("windows", "subjects", "reconstruction_rmse_mgdl", "monotonicity_violation_pct"):
+        if _finite(iv.get(k)):
+            out[f"interventional_{k}"] = float(iv[k])
+    if _finite(iv.get("relative_error_60")):  # a fraction in the report
+        out["interventional_relative_error_60"] = 100.0 * float(iv["relative_error_60"])
+    for name, res in (iv.get("interventions") or {}).items():
+        for k in ("monotonicity_violation_pct", "any_quantile_violation_pct"):
+            if _finite(res.get(k)):
+                out[f"interventional_{name}_{k}"] = float(res[k])
+    return out
+
+
+def interventional_curves(iv: Mapping[str, Any]) -> dict[str, dict[int, float]]:
+    """Per intervention, the mean true and predicted glucose change (mg/dL) and the relative
+    error of the mean (%), step = horizon in minutes."""
+    out: dict[str, dict[int, float]] = {}
     for name, res in (iv.get("interventions") or {}).items():
         for h, hm in (res.get("horizons") or {}).items():
-            for q in ("mean_true_change", "mean_predicted_change", "relative_error_of_mean"):
+            for q, metric, scale in (
+                ("mean_true_change", "true_change", 1.0),
+                ("mean_predicted_change", "predicted_change", 1.0),
+                ("relative_error_of_mean", "relative_error", 100.0),
+            ):
                 if _finite(hm.get(q)):
-                    out[f"interventional_{name}_{q}_{h}"] = float(hm[q])
+                    out.setdefault(f"interventional_{name}_{metric}", {})[int(h)] = scale * float(
+                        hm[q]
+                    )
     return out
 
 
 def alert_metrics(res: Mapping[str, Any]) -> dict[str, float]:
-    """serving.alert_eval.evaluate_alerts' result as metrics: per rule, sensitivity (%),
+    """serving.insilico.alert_eval.evaluate_alerts' result as metrics: per rule, sensitivity (%),
     median lead (min), false alerts per day and counts; the replayed days."""
     out: dict[str, float] = {}
     for rule, r in res.items():
@@ -563,7 +584,10 @@ def log_trial_run(
     )
     with run(experiment, run_name=name, tags=tags, kind="trial", description=desc) as active:
         log_params(trial_params(info))
-        log_metrics({f"cohort_{k}": v for k, v in cohort.items()})
+        metrics = {f"cohort_{k}": v for k, v in cohort.items()}
+        if _finite(cohort.get("sim_out_of_range")):  # a mean of 0/1 flags: a share, so %
+            metrics["cohort_sim_out_of_range"] = 100.0 * float(cohort["sim_out_of_range"])
+        log_metrics(metrics)
         log_metrics({m: info.get(k) for k, m in _TRIAL_RESULTS.items()})
         if report is not None:
             log_artifact(Path(report).parent, "trial_report")
@@ -692,6 +716,7 @@ def log_evaluation_run(
                     log_metrics({f"bglp_{k}_{h}": v})
         if iv:
             log_metrics(interventional_metrics(iv))
+            log_curves(interventional_curves(iv))
         return _run_ref(active)
 
 
@@ -721,6 +746,10 @@ def find_runs(experiment: str) -> list[dict[str, Any]]:
         h = tags.get(TAG_HASH) or tags.get(LEGACY_TAG_HASH)
         if not h or tags.get(TAG_KIND) not in (None, "train", "finetune"):
             continue
+        metrics = dict(r.data.metrics)
+        if "test_rmse" in metrics:  # the curve, step = horizon (runs before it: scalars)
+            for m in client.get_metric_history(r.info.run_id, "test_rmse"):
+                metrics[f"test_rmse_{m.step}"] = m.value
         out.append(
             {
                 "run_id": r.info.run_id,
@@ -730,7 +759,7 @@ def find_runs(experiment: str) -> list[dict[str, Any]]:
                 "dataset_hash": h,
                 "data": tags.get(TAG_DATA),
                 "start_time": r.info.start_time,
-                "metrics": dict(r.data.metrics),
+                "metrics": metrics,
                 "url": run_url(str(r.info.experiment_id), r.info.run_id),
             }
         )
