@@ -17,6 +17,10 @@ import numpy as np
 from forecast.schema import GlucastError
 
 PLOT_HORIZONS = (30, 60)
+# `glucast evaluate --model NAME` for the forecast ceilings of simulated frames
+# (forecast.sim.oracle); "oracle" is the filter oracle, the fair limit, reported with both.
+ORACLE_MODELS = {"oracle": "oracle-filter", "oracle-filter": "oracle-filter",
+                 "oracle-noise": "oracle-noise"}  # fmt: skip
 
 
 class EvaluationError(GlucastError, ValueError):
@@ -44,7 +48,10 @@ def score(forecaster: Any, windows: Any) -> dict[str, Any]:
     from forecast.metrics import evaluate_forecast
 
     cfg = windows.config
-    pred = np.asarray(forecaster.predict(windows.past, windows.future), dtype=np.float64)
+    if hasattr(forecaster, "predict_windows"):  # the oracles: they know the windows' origins
+        pred = np.asarray(forecaster.predict_windows(windows), dtype=np.float64)
+    else:
+        pred = np.asarray(forecaster.predict(windows.past, windows.future), dtype=np.float64)
     q = tuple(forecaster.quantiles)
     report = evaluate_forecast(
         windows.target,
@@ -180,6 +187,18 @@ def resolve(
 
     if split not in ("auto", "all"):
         raise EvaluationError(f"split {split!r} must be 'auto' or 'all'")
+    if model in ORACLE_MODELS:
+        if split == "all":
+            raise EvaluationError("an oracle forecasts its simulated frame's test split only")
+        from forecast.sim.oracle import make_oracle
+
+        cfg = load_config(config_path)
+        wc = cfg.window_config(frame)
+        splits = build_splits(frame, cfg.data, wc, need=("test",))
+        name = ORACLE_MODELS[model]
+        fc = make_oracle(name, frame, tuple(cfg.head.quantiles))
+        info = {"model": name, "dataset_hash": splits.test_hash}
+        return fc, splits.windows["test"], info, splits.frames["test"]
     if model in BASELINE_MODELS:
         if split == "all":
             raise EvaluationError(
@@ -219,3 +238,113 @@ def resolve(
     splits = build_splits(frame, data, wc, need=("test",))
     info["dataset_hash"] = splits.test_hash
     return fc, splits.windows["test"], info, splits.frames["test"]
+
+
+# --------------------------------------------------------------------------- ceilings
+
+
+def ceiling(
+    frame: Any,
+    windows: Any,
+    report: dict[str, Any],
+    quantiles: tuple[float, ...],
+    known: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Both oracles (forecast.sim.oracle) scored on `windows` of the simulated `frame`, and
+    the ratio of `report`'s RMSE to each, per horizon: ``{"rmse": {oracle: {min: v}},
+    "ratio": {oracle: {min: model/oracle}}}``. `known` holds oracle reports already
+    computed (by name), so `--model oracle` does not run the filter twice."""
+    from forecast.sim.oracle import ORACLES, make_oracle
+
+    rmse: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    for name in ORACLES:
+        rep = (known or {}).get(name)
+        if rep is None:
+            import time
+
+            t0 = time.perf_counter()
+            rep = score(make_oracle(name, frame, tuple(quantiles)), windows)
+            seconds[name] = round(time.perf_counter() - t0, 1)
+        rmse[name] = {h: m["rmse"] for h, m in rep["horizons"].items()}
+    return {
+        "rmse": rmse,
+        "ratio": {name: ratios(report, r) for name, r in rmse.items()},
+        "seconds": seconds,
+    }
+
+
+def ratios(report: dict[str, Any], oracle_rmse: dict[str, float]) -> dict[str, float | None]:
+    """Per horizon (minutes as str): the report's RMSE over the oracle's."""
+    out: dict[str, float | None] = {}
+    for h, m in report["horizons"].items():
+        o = oracle_rmse.get(str(h))
+        v = m.get("rmse")
+        out[str(h)] = None if not o or v is None else round(float(v) / float(o), 3)
+    return out
+
+
+def ceiling_runs(experiment: str, exclude: set[str] | frozenset[str] = frozenset()) -> list:
+    """The oracles' evaluation runs in `experiment` (`glucast evaluate --model oracle-* --mlflow`),
+    shaped like training.tracking.find_runs' entries, newest first: an oracle is never trained,
+    so its only runs are evaluations."""
+    from mlflow.tracking import MlflowClient
+
+    from training import tracking
+
+    tracking._mlflow()  # the store's URI set up as everywhere else
+    client = MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    names = ", ".join(f"'{n}'" for n in sorted(set(ORACLE_MODELS.values())))
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{tracking.TAG_MODEL}` IN ({names}) AND attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    out = []
+    for r in found:
+        tags = r.data.tags
+        h = tags.get(tracking.TAG_HASH) or tags.get(getattr(tracking, "LEGACY_TAG_HASH", ""))
+        if not h or r.info.run_id in exclude:
+            continue
+        out.append(
+            {
+                "run_id": r.info.run_id,
+                "run_name": r.info.run_name,
+                "experiment_id": str(r.info.experiment_id),
+                "model": tags[tracking.TAG_MODEL],
+                "dataset_hash": h,
+                "data": tags.get(tracking.TAG_DATA),
+                "start_time": r.info.start_time,
+                "metrics": dict(r.data.metrics),
+                "url": tracking.run_url(str(r.info.experiment_id), r.info.run_id)
+                if hasattr(tracking, "run_url")
+                else None,
+            }
+        )
+    return out
+
+
+def ceiling_ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """For one dataset-hash group of compare's runs: run_id -> {oracle: {min: RMSE ratio}},
+    against the newest run of each oracle in the group (empty when no oracle was scored)."""
+    from training.tracking import rmse_by_horizon
+
+    newest: dict[str, dict[int, float]] = {}
+    for r in sorted(runs, key=lambda r: r.get("start_time") or 0, reverse=True):
+        if r["model"] in ORACLE_MODELS.values() and r["model"] not in newest:
+            newest[r["model"]] = rmse_by_horizon(r["metrics"])
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for r in runs:
+        mine = rmse_by_horizon(r["metrics"])
+        out[r["run_id"]] = {
+            name: {
+                str(h): (round(v / o[h], 3) if o.get(h) else None)
+                for h, v in mine.items()
+                if h in o
+            }
+            for name, o in sorted(newest.items())
+        }
+    return out

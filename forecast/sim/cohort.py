@@ -208,6 +208,7 @@ def simulate_cohort(
             "sensor": None if sensor_cfg is None else asdict(sensor_cfg),
             "pump": asdict(sim.pump.config),
             "announcement": asdict(sc.announcement),
+            "model_config": asdict(sim.model_config),  # with the rest: the run can be re-made
             "out_of_range": [str(x) for x in patients.names[sim.out_of_range]],
             "bg_min": {str(k): float(v) for k, v in zip(patients.names, sim.bg_min, strict=True)},
             "bg_max": {str(k): float(v) for k, v in zip(patients.names, sim.bg_max, strict=True)},
