@@ -37,7 +37,7 @@ from forecast.sim import load_patients
 from forecast.sim.rng import STREAM_NOISE, stream_seeds
 from forecast.sim.sensor import AR2_MODELS, AR2Stream
 from forecast.windows import WindowConfig, split_chronological
-from serving.alert_eval import LOW_EPISODE, _minutes, score_alerts, scoring_truth
+from serving.insilico.alert_eval import LOW_EPISODE, _minutes, score_alerts, scoring_truth
 
 HORIZON_SLOTS = 6  # an episode starting within 30 min
 EPISODE_READINGS = LOW_EPISODE.min_readings

@@ -7,7 +7,7 @@ The README's alert numbers come from this script. It runs the pipeline a user wo
    ``--ablate-profile`` also without it (``data.profile: off``), on the same split;
 3. with ``--personal``, `glucast finetune --subject all`: one personal model per patient;
 4. every model's predicted-low rule at several quantiles on the held-out days
-   (`serving.alert_sweep.sweep_quantiles`: the same forecasts and episodes for every rule);
+   (`serving.insilico.alert_sweep.sweep_quantiles`: the same forecasts and episodes for every rule);
 5. `benchmarks/alert_ceiling.py`: what perfect glucose foresight would reach on the same days.
 
     python benchmarks/alert_frontier.py                      # demo cohort: 30 x 14 days
@@ -48,8 +48,8 @@ def glucast(*args: str, out: Path, name: str) -> dict:
 
 def sweep(test: pd.DataFrame, model_dir: str, personal_dir: Path | None) -> pd.DataFrame:
     """The quantile sweep of one model (and its personal models) on the test split."""
-    from serving.alert_eval import find_subject_models, load_forecaster, replay_forecasts
-    from serving.alert_sweep import sweep_quantiles
+    from serving.insilico.alert_eval import find_subject_models, load_forecaster, replay_forecasts
+    from serving.insilico.alert_sweep import sweep_quantiles
 
     model = load_forecaster(model_dir, None)
     personal = {}

@@ -29,8 +29,8 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 def record_states(patients: str, hours: float, seed: int):
     """(inputs per cycle, safety states per cycle, settings) from a basal–bolus run."""
     from serving.controllers.basal_bolus import BasalBolusController
+    from serving.insilico.trial import TrialConfig, run_trial
     from serving.safety import SafetyState, assess_cgm
-    from serving.trial import TrialConfig, run_trial
     from serving.types import Reading
 
     seen: list[list] = []
@@ -91,7 +91,7 @@ def main() -> int:
     if args.physio:
         predictor, name = physio_predictor(), "physio-mpc"
     else:
-        from serving.controllers.shared_past import shared_past_predictor
+        from serving.insilico.shared_past import shared_past_predictor
 
         predictor, name = Predictor(args.model), "mpc"
         if not args.whole_graph:  # what `glucast trial` runs

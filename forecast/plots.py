@@ -458,7 +458,7 @@ def alert_tradeoff_plot(
     """Predicted-low alerts by quantile: lows warned (left) and median lead (right) against
     false alerts per day, the threshold-only alarm as a red star.
 
-    `sweep` is `serving.alert_sweep.sweep_quantiles`' frame; points are labelled with their
+    `sweep` is `serving.insilico.alert_sweep.sweep_quantiles`' frame; points are labelled with their
     quantile and joined in quantile order. `goal` = (max false alerts a day, min share of lows
     warned 0–1, min median lead in minutes) draws the target lines.
     """
@@ -466,7 +466,7 @@ def alert_tradeoff_plot(
     if not need <= set(sweep.columns):
         raise PlotError(
             f"the sweep frame lacks {sorted(need - set(sweep.columns))}; "
-            "pass serving.alert_sweep.sweep_quantiles(...)"
+            "pass serving.insilico.alert_sweep.sweep_quantiles(...)"
         )
     fig = Figure(figsize=(10.0, 4.0), layout="constrained")
     ax_sens, ax_lead = fig.subplots(1, 2, sharex=True)

@@ -8,7 +8,7 @@ three modes, chosen at start (`glucast loop --mode`):
 * ``advisory`` — also ask the controller, have the supervisor check its proposal, and offer
   the result to the person as advice (a temp basal and/or a bolus, with a `BolusAdvice`
   breakdown and the forecast). Only advice the person confirms is carried out, and then
-  through the supervisor again, against the state at confirmation (`serving.advisory`).
+  through the supervisor again, against the state at confirmation (`serving.insilico.advisory`).
 * ``closed`` — the supervisor carries out every checked proposal (the closed loop).
 
 Alerts run in every mode, and the supervisor is the only road to the pump in every mode.
@@ -166,7 +166,7 @@ class BolusAdvice:
     def recalculated(
         self, time: pd.Timestamp, glucose_mgdl: float, iob_u: float, settings: PatientSettings
     ) -> BolusAdvice:
-        """The same meal's advice brought up to date (a stale confirmation, `serving.advisory`).
+        """The same meal's advice brought up to date (a stale confirmation, `serving.insilico.advisory`).
 
         The carbs stay; correction and IOB are recomputed from now; the controller's
         adjustment to the calculator is kept (advised = old advised + the calculator's

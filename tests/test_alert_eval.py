@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forecast.windows import WindowConfig
-from serving.alert_eval import (
+from serving.insilico.alert_eval import (
     HIGH_EPISODE,
     LOW_EPISODE,
     EpisodeRule,
@@ -247,7 +247,7 @@ def test_episodes_can_come_from_true_glucose():
     res = evaluate_alerts(f, Extrapolate(), episodes_from="bg_true")
     assert res["threshold_low"]["episodes"] == 0 and res["episodes_from"] == "bg_true"
     assert res["threshold_low"]["false_alerts"] == res["threshold_low"]["alerts"] == 2
-    from serving.alert_eval import AlertEvalError
+    from serving.insilico.alert_eval import AlertEvalError
 
     with pytest.raises(AlertEvalError, match="not a column"):
         evaluate_alerts(f, Extrapolate(), episodes_from="gsub")
@@ -299,7 +299,7 @@ def test_each_subject_can_have_its_own_model():
 
 
 def test_subject_models_are_found_by_their_manifests(tmp_path):
-    from serving.alert_eval import AlertEvalError, find_subject_models
+    from serving.insilico.alert_eval import AlertEvalError, find_subject_models
 
     def manifest(path, **m):
         path.mkdir(parents=True)
@@ -318,7 +318,7 @@ def test_subject_models_are_found_by_their_manifests(tmp_path):
 
 
 def test_consensus_readings_follow_the_sensor_period():
-    from serving.alert_eval import consensus_readings
+    from serving.insilico.alert_eval import consensus_readings
 
     assert consensus_readings(5) == 3  # 15 min of 5-minute readings
     assert consensus_readings(15) == 2  # a Libre export: two readings span 15 min

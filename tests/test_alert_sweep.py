@@ -8,9 +8,14 @@ import pytest
 from test_alert_eval import Extrapolate, synthetic_days
 
 from forecast.windows import WindowConfig
-from serving.alert_eval import AlertEvalError, evaluate_table, forecast_table
-from serving.alert_sweep import SWEEP_COLUMNS, check_quantiles, choose_quantile, sweep_quantiles
 from serving.alerts import AlertThresholds
+from serving.insilico.alert_eval import AlertEvalError, evaluate_table, forecast_table
+from serving.insilico.alert_sweep import (
+    SWEEP_COLUMNS,
+    check_quantiles,
+    choose_quantile,
+    sweep_quantiles,
+)
 
 
 class SpreadExtrapolate(Extrapolate):

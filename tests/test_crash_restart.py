@@ -36,7 +36,7 @@ import pytest
 from forecast.insulin import iob_before
 from forecast.sim import load_patients
 from forecast.windows import WindowConfig
-from serving.hal.simulated import WorldConfig
+from serving.insilico.simulated import WorldConfig
 from serving.journal import Journal, bin_insulin
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from forecast.cli import main as cli_main
-from serving.faultmatrix import (
+from serving.hal.pump import Delivery
+from serving.insilico.faultmatrix import (
     CASE_NAMES,
     CASES,
     CHECKS,
@@ -29,7 +30,6 @@ from serving.faultmatrix import (
     run_matrix,
     write_model_dir,
 )
-from serving.hal.pump import Delivery
 from serving.predictor import ModelIntegrityError, ModelSignatureError, Predictor
 
 PEERS_AND_GROUPS = {"device", "predictor", "model", "journal"}

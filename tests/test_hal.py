@@ -11,16 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving.hal import CGM, Pump
-from serving.hal.faults import (
-    FAULTS,
-    CommandTimeout,
-    FaultSpecError,
-    NoAck,
-    Unreachable,
-    Window,
-    build_fault,
-    parse_fault,
-)
 from serving.hal.pump import (
     Command,
     CommandKind,
@@ -30,8 +20,18 @@ from serving.hal.pump import (
     PumpNoAck,
     PumpTimeout,
 )
-from serving.hal.replay import ReplayCGM
-from serving.hal.simulated import (
+from serving.insilico.faults import (
+    FAULTS,
+    CommandTimeout,
+    FaultSpecError,
+    NoAck,
+    Unreachable,
+    Window,
+    build_fault,
+    parse_fault,
+)
+from serving.insilico.replay import ReplayCGM
+from serving.insilico.simulated import (
     DeviceStateError,
     ManualClock,
     SimulatedCohort,

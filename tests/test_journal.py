@@ -11,7 +11,7 @@ import pytest
 
 from forecast.cli import main as cli_main
 from serving.hal.pump import Command, CommandKind, Delivery
-from serving.hal.simulated import ManualClock, VirtualPump
+from serving.insilico.simulated import ManualClock, VirtualPump
 from serving.journal import (
     DuplicateCommand,
     Journal,

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 
 from forecast.cli import main as cli_main
-from serving.commands.loop import build_controller
-from serving.hal.simulated import SimulatedCohort, WorldConfig
+from serving.controllers import build_controller
+from serving.insilico.backends import ReplayBackend, SimBackend
+from serving.insilico.simulated import SimulatedCohort, WorldConfig
 from serving.journal import Journal
-from serving.loop import ControlLoop, LoopError, ReplayBackend, SimBackend, StopFlag, run_loop
+from serving.loop import ControlLoop, LoopError, StopFlag, run_loop
 from serving.predictor import FallbackPredictor
 from serving.safety import max_basal
 
@@ -29,7 +30,8 @@ def make_loop(
     world = world or SimulatedCohort(
         WorldConfig(patients=P, sensor="dexcom-noise", seed=11), state_path=tmp_path / "dev.db"
     )
-    ctrl, pred = build_controller(controller, None)
+    built = build_controller(controller, None)
+    ctrl, pred = built.controller, built.predictor
     journal = Journal(tmp_path / "j.db", sync="normal")
     backend = SimBackend(world, faults)
     loop = ControlLoop(backend, journal, ctrl, predictor or pred, mode=mode)
@@ -111,7 +113,8 @@ class _BrokenModel:
 
 
 def test_a_failing_predictor_means_scheduled_basal(tmp_path):
-    _, physio = build_controller("basal-bolus", None)
+    built = build_controller("basal-bolus", None)
+    _, physio = built.controller, built.predictor
     broken = FallbackPredictor(_BrokenModel(physio), None)  # no fallback: it raises
     loop = make_loop(tmp_path, controller="basal-bolus", predictor=broken)
     run_loop(loop, max_cycles=4)
@@ -210,7 +213,8 @@ def test_replay_backend_advises_over_a_recording(tmp_path):
         subject_id="rec-1", basal_u=world.settings(0).basal_u_per_h / 12, bolus_u=0.0, carbs_g=0.0
     )
     backend = ReplayBackend(frame, "rec-1")
-    ctrl, pred = build_controller("pid", None)
+    built = build_controller("pid", None)
+    ctrl, pred = built.controller, built.predictor
     j = Journal(tmp_path / "r.db")
     loop = ControlLoop(backend, j, ctrl, pred)
     loop.start(describe={"backend": "replay"})

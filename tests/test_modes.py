@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from forecast.cli import main as cli_main
-from serving.advisory import (
+from serving.controllers import build_controller
+from serving.insilico.advisory import (
     AdvisoryError,
     AdvisoryPerson,
     AutoAccept,
@@ -19,10 +20,10 @@ from serving.advisory import (
     confirm_batch,
     confirmer_for,
 )
-from serving.commands.loop import build_controller
-from serving.hal.simulated import SimulatedCohort, WorldConfig
+from serving.insilico.backends import SimBackend
+from serving.insilico.simulated import SimulatedCohort, WorldConfig
 from serving.journal import Journal
-from serving.loop import ControlLoop, LoopError, SimBackend, run_loop
+from serving.loop import ControlLoop, LoopError, run_loop
 from serving.modes import (
     BolusAdvice,
     Mode,
@@ -51,7 +52,8 @@ def world(tmp_path=None, **kw) -> SimulatedCohort:
 
 def make_loop(tmp_path, mode, *, controller="basal-bolus", person=None, faults=(), w=None,
               name="j.db", logs=None):  # fmt: skip
-    ctrl, pred = build_controller(controller, None)
+    built = build_controller(controller, None)
+    ctrl, pred = built.controller, built.predictor
     j = Journal(tmp_path / name, sync="normal")
     log = logs.append if logs is not None else (lambda msg: None)
     loop = ControlLoop(SimBackend(w or world(), faults), j, ctrl, pred, mode=mode, person=person,
@@ -134,7 +136,8 @@ def test_mode_names_and_aliases(tmp_path):
 
 
 def test_monitor_never_commands_the_pump_yet_journals_alerts(tmp_path):
-    ctrl, pred = build_controller("physio-mpc", None)
+    built = build_controller("physio-mpc", None)
+    ctrl, pred = built.controller, built.predictor
     spy = CountingController(ctrl)
     j = Journal(tmp_path / "m.db", sync="normal")
     backend = SimBackend(world(), ["dropout:start=20,minutes=30"])
@@ -239,7 +242,8 @@ def test_advice_is_never_more_than_the_supervisor_allows(tmp_path):
             return [Proposal(i.settings.basal_u_per_h, 30, 50.0 if i.carbs_announced_g else 0.0)
                     for i in inputs]  # fmt: skip
 
-    _, pred = build_controller("basal-bolus", None)
+    built = build_controller("basal-bolus", None)
+    _, pred = built.controller, built.predictor
     j = Journal(tmp_path / "g.db", sync="normal")
     loop = ControlLoop(SimBackend(world()), j, Greedy(), pred, mode="advisory",
                        person=AdvisoryPerson(1, 0.0, 0, 0), log=lambda m: None)  # fmt: skip

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_predictor import write_model_dir
 
 from forecast.windows import WindowConfig
-from serving.controllers.shared_past import SharedPastForecaster, shared_past_predictor
+from serving.insilico.shared_past import SharedPastForecaster, shared_past_predictor
 from serving.predictor import Predictor, steady_state_inputs
 
 CFG = WindowConfig()

@@ -132,8 +132,8 @@ def test_the_runtime_accepts_a_profile_model_and_fills_it_from_the_settings(tmp_
     pytest.importorskip("onnxruntime")
     from test_predictor import write_model_dir
 
-    from serving.hal.simulated import SimulatedCohort, WorldConfig
-    from serving.loop import SimBackend
+    from serving.insilico.backends import SimBackend
+    from serving.insilico.simulated import SimulatedCohort, WorldConfig
     from serving.predictor import Predictor
 
     predictor = Predictor(write_model_dir(tmp_path / "m", PROFILE_WINDOW))
@@ -148,7 +148,7 @@ def test_the_runtime_accepts_a_profile_model_and_fills_it_from_the_settings(tmp_
 
 
 def test_replayed_records_take_their_settings_from_the_profile_columns():
-    from serving.loop import settings_from_frame
+    from serving.insilico.backends import settings_from_frame
 
     s = settings_from_frame(frame(cr=8.0, isf=60.0), "a")
     assert (s.carb_ratio_g_per_u, s.isf_mgdl_per_u) == (8.0, 60.0)
@@ -157,7 +157,8 @@ def test_replayed_records_take_their_settings_from_the_profile_columns():
 
 
 def test_a_replay_without_profile_refuses_a_profile_model_instead_of_guessing_it():
-    from serving.loop import LoopError, ReplayBackend
+    from serving.insilico.backends import ReplayBackend
+    from serving.loop import LoopError
 
     rec = frame(n=80, profile=False)
     with pytest.raises(LoopError, match="therapy profile.*data.profile: off"):
@@ -182,7 +183,7 @@ def test_a_replay_follows_the_recorded_profile_schedule(tmp_path):
     pytest.importorskip("onnxruntime")
     from test_predictor import write_model_dir
 
-    from serving.loop import ReplayBackend
+    from serving.insilico.backends import ReplayBackend
     from serving.predictor import Predictor
 
     rec = frame(n=120, cr=10.0, isf=45.0)

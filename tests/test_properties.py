@@ -65,7 +65,7 @@ proposal = st.tuples(
 def test_pump_history_never_exceeds_the_supervisor_limits(sched, k_max, max_bolus, max_iob, cycles):
     from forecast.insulin import iob_before
     from serving.hal.pump import BASAL_INCREMENT_U_PER_H
-    from serving.hal.simulated import ManualClock, VirtualPump
+    from serving.insilico.simulated import ManualClock, VirtualPump
     from serving.safety import SafetyState, Supervisor, max_basal
     from serving.types import PatientSettings, Proposal, Reading
 

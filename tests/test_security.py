@@ -97,14 +97,15 @@ def test_a_manifest_from_another_model_is_refused(tmp_path):
 
 
 def test_the_loop_falls_back_and_says_why_on_a_refused_model(tmp_path):
-    from serving.commands.loop import build_controller
+    from serving.controllers import build_controller
 
     d = tiny_model(tmp_path / "m")
     (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes() + b"\0")
     pred = load_predictor(d, strict=False)
     assert isinstance(pred, FallbackPredictor) and pred.primary is None
     assert "sha256" in pred.degraded_reason
-    _, used = build_controller("mpc", str(d))
+    built = build_controller("mpc", str(d))
+    _, used = built.controller, built.predictor
     assert used.primary is None and "model refused" in used.degraded_reason
     from forecast.cli import main as cli_main
     from serving.journal import Journal

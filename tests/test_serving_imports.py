@@ -36,7 +36,7 @@ def test_every_serving_module_imports_without_torch_lightning_or_mlflow():
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["failed"] == {}, got["failed"]
-    for must in ("serving.safety", "serving.journal", "serving.loop", "serving.hal.simulated",
-                 "serving.hal.faults", "serving.hal.replay", "serving.commands.loop"):  # fmt: skip
+    for must in ("serving.safety", "serving.journal", "serving.loop", "serving.insilico.simulated",
+                 "serving.insilico.faults", "serving.insilico.replay", "serving.commands.loop"):  # fmt: skip
         assert must in got["modules"]
     assert got["heavy"] == [], f"serving pulled in {got['heavy']}"

@@ -275,7 +275,7 @@ def test_manifest_not_matching_onnx(capsys, lstm_run, frame_path, store):
 
 
 def test_finetune_every_subject_for_personal_alerts(capsys, lstm_run, frame_path, store):
-    from serving.alert_eval import find_subject_models
+    from serving.insilico.alert_eval import find_subject_models
 
     r = run_json(
         capsys,

@@ -19,15 +19,15 @@ from forecast.windows import (
     inputs_at,
 )
 from serving.controllers.mpc import MPCController
-from serving.predictor import Predictor
-from serving.trial import (
+from serving.insilico.trial import (
     TrialConfig,
     TrialError,
-    make_simulator,
+    make_trial_simulator,
     run_trial,
     settings_for,
     write_report,
 )
+from serving.predictor import Predictor
 from serving.types import Proposal, profile_arrays
 
 warnings.filterwarnings("ignore", category=UserWarning)  # the simulator's physiology flags
@@ -120,7 +120,7 @@ def test_trial_windows_equal_the_shared_window_builder():
     from forecast.sim import load_patients
 
     patients = load_patients(cfg.patients)
-    sim = make_simulator(cfg, patients)
+    sim = make_trial_simulator(cfg, patients)
     settings = settings_for(patients)
     sched = np.array([s.basal_u_per_h for s in settings])
     r = run_trial(cfg)

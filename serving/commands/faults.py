@@ -6,7 +6,7 @@
     glucast faults --patients adult#001,child#002 --case cgm-dropout-60
     glucast faults --model DIR           # the MPC over an exported model instead of physio
 
-Exit code 1 when any case fails. See `serving.faultmatrix` for what each case asserts.
+Exit code 1 when any case fails. See `serving.insilico.faultmatrix` for what each case asserts.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serving.faultmatrix import CASES, MatrixConfig, run_matrix
+    from serving.insilico.faultmatrix import CASES, MatrixConfig, run_matrix
 
     if args.list:
         for c in CASES:

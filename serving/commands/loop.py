@@ -24,6 +24,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+# the names of serving.controllers.CONTROLLER_NAMES (spelled here: --help loads no numpy)
 CONTROLLERS = ("mpc", "physio-mpc", "basal-bolus", "pid")
 
 
@@ -93,39 +94,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
 
 
-def build_controller(name: str | None, model_dir: str | None):
-    """(controller, predictor): the CLI's controller over the checked predictor.
-
-    A model that cannot be trusted (missing, tampered, mismatched) is not fatal: the
-    predictor falls back to the physiological forecaster and says why (journaled).
-    """
-    from serving.controllers import make_controller
-    from serving.predictor import load_predictor
-
-    name = name or ("mpc" if model_dir else "physio-mpc")
-    predictor = load_predictor(model_dir, strict=False)
-    if name == "mpc":
-        return make_controller("mpc", predictor=predictor), predictor
-    if name == "physio-mpc":
-        from serving.controllers.mpc import physio_predictor
-
-        physio = physio_predictor(predictor.config)
-        return make_controller("physio-mpc", physio=physio), physio
-    return make_controller(name), predictor
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import pandas as pd
 
+    from serving.insilico.backends import ReplayBackend, SimBackend
     from serving.journal import Journal
-    from serving.loop import ControlLoop, LoopError, ReplayBackend, SimBackend, StopFlag, run_loop
+    from serving.loop import ControlLoop, LoopError, StopFlag, run_loop
 
     journal_path = Path(args.journal)
-    controller, predictor = build_controller(args.controller, args.model)
+    from serving.controllers import build_controller
+
+    # a model that cannot be trusted is not fatal: the predictor falls back and says why
+    built = build_controller(args.controller, args.model, strict=False)
+    controller, predictor = built.controller, built.predictor
     if args.backend == "sim":
-        from serving.hal.simulated import DEFAULT_START, SimulatedCohort, WorldConfig
+        from serving.insilico.simulated import DEFAULT_START, SimulatedCohort, WorldConfig
 
         cfg = WorldConfig(
             patients=args.patient,
@@ -154,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         backend = ReplayBackend(frame, args.patient, window=predictor.config, faults=args.fault)
     person = None
     if args.mode == "advisory":
-        from serving.advisory import AdvisoryPerson
+        from serving.insilico.advisory import AdvisoryPerson
 
         person = AdvisoryPerson(len(backend.names), args.accept_prob, args.accept_delay, args.seed)
     journal = Journal(journal_path, sync=args.journal_sync)

@@ -86,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from forecast.cli import emit_json
-    from serving.trial import TrialConfig, build_controller, run_trial, write_report
+    from serving.insilico.trial import TrialConfig, build_controller, run_trial, write_report
 
     config = TrialConfig(
         controller=args.controller,

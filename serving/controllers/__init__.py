@@ -12,13 +12,16 @@ baseline) and ``pid``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from forecast.insulin import basal_iob_u, net_iob_u  # noqa: F401 - the controllers' names
 from forecast.schema import GlucastError
+from forecast.windows import WindowConfig
 from serving.types import ControlInput, PatientSettings, Proposal
 
 CONTROLLER_NAMES = ("mpc", "physio-mpc", "basal-bolus", "pid")
@@ -74,8 +77,74 @@ def make_controller(name: str, *, predictor=None, physio=None, **kwargs) -> Cont
     raise UnknownControllerError(f"unknown controller {name!r}; choose from {CONTROLLER_NAMES}")
 
 
+@dataclass
+class Built:
+    """A controller as the CLI names it, and what a shell runs beside it."""
+
+    controller: Controller
+    predictor: Any  # the checked forecaster the loop forecasts and alerts with
+    window: WindowConfig  # the inputs the controller and predictor take
+    info: dict[str, Any] = field(default_factory=dict)  # facts for the record
+
+
+def build_controller(
+    name: str | None,
+    model_dir: str | Path | None = None,
+    *,
+    strict: bool = False,
+    accelerate: Callable[[Any], Any] | None = None,
+) -> Built:
+    """The one factory both shells (the journaled loop, the in-silico trial) build with.
+
+    `name` None means ``mpc`` with a model, else ``physio-mpc``. ``mpc`` runs over the
+    checked predictor of `model_dir` (`serving.predictor.load_predictor`): `strict` refuses
+    a model that cannot be trusted (a trial), otherwise the predictor falls back to the
+    physiological forecaster and says why (the runtime keeps running, journaled).
+    ``physio-mpc`` takes the model's window when a model is named (the same inputs as the
+    model it is compared with). `accelerate` may wrap the predictor in an exact faster form
+    before the controller is built (the trial's shared-past encoder).
+    """
+    from serving.predictor import (
+        MANIFEST_FILE,
+        ModelManifest,
+        load_predictor,
+        runtime_window,
+    )
+
+    name = name or ("mpc" if model_dir else "physio-mpc")
+    if name not in CONTROLLER_NAMES:
+        raise UnknownControllerError(f"unknown controller {name!r}; choose from {CONTROLLER_NAMES}")
+    if name == "mpc" and model_dir is None and strict:
+        raise ValueError("the mpc controller needs a model (--model DIR: an exported forecaster)")
+    info: dict[str, Any] = {}
+    if name == "physio-mpc":
+        from serving.controllers.mpc import physio_predictor
+
+        window = (
+            runtime_window(ModelManifest.read(Path(model_dir) / MANIFEST_FILE).window)
+            if model_dir
+            else WindowConfig()
+        )
+        physio = physio_predictor(window)
+        return Built(make_controller("physio-mpc", physio=physio), physio, window, info)
+    predictor = load_predictor(model_dir, strict=strict)
+    sha = getattr(getattr(predictor, "manifest", None), "sha256", "")
+    if sha:
+        info.update(model_sha256=sha, model_dir=str(model_dir))
+    if accelerate is not None and name == "mpc":
+        fast = accelerate(predictor)
+        info["shared_past_encoder"] = fast is not predictor
+        predictor = fast
+    controller = (
+        make_controller(name, predictor=predictor) if name == "mpc" else make_controller(name)
+    )
+    return Built(controller, predictor, predictor.config, info)
+
+
 __all__ = [
     "CONTROLLER_NAMES",
+    "Built",
+    "build_controller",
     "Controller",
     "UnknownControllerError",
     "basal_iob_u",

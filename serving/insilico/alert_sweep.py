@@ -4,7 +4,7 @@ A predicted low fires when a lower quantile of the forecast falls below 70 mg/dL
 alert horizon. Which quantile is a choice a person (or their clinician) makes: a lower one
 warns of more lows and earlier, at the price of more alarms that come to nothing. This module
 replays the *same* forecasts through the alert engine once per candidate quantile and scores
-every rule against the same episodes (`serving.alert_eval`), so the trade-off is a table —
+every rule against the same episodes (`serving.insilico.alert_eval`), so the trade-off is a table —
 and `choose_quantile` picks the most sensitive rule within a false-alert budget.
 
 Pick on the validation split and report on the test split (`glucast alerts evaluate --split
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from serving.alert_eval import AlertEvalError, ForecastTable, evaluate_table
 from serving.alerts import AlertThresholds
+from serving.insilico.alert_eval import AlertEvalError, ForecastTable, evaluate_table
 
 # glucast's target for predicted-low alerts (with at most 1 false alert a day): warn of at
 # least 90 % of CGM lows, a median of at least 20 minutes before they begin.

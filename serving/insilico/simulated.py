@@ -35,10 +35,10 @@ import pandas as pd
 from forecast.schema import GlucastError
 from serving.hal.cgm import no_data
 from serving.hal.pump import Ack, Delivery, FirmwarePump, PumpFirmware
+from serving.insilico.cohort import SENSORS, make_simulator, settings_for
 from serving.types import CGMStatus, PatientSettings, Reading
 
 DEFAULT_START = "2018-01-01 00:00"
-SENSORS = ("dexcom", "dexcom-noise", "none", "simglucose")
 
 
 class DeviceStateError(GlucastError):
@@ -93,25 +93,18 @@ class WorldConfig:
         return cls(**json.loads(s))
 
 
-def make_simulator(config: WorldConfig):
-    """The `forecast.sim.Simulator` of a world (5-minute CGM readings)."""
+def world_simulator(config: WorldConfig):
+    """The world's simulator (`serving.insilico.cohort.make_simulator`; no fixed length)."""
     from forecast.sim import load_patients
-    from forecast.sim.scenario import AnnouncementConfig, RandomScenario
-    from forecast.sim.sensor import SensorConfig
-    from forecast.sim.simulator import Simulator
 
-    sensor = SensorConfig.named(config.sensor, sample_minutes=5)
-    ann = AnnouncementConfig(
-        carb_error_sd=float(config.carb_error),
-        missed_bolus_prob=1.0 if config.unannounced else 0.0,
-    )
-    return Simulator(
+    return make_simulator(
         load_patients(config.patients),
-        scenario=RandomScenario(announcement=ann),
-        sensor=sensor,
-        pump=config.sim_pump,
         seed=config.seed,
         start=pd.Timestamp(config.start, tz="UTC"),
+        sensor=config.sensor,
+        carb_error=config.carb_error,
+        unannounced=config.unannounced,
+        pump=config.sim_pump,
     )
 
 
@@ -183,7 +176,7 @@ class SimulatedCohort:
         self, config: WorldConfig = WorldConfig(), *, state_path: str | Path | None = None
     ):
         self.config = config
-        self.sim = make_simulator(config)
+        self.sim = world_simulator(config)
         self.names = [str(n) for n in self.sim.patients.names]
         self.n = len(self.names)
         self.firmware = [
@@ -293,8 +286,6 @@ class SimulatedCohort:
     def settings(self, who: int | str) -> PatientSettings:
         """Therapy settings and supervisor limits (the trial's, so loop and trial agree)."""
         if self._settings is None:
-            from serving.trial import settings_for
-
             self._settings = settings_for(self.sim.patients)
         return self._settings[self.index(who)]
 

@@ -11,8 +11,8 @@ Every 5 minutes, for all N patients at once:
 Only the supervisor's verdicts reach the pump: a controller's proposal never touches
 delivery. `TrialConfig.mode` runs the same patients in the three operating modes of
 `serving.modes`: closed (the above), advisory (the verdict is offered as advice to a
-simulated person, `serving.advisory.AdvisoryPerson`, and only what they confirm is checked
-again and sent: `serving.advisory.confirm_batch`) and monitor (the controller is never asked;
+simulated person, `serving.insilico.advisory.AdvisoryPerson`, and only what they confirm is checked
+again and sent: `serving.insilico.advisory.confirm_batch`) and monitor (the controller is never asked;
 the pump runs its schedule). `CohortPump` is the thin cohort stand-in for a pump HAL: it executes the exact
 commands a real pump would get (temp basals that expire after their duration, cancels,
 boluses) on the simulator's vectorised pump.
@@ -42,10 +42,9 @@ from forecast.windows import IncrementalWindows, WindowConfig
 from serving.controllers import (
     CONTROLLER_NAMES,
     Controller,
-    basal_iob_u,
-    make_controller,
     meal_bolus_u,
 )
+from serving.insilico.cohort import PATIENT_GROUPS, SENSORS, make_simulator, settings_for  # noqa: F401
 from serving.types import (
     CGMStatus,
     ControlInput,
@@ -54,9 +53,6 @@ from serving.types import (
     Reading,
     profile_arrays,
 )
-
-PATIENT_GROUPS = ("all", "adults", "adolescents", "children")
-SENSORS = ("dexcom", "dexcom-noise", "simglucose", "none")
 
 
 class TrialError(GlucastError, ValueError):
@@ -113,55 +109,17 @@ class TrialConfig:
         return int(round(self.days * 24 * 60 / SLOT_MINUTES))
 
 
-def settings_for(patients, *, target_mgdl: float = 110.0) -> list[PatientSettings]:
-    """Therapy settings and supervisor limits for simulated patients.
-
-    Basal, carb ratio and ISF are the simulator's own (the basal that holds each patient at
-    steady state; Quest CR and CF). The limits follow clinical practice scaled by total daily
-    insulin (TDI): max bolus 35 % of TDI; max basal 4 × scheduled (oref0 then caps it at
-    3 × max daily basal); max IOB (absolute, as the supervisor counts it) = the steady IOB of
-    scheduled basal + one max bolus + 3 h of basal.
-    """
-    out = []
-    for i, name in enumerate(patients.names):
-        basal = float(patients.basal_u_per_h[i])
-        tdi = float(patients.tdi[i])
-        max_bolus = round(max(1.0, 0.35 * tdi) * 2) / 2
-        steady = float(basal_iob_u(basal, include_current=True))
-        out.append(
-            PatientSettings(
-                name=str(name),
-                basal_u_per_h=basal,
-                carb_ratio_g_per_u=float(patients.cr[i]),
-                isf_mgdl_per_u=float(patients.cf[i]),
-                max_basal_u_per_h=4.0 * basal,
-                max_bolus_u=max_bolus,
-                max_iob_u=round(steady + max_bolus + 3.0 * basal, 2),
-                max_daily_basal_u_per_h=basal,
-                target_mgdl=float(target_mgdl),
-            )
-        )
-    return out
-
-
-def make_simulator(config: TrialConfig, patients):
-    """The vectorised simulator for a trial (random meals, announcements, sensor, pump)."""
-    from forecast.sim.scenario import AnnouncementConfig, RandomScenario
-    from forecast.sim.sensor import SensorConfig
-    from forecast.sim.simulator import Simulator
-
-    ann = AnnouncementConfig(
-        carb_error_sd=float(config.carb_error),
-        missed_bolus_prob=1.0 if config.unannounced else 0.0,
-    )
-    sensor = SensorConfig.named(config.sensor, sample_minutes=SLOT_MINUTES)
-    return Simulator(
+def make_trial_simulator(config: TrialConfig, patients):
+    """The trial's simulator: `serving.insilico.cohort.make_simulator` for the config, with
+    the run's length as a guard (stepping past it is an error)."""
+    return make_simulator(
         patients,
-        scenario=RandomScenario(announcement=ann),
-        sensor=sensor,
-        pump=config.pump,
         seed=config.seed,
         start=config.start,
+        sensor=config.sensor,
+        carb_error=config.carb_error,
+        unannounced=config.unannounced,
+        pump=config.pump,
         duration_min=config.cycles * SLOT_MINUTES,
     )
 
@@ -432,35 +390,17 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_controller(config: TrialConfig) -> tuple[Controller, WindowConfig, dict[str, Any]]:
-    """The controller a trial config names, the window it needs, and facts for the record."""
-    info: dict[str, Any] = {}
-    window = WindowConfig()
-    if config.controller == "mpc":
-        from serving.predictor import Predictor
+    """The controller a trial config names (`serving.controllers.build_controller`, the
+    runtime's factory), the window it needs, and facts for the record. The model must be
+    trustworthy (strict); the MPC's forecaster runs its encoder once per patient instead of
+    once per candidate plan (exact, about half the forecaster's time: `shared_past`)."""
+    from serving.controllers import build_controller as build
+    from serving.insilico.shared_past import shared_past_predictor
 
-        if not config.model_dir:
-            raise TrialError("--controller mpc needs --model DIR (an exported forecaster)")
-        from serving.controllers.shared_past import shared_past_predictor
-
-        pred = Predictor(config.model_dir)
-        window = pred.config
-        # the same verified graph and checks, its encoder run once per patient instead of once
-        # per candidate plan (exact; about half the forecaster's time, see shared_past.py)
-        fast = shared_past_predictor(pred)
-        info.update(
-            model_sha256=pred.manifest.sha256,
-            model_dir=str(config.model_dir),
-            shared_past_encoder=fast is not pred,
-        )
-        return make_controller("mpc", predictor=fast), window, info
-    if config.controller == "physio-mpc":
-        from serving.controllers.mpc import physio_predictor
-        from serving.predictor import MANIFEST_FILE, ModelManifest
-
-        if config.model_dir:  # the same window as the model it is compared with
-            window = ModelManifest.read(Path(config.model_dir) / MANIFEST_FILE).window
-        return make_controller("physio-mpc", physio=physio_predictor(window)), window, info
-    return make_controller(config.controller), window, info
+    if config.controller == "mpc" and not config.model_dir:
+        raise TrialError("--controller mpc needs --model DIR (an exported forecaster)")
+    b = build(config.controller, config.model_dir, strict=True, accelerate=shared_past_predictor)
+    return b.controller, b.window, b.info
 
 
 def run_trial(
@@ -473,13 +413,13 @@ def run_trial(
     """Run the cohort for `config.days` in `config.mode`; every dose through the supervisor.
 
     closed: each cycle's verdict goes to the pump. advisory: the verdict is offered as
-    advice to a simulated person (`serving.advisory.AdvisoryPerson`: accepts with
+    advice to a simulated person (`serving.insilico.advisory.AdvisoryPerson`: accepts with
     `accept_prob`, answers after `accept_delay_min`); only what they release is checked
     again by the supervisor and sent. monitor: the controller is never asked; the pump runs
     its schedule (the supervisor still judges the schedule, for the record).
     """
     from forecast.sim import load_patients
-    from serving.advisory import confirm_batch, confirmer_for
+    from serving.insilico.advisory import confirm_batch, confirmer_for
     from serving.modes import scheduled_proposal
     from serving.safety import SafetyState, Supervisor, assess_cgm, check_batch, max_basal
 
@@ -491,7 +431,7 @@ def run_trial(
     names = [str(x) for x in patients.names]
     settings = settings_for(patients, target_mgdl=config.target_mgdl)
     n, cycles = len(names), config.cycles
-    sim = make_simulator(config, patients)
+    sim = make_trial_simulator(config, patients)
     sched = np.array([s.basal_u_per_h for s in settings])
     cap = max_basal(
         np.array([s.max_basal_u_per_h for s in settings]),

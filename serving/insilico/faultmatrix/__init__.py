@@ -1,7 +1,7 @@
 """The fault matrix: every fault the closed loop must survive, injected while the real loop runs.
 
 Each case injects one fault into simulated patients — through the HAL fault wrappers of
-`serving.hal.faults` around the real simulated devices, through a forecaster that
+`serving.insilico.faults` around the real simulated devices, through a forecaster that
 misbehaves inside the real `FallbackPredictor`, through a damaged model directory, or
 through SQLite itself refusing writes — while `serving.loop.ControlLoop.cycle` (the
 supervisor and the journal included) runs every 5 minutes. Nothing is mocked: the
@@ -29,18 +29,18 @@ patient per case) so the loop's batched cycle does the work once.
 
 from __future__ import annotations
 
-from serving.faultmatrix.backend import MatrixBackend
-from serving.faultmatrix.cases import CASE_NAMES, CASES, FaultCase, FaultMatrixError
-from serving.faultmatrix.checks import CHECKS, common_checks
-from serving.faultmatrix.models import (
+from serving.insilico.faultmatrix.backend import MatrixBackend
+from serving.insilico.faultmatrix.cases import CASE_NAMES, CASES, FaultCase, FaultMatrixError
+from serving.insilico.faultmatrix.checks import CHECKS, common_checks
+from serving.insilico.faultmatrix.models import (
     ForecasterFault,
     damage_model_dir,
     persistence_model_bytes,
     write_model_dir,
 )
-from serving.faultmatrix.planning import MatrixConfig, plan
-from serving.faultmatrix.records import CaseResult, CaseRun
-from serving.faultmatrix.runner import run_matrix
+from serving.insilico.faultmatrix.planning import MatrixConfig, plan
+from serving.insilico.faultmatrix.records import CaseResult, CaseRun
+from serving.insilico.faultmatrix.runner import run_matrix
 
 __all__ = [
     "CASES",

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from serving.hal.faults import build_fault, fault_target
+from serving.insilico.faults import build_fault, fault_target
 from serving.types import PatientSettings, constant_profile
 
 
@@ -16,7 +16,7 @@ class MatrixBackend:
     """`serving.loop.Backend` over one simulated cohort where each patient has its own faults.
 
     The loop sees patient i as ``"<case>/<virtual patient>"`` so one journal tells the cases
-    apart; the devices are the cohort's, wrapped by `serving.hal.faults.build_fault`.
+    apart; the devices are the cohort's, wrapped by `serving.insilico.faults.build_fault`.
     """
 
     kind = "sim"

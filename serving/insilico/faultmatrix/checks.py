@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 
 from forecast.schema import SLOT
-from serving.faultmatrix.models import ForecasterFault
-from serving.faultmatrix.records import CaseRun
-from serving.hal.faults import Window
 from serving.hal.pump import MAX_TEMP_MINUTES
+from serving.insilico.faultmatrix.models import ForecasterFault
+from serving.insilico.faultmatrix.records import CaseRun
+from serving.insilico.faults import Window
 from serving.safety import STALE_MIN, max_basal
 from serving.types import PatientSettings
 

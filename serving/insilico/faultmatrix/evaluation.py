@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.faultmatrix.checks import CHECKS, _vetoes, common_checks
-from serving.faultmatrix.records import CaseResult, CaseRun
+from serving.insilico.faultmatrix.checks import CHECKS, _vetoes, common_checks
+from serving.insilico.faultmatrix.records import CaseResult, CaseRun
 
 LOW_MGDL = 70.0
 

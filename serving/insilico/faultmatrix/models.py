@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.faultmatrix.cases import FaultMatrixError
-from serving.hal.faults import Window
+from serving.insilico.faultmatrix.cases import FaultMatrixError
+from serving.insilico.faults import Window
 from serving.predictor import SettingsPhysio
 
 # --------------------------------------------------------------------------- faulty forecasters

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from forecast.schema import SLOT
-from serving.faultmatrix.cases import CASE_NAMES, CASES, FaultCase, FaultMatrixError
+from serving.insilico.faultmatrix.cases import CASE_NAMES, CASES, FaultCase, FaultMatrixError
 
 LEAD_MIN = 15  # closed loop before the fault starts (at least)
 MEAL_SEARCH_MIN = 90  # short matrix: look this far for a meal to put the fault in front of

@@ -8,9 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from serving.faultmatrix.cases import FaultCase
-from serving.hal.faults import Window
 from serving.hal.pump import Delivery
+from serving.insilico.faultmatrix.cases import FaultCase
+from serving.insilico.faults import Window
 from serving.journal import Journal
 from serving.loop import PatientCycle
 from serving.types import PatientSettings, Reading

@@ -14,25 +14,31 @@ from typing import Any
 
 import pandas as pd
 
-from serving.faultmatrix.backend import MatrixBackend
-from serving.faultmatrix.cases import CASES, FaultCase
-from serving.faultmatrix.evaluation import evaluate
-from serving.faultmatrix.models import (
+from serving.insilico.faultmatrix.backend import MatrixBackend
+from serving.insilico.faultmatrix.cases import CASES, FaultCase
+from serving.insilico.faultmatrix.evaluation import evaluate
+from serving.insilico.faultmatrix.models import (
     FaultyModel,
     FaultySettingsPhysio,
     ForecasterFault,
     damage_model_dir,
     write_model_dir,
 )
-from serving.faultmatrix.planning import MatrixConfig, _Group, meal_start, occurrences, plan
-from serving.faultmatrix.records import CaseResult, CaseRun, CycleRecord
-from serving.hal.faults import Window
+from serving.insilico.faultmatrix.planning import (
+    MatrixConfig,
+    _Group,
+    meal_start,
+    occurrences,
+    plan,
+)
+from serving.insilico.faultmatrix.records import CaseResult, CaseRun, CycleRecord
+from serving.insilico.faults import Window
 from serving.journal import Journal
 from serving.loop import ControlLoop
 
 
 def _world(names: Sequence[str], cfg: MatrixConfig):
-    from serving.hal.simulated import SimulatedCohort, WorldConfig
+    from serving.insilico.simulated import SimulatedCohort, WorldConfig
 
     return SimulatedCohort(
         WorldConfig(patients=",".join(names), seed=cfg.seed, sensor=cfg.sensor, start=cfg.start)
@@ -43,13 +49,14 @@ def _controller(cfg: MatrixConfig, fault: ForecasterFault | None = None, *, dead
                 model_dir: str | None = None):  # fmt: skip
     """(controller, predictor): the MPC over the checked predictor, its forecaster faulty
     when asked. Default: the settings-based physiological forecaster (no trained model)."""
+    from serving.controllers import build_controller
     from serving.controllers.mpc import MPCController
-    from serving.predictor import FallbackPredictor, Predictor, load_predictor, physio_fallback
+    from serving.predictor import FallbackPredictor, Predictor, physio_fallback
 
     model_dir = model_dir or cfg.model_dir
-    if model_dir is not None and fault is None:
-        pred = load_predictor(model_dir, strict=False)
-        return MPCController(pred, name="mpc"), pred
+    if fault is None and (model_dir is not None or not dead):  # as `glucast loop` builds it
+        b = build_controller("mpc" if model_dir else "physio-mpc", model_dir, strict=False)
+        return b.controller, b.predictor
     if model_dir is not None:
         checked = Predictor(model_dir)
         primary = FaultyModel(checked.model, fault)
