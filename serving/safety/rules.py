@@ -147,7 +147,11 @@ def _mark(vetoes: np.ndarray, mask: np.ndarray, v: Veto) -> None:
 
 
 def _sanitise(
-    rate: np.ndarray, bolus: np.ndarray, duration: np.ndarray, scheduled: np.ndarray, vetoes
+    rate: np.ndarray,
+    bolus: np.ndarray,
+    duration: np.ndarray,
+    scheduled: np.ndarray,
+    vetoes: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """NaN/inf is no instruction and insulin cannot be taken back: a non-finite bolus becomes
     none, a non-finite duration the longest temp, a non-finite rate the scheduled basal (it
