@@ -9,9 +9,9 @@ order the clamp in `decide` reads:
 - a proposal that is not a finite, non-negative number is no instruction;
 - temp basals last at most 30 min, so a dead loop falls back to the scheduled basal;
 - max basal = min(max basal setting, 3 × max daily basal, 4 × scheduled basal) (oref0);
-- max bolus; max IOB (a bolus is cut to the headroom; a temp above scheduled basal may only
-  add the insulin that still fits, including any bolus whose delivery is unconfirmed); no new
-  bolus while one is unconfirmed;
+- max bolus; no new bolus while one is unconfirmed; max IOB (a bolus is cut to the headroom;
+  a temp above scheduled basal may only add the insulin that still fits, including any bolus
+  whose delivery is unconfirmed);
 - then the fallbacks, which win over everything the controller asked for:
   - predictive low-glucose suspend: within 30 min the predicted median below `low_suspend`
     or the lowest predicted quantile below 54 mg/dL (a level-2 low), or the current reading
