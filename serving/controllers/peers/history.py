@@ -10,6 +10,7 @@ far fewer records for the peer to integrate), and runs at the scheduled rate are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +122,13 @@ def basal_runs(h: SlotHistory, scheduled_u_per_h: float) -> list[BasalRun]:
 def utc_index(t: np.ndarray | pd.DatetimeIndex) -> pd.DatetimeIndex:
     """Slot times as a UTC DatetimeIndex in nanoseconds (naive times are taken as UTC)."""
     return pd.DatetimeIndex(pd.to_datetime(np.asarray(t), utc=True)).as_unit("ns")
+
+
+def on_grid(x: float, increment: float) -> float:
+    """`x` floored to the pump's increment: a pump's max basal setting lies on its rate grid,
+    and a peer that rounds its rate to the nearest increment could otherwise round above an
+    off-grid maximum (Loop does; the supervisor would then trim every capped temp)."""
+    return round(math.floor(x / increment + 1e-9) * increment, 6) if increment > 0 else x
 
 
 def iso(t: pd.Timestamp | np.datetime64, *, zulu: bool = True) -> str:

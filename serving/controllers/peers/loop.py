@@ -14,7 +14,8 @@ What Loop is given (the settings used, `LoopConfig`):
   insulin net of the schedule) and boluses — and announced carbs, each with Loop's "medium"
   absorption time (180 min) since the simulated person does not pick one;
 * one schedule entry each for basal, ISF, carb ratio and the correction range (target to
-  target), the settings' max basal and max bolus, suspend threshold = the settings'
+  target), the settings' max basal (floored to the 0.05 U/h grid, as a pump's setting is)
+  and max bolus, suspend threshold = the settings'
   ``low_suspend_mgdl``, the exponential insulin model with DIA 360 min and peak 75 min
   (Loop's "Rapid-Acting – Adults"; glucast's `InsulinCurve` is the same curve), insulin and
   carb delay 10 min, rate rounding 0.05 U/h (Omnipod);
@@ -45,7 +46,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from serving.controllers.peers.history import basal_runs, checked_history, iso, utc_index
+from serving.controllers.peers.history import (
+    basal_runs,
+    checked_history,
+    iso,
+    on_grid,
+    utc_index,
+)
 from serving.controllers.peers.process import (
     PeerAnswerError,
     PeerProcess,
@@ -136,7 +143,7 @@ def build_request(
             "retrospective_correction_grouping_interval": float(config.rc_grouping_min),
             "retrospective_correction_enabled": bool(config.retrospective_correction),
             "default_absorption_times": [float(x) for x in config.default_absorption_times],
-            "max_basal_rate": float(s.max_basal_u_per_h),
+            "max_basal_rate": on_grid(float(s.max_basal_u_per_h), config.rate_rounder),
             "max_bolus": float(s.max_bolus_u),
             "rate_rounder": float(config.rate_rounder),
             "insulin_delay": float(config.insulin_delay_min),

@@ -10,12 +10,13 @@ What oref0 is given (the settings used, `Oref0Config`):
 
 * **profile** — oref0's own defaults (lib/profile ``defaults()``, applied in the driver),
   overridden by the patient's settings: one schedule entry each for basal, ISF, carb ratio
-  and target (min_bg = max_bg = target), ``max_basal`` = the settings' max basal,
+  and target (min_bg = max_bg = target), ``max_basal`` = the settings' max basal (floored
+  to the pump's 0.05 U/h grid, as a pump's setting is),
   ``max_daily_basal`` = the highest scheduled rate, ``dia`` 6 h with the "rapid-acting"
   curve (peak 75 min: glucast's `forecast.insulin.InsulinCurve` is the same curve), and
   ``max_iob`` from the settings. oref0's max_iob caps *net* IOB (above scheduled basal)
   while `PatientSettings.max_iob_u` is the absolute IOB the supervisor counts, so oref0 gets
-  max_iob_u minus the steady IOB of scheduled basal (for `serving.trial.settings_for`'s
+  max_iob_u minus the steady IOB of scheduled basal (for `serving.insilico.trial.settings_for`'s
   patients: one max bolus + 3 h of basal). Left at oref0's default 0, oref0 never adds
   insulin above basal.
 * **SMB and UAM on**, as the OpenAPS docs recommend for meals that are not announced
@@ -53,6 +54,7 @@ from serving.controllers.peers.history import (
     checked_history,
     epoch_ms,
     iso,
+    on_grid,
     utc_index,
 )
 from serving.controllers.peers.process import (
@@ -78,6 +80,7 @@ class Oref0Config:
     max_uam_smb_basal_minutes: int = 30
     smb_interval_min: int = 3
     bolus_increment_u: float = 0.05
+    basal_increment_u_per_h: float = 0.05  # the pump's rate grid (max_basal is floored to it)
     meal_bolus: bool = True  # carbs / CR at an announced meal, as the person would bolus
     autosens_ratio: float = 1.0
     history_hours: float = 24.0  # what the adapter passes (oref0's rigs keep 24 h)
@@ -114,7 +117,7 @@ def build_request(inp: ControlInput, config: Oref0Config = Oref0Config()) -> dic
         "max_iob": round(max(0.0, float(s.max_iob_u) - steady), 3),
         "current_basal": sched,
         "max_daily_basal": max_daily,
-        "max_basal": float(s.max_basal_u_per_h),
+        "max_basal": on_grid(float(s.max_basal_u_per_h), config.basal_increment_u_per_h),
         "min_bg": float(s.target_mgdl),
         "max_bg": float(s.target_mgdl),
         "sens": float(s.isf_mgdl_per_u),
