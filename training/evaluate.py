@@ -297,12 +297,13 @@ def ceiling_runs(experiment: str, exclude: set[str] | frozenset[str] = frozenset
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    names = ", ".join(f"'{n}'" for n in sorted(set(ORACLE_MODELS.values())))
-    found = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_MODEL}` IN ({names}) AND attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
+    found = []
+    for name in sorted(set(ORACLE_MODELS.values())):  # MLflow has no IN for tags
+        found += client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{tracking.TAG_MODEL}` = '{name}' AND attributes.status = 'FINISHED'",
+        )
+    found.sort(key=lambda r: r.info.start_time, reverse=True)
     out = []
     for r in found:
         tags = r.data.tags

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from forecast.cli import emit_json
+    from training.evaluate import ceiling_ratios, ceiling_runs
     from training.tracking import (
         TrackingError,
         compare_url,
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     runs = find_runs(args.experiment)
+    # the forecast ceilings (`glucast evaluate --model oracle-* --mlflow`) are evaluation runs
+    runs += ceiling_runs(args.experiment, exclude={r["run_id"] for r in runs})
     if args.dataset_hash:
         runs = [r for r in runs if r["dataset_hash"].startswith(args.dataset_hash)]
         if not runs:
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 "runs": [
                     {
+                        # RMSE / each oracle's per horizon, where the group has oracle runs
+                        "ceiling_ratio": ceiling_ratios(g["runs"])[r["run_id"]],
                         "run_id": r["run_id"],
                         "url": r["url"],
                         "model": r["model"],
@@ -143,11 +148,21 @@ def _tables(out: dict) -> None:
         t.add_column("run", no_wrap=True, min_width=8)
         for name, _ in COLUMNS:
             t.add_column(name, justify="right")
+        oracles = sorted({o for r in g["runs"] for o in r["ceiling_ratio"]})
+        for o in oracles:  # "x oracle-filter": RMSE 30 / 60 over the oracle's
+            t.add_column(f"x {o} 30/60", justify="right")
         for r in g["runs"]:
+            cr = r["ceiling_ratio"]
             t.add_row(
                 r["model"],
                 r["run_id"][:8],
                 *("-" if v is None else f"{v:.2f}" for v in r["metrics"].values()),
+                *(
+                    "/".join(
+                        "-" if cr[o].get(h) is None else f"{cr[o][h]:.2f}" for h in ("30", "60")
+                    )
+                    for o in oracles
+                ),
             )
         console.print(t)
         # plain print: rich would wrap the long link and break it for copy and paste
