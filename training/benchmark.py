@@ -301,8 +301,23 @@ class _Tracker:
         for i in range(0, len(items), 900):
             self.client.log_batch(run_id, metrics=items[i : i + 900])
 
-    def finish_child(self, run_id: str, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+    def finish_child(
+        self, run_id: str, report: dict[str, Any], metrics: dict[str, float], extra: dict[str, Any]
+    ) -> None:
+        from mlflow.entities import Metric
+
+        from training import tracking
+
         self.log_metrics(run_id, metrics)
+        # Per-horizon curves (step = minutes ahead), as `glucast train` logs them.
+        now = int(time.time() * 1000)
+        curves = [
+            Metric(k, v, now, int(step))
+            for k, c in tracking.horizon_curves(report).items()
+            for step, v in c.items()
+        ]
+        for i in range(0, len(curves), 900):
+            self.client.log_batch(run_id, metrics=curves[i : i + 900])
         self.client.log_dict(run_id, extra, "benchmark_child.json")
         self.client.set_tag(run_id, TAG_COMPLETE, "true")
         self.client.set_terminated(run_id, "FINISHED")
@@ -503,8 +518,7 @@ def run_benchmark(
                         n_children += 1
                         _run_child(tracker, cfg, table, splits, job, base_tags, out_dir, say)
             if pending_peers:
-                n_children += len(pending_peers)
-                _run_peers(tracker, cfg, table, splits, pending_peers, base_tags, peer_reason,
+                n_children += _run_peers(tracker, cfg, table, splits, pending_peers, base_tags, peer_reason,
                            results["peers"], say)  # fmt: skip
         results["seconds"] = time.perf_counter() - t_start
         results["children_run"] = n_children
@@ -525,7 +539,12 @@ def _run_child(tracker, cfg, table, splits, job, base_tags, out_dir, say) -> Non
     say(f"{job['label']}: fitting")
     rid = tracker.start_child(
         f"{table['dataset']}-{table['split']}-{model}" + (f"-s{seed}" if model in DEEP else ""),
-        {**base_tags, tracking.TAG_MODEL: model, TAG_CHILD: job["hash"]},
+        {
+            **base_tags,
+            tracking.TAG_MODEL: model,
+            TAG_CHILD: job["hash"],
+            tracking.TAG_KIND: "benchmark",
+        },
         {**tcfg.flat(), "benchmark.seed": seed},
     )
     t0 = time.perf_counter()
@@ -541,7 +560,9 @@ def _run_child(tracker, cfg, table, splits, job, base_tags, out_dir, say) -> Non
     report.pop("_pred", None)
     metrics = tracking.metrics_from_evaluation(report)
     metrics["fit_seconds"] = float(fit.get("fit_seconds", 0.0))
-    tracker.finish_child(rid, metrics, json_safe({"fit": fit, "windows": report["windows"]}))
+    tracker.finish_child(
+        rid, report, metrics, json_safe({"fit": fit, "windows": report["windows"]})
+    )
     head = _headline(metrics)
     table["runs"].setdefault(model, []).append(
         {"seed": seed, "run_id": rid, "resumed": False, "metrics": head,
@@ -553,8 +574,9 @@ def _run_child(tracker, cfg, table, splits, job, base_tags, out_dir, say) -> Non
     )
 
 
-def _run_peers(tracker, cfg, table, splits, jobs, base_tags, reason, peers_out, say) -> None:
-    """GluPredKit's models of one table in one driver call; each gets its child run."""
+def _run_peers(tracker, cfg, table, splits, jobs, base_tags, reason, peers_out, say) -> int:
+    """GluPredKit's models of one table in one driver call; each that ran gets its child run
+    (returns how many)."""
     from forecast.metrics import json_safe
     from training import tracking
     from training.evaluate import score
@@ -582,6 +604,7 @@ def _run_peers(tracker, cfg, table, splits, jobs, base_tags, reason, peers_out, 
     peers_out[key] = {
         n: {k: v for k, v in s.items() if k != "traceback"} for n, s in status.items()
     }
+    ran = 0
     for job in jobs:
         name = job["model"][len(PEER_PREFIX) :]
         st = status.get(name, {"status": "failed", "error": "no answer from the driver"})
@@ -590,7 +613,8 @@ def _run_peers(tracker, cfg, table, splits, jobs, base_tags, reason, peers_out, 
             continue  # no child run: nothing was measured (the reason is in the tables)
         rid = tracker.start_child(
             f"{table['dataset']}-{table['split']}-{job['model']}",
-            {**base_tags, tracking.TAG_MODEL: job["model"], TAG_CHILD: job["hash"]},
+            {**base_tags, tracking.TAG_MODEL: job["model"], TAG_CHILD: job["hash"],
+             tracking.TAG_KIND: "benchmark"},
             {"peer": "glupredkit", "peer.version": gpk.VERSION, "peer.model": name,
              "peer.loop_samples": cfg.loop_samples,
              "peer.max_train_rows": cfg.peer_max_train_rows},
@@ -601,7 +625,7 @@ def _run_peers(tracker, cfg, table, splits, jobs, base_tags, reason, peers_out, 
         for k in ("fit_seconds", "predict_seconds"):
             if isinstance(st.get(k), (int, float)):
                 metrics[k] = float(st[k])
-        tracker.finish_child(rid, metrics, json_safe({k: v for k, v in st.items()}))
+        tracker.finish_child(rid, report, metrics, json_safe({k: v for k, v in st.items()}))
         head = _headline(metrics)
         table["runs"].setdefault(job["model"], []).append(
             {"seed": None, "run_id": rid, "resumed": False, "metrics": head}
@@ -610,6 +634,8 @@ def _run_peers(tracker, cfg, table, splits, jobs, base_tags, reason, peers_out, 
             f"{job['label']}: RMSE 30/60 {head.get('test_rmse_30', float('nan')):.2f}/"
             f"{head.get('test_rmse_60', float('nan')):.2f} (fit {st.get('fit_seconds', 0):.0f} s)"
         )
+        ran += 1
+    return ran
 
 
 # --------------------------------------------------------------------------- tables

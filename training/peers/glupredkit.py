@@ -43,10 +43,13 @@ import pandas as pd
 from forecast.schema import GlucastError
 
 VERSION = "1.0.32"
-#: What `install` puts in the peer's venv: GluPredKit itself, and the PyLoopKit its Loop
-#: model imports (GluPredKit's "heavy" extra pins exactly this one; the rest of that extra —
-#: tensorflow 2.14, torch, py_replay_bg — is for its deep and UVA/Padova models, not installed).
-REQUIREMENTS = (f"glupredkit=={VERSION}", "opsb-pyloopkit==0.1.0")
+#: What `install` puts in the peer's venv: GluPredKit itself, the PyLoopKit its Loop model
+#: imports (GluPredKit's "heavy" extra pins exactly this one; the rest of that extra —
+#: tensorflow 2.14, torch, py_replay_bg — is for its deep and UVA/Padova models, not
+#: installed), and pandas 1.x: GluPredKit does not bound pandas, and with the pandas 3 that
+#: pip resolves its Loop model's fit fails (``np.mean(DataFrame)[0]``: IndexError, invalid
+#: index to scalar variable), code written against pandas 1.
+REQUIREMENTS = (f"glupredkit=={VERSION}", "opsb-pyloopkit==0.1.0", "pandas==1.5.3")
 DRIVER = Path(__file__).with_name("glupredkit_driver.py")
 
 #: GluPredKit model modules the adapter knows, with the positional fit arguments glucast
@@ -240,8 +243,8 @@ def write_request(
 ) -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "request.json").write_text(json.dumps(request, indent=1, sort_keys=True))
-    np.savez(work / "train.npz", **train)
-    np.savez(work / "test.npz", **test)
+    np.savez_compressed(work / "train.npz", **train)
+    np.savez_compressed(work / "test.npz", **test)
 
 
 def read_response(work: Path, n: int, horizon_slots: int) -> tuple[dict[str, np.ndarray], dict]:
@@ -312,3 +315,23 @@ def run_models(
         preds, resp = read_response(work, len(test_windows), test_windows.config.horizon_slots)
     resp["seconds"] = seconds
     return preds, resp
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.peers.glupredkit install|status`` until `glucast peers` has it."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.peers.glupredkit")
+    p.add_argument("action", choices=("install", "status"))
+    args = p.parse_args(argv)
+    if args.action == "install":
+        print(json.dumps(install()))
+        return 0
+    reason = unavailable_reason()
+    print(json.dumps({"env": str(env_dir()), "version": VERSION, "ready": reason is None,
+                      "reason": reason}))  # fmt: skip
+    return 0 if reason is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
