@@ -14,8 +14,10 @@ What Loop is given (the settings used, `LoopConfig`):
   insulin net of the schedule) and boluses — and announced carbs, each with Loop's "medium"
   absorption time (180 min) since the simulated person does not pick one;
 * one schedule entry each for basal, ISF, carb ratio and the correction range (target to
-  target), the settings' max basal (floored to the 0.05 U/h grid, as a pump's setting is)
-  and max bolus, suspend threshold = the settings'
+  target); max basal = what the supervisor lets through (min(max basal, 3 × max daily
+  basal, 4 × scheduled), oref0's caps, which glucast applies to every controller; Loop
+  itself has only the one setting), floored to the 0.05 U/h grid as a pump's setting is;
+  the settings' max bolus, suspend threshold = the settings'
   ``low_suspend_mgdl``, the exponential insulin model with DIA 360 min and peak 75 min
   (Loop's "Rapid-Acting – Adults"; glucast's `InsulinCurve` is the same curve), insulin and
   carb delay 10 min, rate rounding 0.05 U/h (Omnipod);
@@ -59,7 +61,8 @@ from serving.controllers.peers.process import (
     answer_batch,
     child_env,
 )
-from serving.types import ControlInput, Proposal
+from serving.safety import max_basal
+from serving.types import ControlInput, PatientSettings, Proposal
 
 PEER = "loop"
 
@@ -84,6 +87,12 @@ class LoopConfig:
     meal_bolus: bool = True  # the person accepts Loop's recommended bolus when announcing carbs
     history_hours: float = 24.0  # Loop computes 24 h of effects
     timeout_s: float = 10.0  # per decision; past it the process is ended (PeerTimeoutError)
+
+
+def max_basal_cap(s: PatientSettings) -> float:
+    """The highest temp basal the supervisor lets through for these settings (U/h)."""
+    daily = s.max_daily_basal_u_per_h or s.basal_u_per_h
+    return float(max_basal(s.max_basal_u_per_h, daily, s.basal_u_per_h))
 
 
 def build_request(
@@ -143,7 +152,7 @@ def build_request(
             "retrospective_correction_grouping_interval": float(config.rc_grouping_min),
             "retrospective_correction_enabled": bool(config.retrospective_correction),
             "default_absorption_times": [float(x) for x in config.default_absorption_times],
-            "max_basal_rate": on_grid(float(s.max_basal_u_per_h), config.rate_rounder),
+            "max_basal_rate": on_grid(max_basal_cap(s), config.rate_rounder),
             "max_bolus": float(s.max_bolus_u),
             "rate_rounder": float(config.rate_rounder),
             "insulin_delay": float(config.insulin_delay_min),

@@ -86,6 +86,7 @@ class Oref0Config:
     history_hours: float = 24.0  # what the adapter passes (oref0's rigs keep 24 h)
     device: str = "glucast-cgm"  # glucose-get-last compares deltas from one device only
     timeout_s: float = 10.0  # per decision; past it the process is ended (PeerTimeoutError)
+    max_temp_minutes: int = 30  # longer temps are proposed for this long, renewed each cycle
 
     def profile_prefs(self) -> dict:
         """The oref0 preferences (preferences.json keys) these settings stand for."""
@@ -229,25 +230,36 @@ def _meal_bolus(inp: ControlInput, config: Oref0Config) -> float:
     return round(math.floor(u / inc + 1e-9) * inc, 3) if u > 0 else 0.0
 
 
-def proposal_from_result(result: dict, request: dict, inp: ControlInput) -> Proposal:
+def proposal_from_result(
+    result: dict, request: dict, inp: ControlInput, *, max_minutes: int = 30
+) -> Proposal:
     """oref0's suggestion (the driver's result) → a `Proposal`.
 
     ``rate``/``duration`` set a temp basal (U/h, min); duration 0 is oref0's cancel and no
     rate at all means "keep what runs", and nothing runs (see ``currenttemp``), so both are
     the scheduled basal. ``units`` is the SMB (U); the meal bolus the adapter gave is added.
+    A temp longer than `max_minutes` (oref0 sets zero temps of up to 60 min beside an SMB, for
+    a rig that may not loop again soon) is proposed for `max_minutes`: glucast's temps last at
+    most 30 min and the engine decides again in 5, so the same zero temp is simply renewed
+    (otherwise the supervisor would cut every such temp and count it as a change).
     """
     rt = result.get("suggested")
     if not isinstance(rt, dict):
         raise PeerAnswerError(f"oref0 answer has no 'suggested' object: {result!r}", peer=PEER)
     sched = float(inp.settings.basal_u_per_h)
     rate, duration = sched, 30
+    longer = ""
     if "rate" in rt and rt.get("duration"):
         rate, duration = _finite(rt, "rate"), int(round(_finite(rt, "duration")))
+        if duration > max_minutes:
+            longer = f" [{duration} min asked: {max_minutes} min, renewed each cycle]"
+            duration = max_minutes
     smb = _finite(rt, "units") if "units" in rt else 0.0
     meal_u = float(request.get("meal_bolus_u") or 0.0)
     reason = str(rt.get("reason", ""))
     if meal_u > 0:
         reason = f"meal bolus {meal_u:.2f} U (carbs/CR, by the person); {reason}"
+    reason += longer
     if "rate" not in rt:
         reason += " [no temp asked: scheduled basal]"
     elif not rt.get("duration"):
@@ -306,7 +318,9 @@ class Oref0Controller:
         return answer_batch(
             self.process,
             requests,
-            lambda i, res: proposal_from_result(res, requests[i], inputs[i]),
+            lambda i, res: proposal_from_result(
+                res, requests[i], inputs[i], max_minutes=self.config.max_temp_minutes
+            ),
             [inp.settings.name for inp in inputs],
         )
 
