@@ -58,6 +58,7 @@ td:first-child, th:first-child { text-align: left; }
 tbody tr:nth-child(even) { background: var(--stripe); }
 figure { margin: 1.2rem 0; text-align: center; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+.grid { display: grid; gap: 0 1rem; grid-template-columns: repeat(var(--cols), 1fr); }
 figcaption, .caption { color: var(--muted); font-size: .85rem; margin-top: .4rem; }
 pre { background: var(--stripe); border: 1px solid var(--line); border-radius: 6px;
       padding: .8rem 1rem; overflow-x: auto; font-size: .8rem; }
@@ -238,19 +239,37 @@ class HtmlReport:
 
     def add_image(self, png: str | Path | bytes, caption: str | None = None) -> HtmlReport:
         """A PNG file (or its bytes) another step wrote, embedded like a figure."""
+        return self._embed_png(self._png_bytes(png), caption)
+
+    def add_image_grid(
+        self, images: list[tuple[str | Path | bytes, str | None]], columns: int = 2
+    ) -> HtmlReport:
+        """PNG files (or bytes) with captions side by side, `columns` to a row."""
+        if columns < 1:
+            raise ReportError(f"an image grid needs at least one column, got {columns}")
+        figures = [self._figure(self._png_bytes(png), caption) for png, caption in images]
+        if figures:
+            self._parts.append(
+                f'<div class="grid" style="--cols:{int(columns)}">{"".join(figures)}</div>'
+            )
+        return self
+
+    @staticmethod
+    def _png_bytes(png: str | Path | bytes) -> bytes:
         data = png if isinstance(png, bytes) else Path(png).read_bytes()
         if not data.startswith(b"\x89PNG"):
             raise ReportError(f"add_image takes PNG images; {png!s:.80} is not one")
-        return self._embed_png(data, caption)
+        return data
 
-    def _embed_png(self, png: bytes, caption: str | None) -> HtmlReport:
+    def _figure(self, png: bytes, caption: str | None) -> str:
         data = base64.b64encode(png).decode("ascii")
         self.n_figures += 1
         alt = html.escape(caption or f"figure {self.n_figures}", quote=True)
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self._parts.append(
-            f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{cap}</figure>'
-        )
+        return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{cap}</figure>'
+
+    def _embed_png(self, png: bytes, caption: str | None) -> HtmlReport:
+        self._parts.append(self._figure(png, caption))
         return self
 
     def add_json(self, obj: Any, caption: str | None = None) -> HtmlReport:

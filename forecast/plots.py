@@ -258,10 +258,10 @@ def _gap_starts(t: np.ndarray) -> np.ndarray:
     """Indices i where t[i + 1] - t[i] exceeds 1.5 x the median positive spacing."""
     if t.shape[0] < 3:
         return np.zeros(0, dtype=np.int64)
-    d = np.diff(t)
-    if np.issubdtype(d.dtype, np.timedelta64):
-        d = d.astype("timedelta64[ns]").astype(np.float64)
-    d = np.asarray(d, dtype=np.float64)
+    if _is_datetime(t):  # datetime64 or (time-zone aware) Timestamp objects
+        d = np.diff(pd.to_datetime(t, utc=True).asi8).astype(np.float64)
+    else:
+        d = np.diff(np.asarray(t, dtype=np.float64))
     pos = d[np.isfinite(d) & (d > 0)]
     if pos.size == 0:
         return np.zeros(0, dtype=np.int64)

@@ -69,6 +69,7 @@ cat >&2 <<MSG
 
   Report:  $OUT/index.html   (open it in a browser: xdg-open $OUT/index.html)
   MLflow:  .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI
-           then $(python -c "import json,sys; print(json.load(open(sys.argv[1]))['run_url'].split('/runs/')[0])" "$OUT/train_lstm.json")
+           then $(python -c "import json,sys; from training.tracking import experiment_url as u
+print(u(json.load(open(sys.argv[1]))['experiment_id']))" "$OUT/train_lstm.json")
            (experiment "$EXP"; the report links to every run)
 MSG

@@ -159,10 +159,17 @@ def _model_plots(rep: HtmlReport, out: Path) -> None:
         pngs = sorted((out / "models" / m / "plots").glob("*.png"))
         if not pngs:
             continue
-        rep.add_heading(f"{MODEL_NAMES.get(m, m)}: error grids and forecast overlay", level=3)
+        name = MODEL_NAMES.get(m, m)
+        rep.add_heading(f"{name}: error grids and forecast overlay", level=3)
+        grids = [p for p in pngs if not p.stem.startswith("overlay")]
+        rep.add_image_grid([(p, f"{name}: {_caption(p)}") for p in grids], columns=2)
         for png in pngs:
-            caption = PLOT_CAPTIONS.get(png.stem, png.stem.replace("_", " "))
-            rep.add_image(png, f"{MODEL_NAMES.get(m, m)}: {caption}")
+            if png not in grids:
+                rep.add_image(png, f"{name}: {_caption(png)}")
+
+
+def _caption(png: Path) -> str:
+    return PLOT_CAPTIONS.get(png.stem, png.stem.replace("_", " "))
 
 
 def build(out: Path) -> Path:

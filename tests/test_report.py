@@ -72,6 +72,11 @@ def test_overlay_stops_at_a_gap_in_the_readings():
     assert np.isnan(y).sum() == 1 and np.isnan(y[24])  # one break, right at the gap
     band = next(c for c in ax.collections if "0.05" in c.get_label())
     assert len(band.get_paths()) == 2  # two separate polygons, nothing across the gap
+    # time-zone aware times (the canonical frame's) break the same way
+    aware = pd.DatetimeIndex(t).tz_localize("UTC")
+    fig = plots.overlay_plot(aware, ref, pred, (0.05, 0.5, 0.95))
+    line = next(x for x in fig.axes[0].get_lines() if "q=0.5" in x.get_label())
+    assert np.isnan(np.asarray(line.get_ydata(), dtype=float)).sum() == 1
     # regular data stays one line
     fig = plots.overlay_plot(t[:24], ref[:24], pred[:24], (0.05, 0.5, 0.95))
     line = next(x for x in fig.axes[0].get_lines() if "q=0.5" in x.get_label())
@@ -129,7 +134,8 @@ def test_demo_report_links_counts_and_every_models_plots(demo_page):
     hrefs = re.findall(r'<a href="([^"#][^"]*)"', page)
     assert "trial-basal-bolus/index.html" in hrefs
     assert (demo_page.parent / "trial-basal-bolus/index.html").exists()
-    assert "http://127.0.0.1:5000/#/experiments/7" in hrefs  # the experiment
+    # the experiment, in MLflow 3's runs view
+    assert "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning" in hrefs
     assert sum("/runs/" in h for h in hrefs) == 3  # two training runs and the trial
     # every model's plots, captioned by what they show, not by file name
     for name in ("Persistence", "Ridge (exogenous inputs)"):

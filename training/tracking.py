@@ -80,19 +80,25 @@ def ui_base() -> str:
     return DEFAULT_UI
 
 
+# MLflow 3.18's UI opens every experiment in its GenAI view (traces) unless the link or the
+# browser's saved choice says "Model training"; the experiment tag alone does not do it
+# (checked in headless Chromium against `mlflow server`, docs/mlflow_experiment.png).
+UI_VIEW = "workflowType=machine_learning"
+
+
 def experiment_url(experiment_id: str) -> str:
-    return f"{ui_base()}/#/experiments/{experiment_id}"
+    return f"{ui_base()}/#/experiments/{experiment_id}?{UI_VIEW}"
 
 
 def run_url(experiment_id: str, run_id: str) -> str:
-    return f"{ui_base()}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui_base()}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}"
 
 
 def compare_url(experiment_ids: list[str], run_ids: list[str]) -> str:
     """MLflow's compare-runs page for these runs (the route its own UI builds)."""
     runs = urllib.parse.quote(json.dumps(list(run_ids), separators=(",", ":")))
     exps = urllib.parse.quote(json.dumps(sorted(set(experiment_ids)), separators=(",", ":")))
-    return f"{ui_base()}/#/compare-runs?runs={runs}&experiments={exps}"
+    return f"{ui_base()}/#/compare-runs?runs={runs}&experiments={exps}&{UI_VIEW}"
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
@@ -300,12 +306,14 @@ def run(
     kind: str | None = None,
     description: str | None = None,
     parent_run_id: str | None = None,
+    started_s: float | None = None,
 ) -> Iterator[Any]:
     """Start (and end) an MLflow run; yields the mlflow.ActiveRun.
 
     With `parent_run_id` the run is a child of that run, in the parent's experiment (so MLflow
     nests it under the model it scores); `experiment` is then only the fallback when the
-    parent is not in this store."""
+    parent is not in this store. `started_s` (a time.time()) dates the run's start back to
+    when the work began, so its duration is the work's (a trial logged after it ran)."""
     mlflow = _mlflow()
     all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
     commit = git_commit()
@@ -319,6 +327,17 @@ def run(
         experiment_id(_client().get_experiment(exp_id).name)  # tag it for the UI if needed
     else:
         exp_id = experiment_id(experiment or "glucast")
+    if started_s is not None:
+        if description:
+            all_tags[TAG_NOTE] = description
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent.info.run_id
+        created = _client().create_run(
+            exp_id, start_time=int(started_s * 1000), tags=all_tags, run_name=run_name
+        )
+        with mlflow.start_run(run_id=created.info.run_id) as active:
+            yield active
+        return
     with mlflow.start_run(
         run_name=run_name,
         experiment_id=exp_id,
@@ -582,7 +601,13 @@ def log_trial_run(
         )
         + _trial_headline(cohort)
     )
-    with run(experiment, run_name=name, tags=tags, kind="trial", description=desc) as active:
+    import time
+
+    wall = info.get("wall_s")
+    started = time.time() - float(wall) if _finite(wall) else None
+    with run(
+        experiment, run_name=name, tags=tags, kind="trial", description=desc, started_s=started
+    ) as active:
         log_params(trial_params(info))
         metrics = {f"cohort_{k}": v for k, v in cohort.items()}
         if _finite(cohort.get("sim_out_of_range")):  # a mean of 0/1 flags: a share, so %
