@@ -61,6 +61,8 @@ from forecast.insulin import iob_before
 from forecast.schema import SLOT, SLOT_MINUTES, GlucastError
 from forecast.windows import PROFILE_FEATURES, WindowConfig, history_slots, windows_from_slots
 from serving.alerts import Alert, AlertEngine, AlertForecast, AlertThresholds
+from serving.controllers import Controller, meal_bolus_u
+from serving.engine import CycleEngine
 from serving.hal.cgm import CGM, CGMError
 from serving.hal.pump import Delivery, Pump, PumpError, PumpStatus
 from serving.journal import InsulinRecord, Journal, JournalError
@@ -74,9 +76,9 @@ from serving.modes import (
     is_actionable,
     parse_mode,
     same_plan,
-    schedule_verdict,
     scheduled_proposal,
 )
+from serving.predictor import Forecaster
 from serving.safety import CommandResult, SafetyState, Supervisor, assess_cgm
 from serving.types import (
     ControlInput,
@@ -162,6 +164,7 @@ class _Prepared:
     future: np.ndarray | None
     journal_ok: bool
     notes: list[tuple[str, dict[str, Any]]]
+    index: int  # the patient's position in the backend
 
 
 class ControlLoop:
@@ -177,8 +180,8 @@ class ControlLoop:
         self,
         backend: Backend,
         journal: Journal,
-        controller: Any,
-        predictor: Any,
+        controller: Controller | None,
+        predictor: Forecaster | None,
         *,
         mode: str | Mode = Mode.CLOSED,
         window: WindowConfig | None = None,
@@ -202,8 +205,9 @@ class ControlLoop:
             raise LoopError(f"the person answers for {person.n} patients, the backend has "
                             f"{len(backend.names)}")  # fmt: skip
         self.person = person
-        self.window = window or getattr(predictor, "config", None) or WindowConfig()
+        self.window = window or (predictor.config if predictor is not None else WindowConfig())
         w = self.window
+        self.engine = CycleEngine(controller, predictor, w)
         self.k_ins = w.insulin_curve.iob_kernel(w.slot_minutes)  # [K], k[0] = 1
         # the record each cycle reads back: the past window plus the longest look-back of a
         # feature (IOB/COB kernels, 24 h for the daily dose)
@@ -257,8 +261,8 @@ class ControlLoop:
             j.reconcile(self.backend.pump(i), name)
             self._restore(i, name)
         person = getattr(self.person, "describe", lambda: None)()
-        j.event("start", {"mode": mode, "controller": getattr(self.controller, "name", type(self.controller).__name__),
-                          "predictor": _predictor_label(self.predictor),
+        j.event("start", {"mode": mode, "controller": self.controller.name if self.controller else "none",
+                          "predictor": self.predictor.label if self.predictor is not None else "none",
                           "person": person if self.mode is Mode.ADVISORY else None,
                           "alerts": self.alert_thresholds.to_dict()}, time=self.backend.now())  # fmt: skip
 
@@ -324,32 +328,14 @@ class ControlLoop:
             return []
         prepared = [self._prepare(i, t, now) for i in todo]
         inputs = [self._input(i, p, t) for i, p in zip(todo, prepared)]
-        live = [k for k, inp in enumerate(inputs) if inp is not None]
-        proposals: list[Proposal] = [
-            Proposal(
-                self.settings[i].basal_u_per_h, 30, 0.0, reason="no model inputs → scheduled basal"
-            )
-            for i in todo
-        ]
-        if self.mode is Mode.MONITOR:  # nothing is proposed: the pump runs its own program
-            proposals = [scheduled_proposal(self.settings[i], "monitor: the pump's schedule")
-                         for i in todo]  # fmt: skip
-        elif live:
-            try:
-                got = self.controller.propose([inputs[k] for k in live])
-                for k, p in zip(live, got):
-                    proposals[k] = p
-            except Exception as e:  # a controller bug must not stop the loop
-                for k in live:
-                    prepared[k].notes.append(("fault", {"controller": f"{type(e).__name__}: {e}"}))
-                    proposals[k] = Proposal(
-                        self.settings[todo[k]].basal_u_per_h, 30, 0.0,
-                        reason=f"controller failed ({type(e).__name__}) → scheduled basal",
-                        predicted_mgdl=np.full((self.window.horizon_slots, 1), np.nan),
-                    )  # fmt: skip
+        settings = [self.settings[i] for i in todo]
+        states = [self._state(p, now) for p in prepared]
+        d = self.engine.decide(inputs, settings, states, self.mode)
         out = []
         for k, i in enumerate(todo):
-            out.append(self._decide_and_act(i, prepared[k], proposals[k], t, now))
+            prepared[k].notes.extend(d.events[k])
+            out.append(self._act(i, prepared[k], d.proposals[k], d.verdicts[k], d.sources[k],
+                                 states[k], t, now))  # fmt: skip
         self.cycles_run += 1
         return out
 
@@ -444,6 +430,7 @@ class ControlLoop:
             future,
             journal_ok,
             notes,
+            i,
         )
 
     def _journal_down(self, t: pd.Timestamp, e: Exception) -> None:
@@ -532,49 +519,39 @@ class ControlLoop:
         )
 
     def _predict(self, i: int, p: _Prepared, proposal: Proposal) -> tuple[np.ndarray | None, str]:
-        """The forecast under the proposed plan (the controller's when it gave one)."""
-        if proposal.predicted_mgdl is not None:
-            return np.asarray(proposal.predicted_mgdl), "controller"
-        if p.past is None or p.future is None:
-            return None, "none"
-        past, future = plan_window(p.past, p.future, self.window, proposal, self.settings[i])
-        try:
-            fc = getattr(self.predictor, "forecast", None)
-            if fc is not None:
-                f = fc(past[None], future[None], settings=[self.settings[i]])
-                return np.asarray(f.glucose[0]), f.source
-            return np.asarray(self.predictor.predict(past[None], future[None])[0]), "predictor"
-        except Exception as e:  # a failing predictor → no trustworthy prediction
-            p.notes.append(("fault", {"predictor": f"{type(e).__name__}: {e}"}))
-            return np.full((self.window.horizon_slots, 1), np.nan), "failed"
+        """The forecast under one plan (the controller's when it gave one)."""
+        ((pred, source),) = self.engine.forecast_plans(
+            [self._input(i, p, self.cycle_time())], [proposal], [self.settings[i]], [p.notes]
+        )
+        return pred, source
 
-    def _decide_and_act(self, i: int, p: _Prepared, proposal: Proposal, t, now) -> PatientCycle:
+    def _state(self, p: _Prepared, now: pd.Timestamp) -> SafetyState:
+        """What the supervisor knows of a patient this cycle."""
+        return SafetyState(now=now, iob_u=p.iob_u, cgm=p.cgm, pump=p.pump,
+                           unconfirmed_bolus_u=p.unconfirmed_u, journal_ok=p.journal_ok,
+                           meal_bolus_u=meal_bolus_u(p.carbs_g, self.settings[p.index]))  # fmt: skip
+
+    def _act(self, i: int, p: _Prepared, proposal: Proposal, verdict: Verdict, source: str,
+             state: SafetyState, t: pd.Timestamp, now: pd.Timestamp) -> PatientCycle:  # fmt: skip
+        """Carry out one patient's decision: pump, advice, alerts, journal."""
         name, sup = self.names[i], self.supervisors[i]
-        pred, source = self._predict(i, p, proposal)
-        if pred is not None and proposal.predicted_mgdl is None:
-            proposal = Proposal(proposal.temp_basal_u_per_h, proposal.duration_min, proposal.bolus_u,
-                                proposal.reason, pred)  # fmt: skip
+        pred = None if proposal.predicted_mgdl is None else np.asarray(proposal.predicted_mgdl)
         events = list(p.notes)
-        last = getattr(self.predictor, "last", None)
-        if source == "controller":  # the controller's forecast: say which forecaster made it
-            source = getattr(last, "source", "controller")
-        label = f"{_predictor_label(self.predictor)}:{source}"
+        last = self.predictor.last if self.predictor is not None else None
+        if source == "controller" and last is not None:  # say which forecaster made it
+            source = last.source
+        label = f"{self.predictor.label if self.predictor is not None else 'none'}:{source}"
         if label != self._last_label.get(name):  # journal when the forecaster in use changes
             reasons = "; ".join(getattr(last, "reasons", []) or []) if source != "model" else ""
             events.append(
                 ("predictor", {"from": self._last_label.get(name), "to": label, "why": reasons})
             )
             self._last_label[name] = label
-        state = SafetyState(now=now, iob_u=p.iob_u, cgm=p.cgm, pump=p.pump,
-                            unconfirmed_bolus_u=p.unconfirmed_u, journal_ok=p.journal_ok)  # fmt: skip
         results: list[CommandResult] = []
         advice: list[dict[str, Any]] = []
         confirmed: Verdict | None = None
         alert_pred = pred
-        if self.mode is Mode.MONITOR:  # the supervisor has nothing to check, the pump nothing to do
-            verdict = schedule_verdict(self.settings[i])
-        else:
-            verdict = sup.check(proposal, state)
+        if self.mode is not Mode.MONITOR:  # in monitor mode nothing was judged, nothing is sent
             events += [
                 ("veto", {"reason": r, "fallback": verdict.fallback}) for r in verdict.vetoes
             ]
@@ -691,12 +668,11 @@ class ControlLoop:
         """One step of the patient's alert engine: newest reading, forecast, pump faults."""
         reading = max(p.readings, key=lambda r: r.time) if p.readings else None
         fc = None
-        q = tuple(getattr(self.predictor, "quantiles", ()) or ())
+        q = tuple(self.predictor.quantiles) if self.predictor is not None else ()
         if pred is not None and source not in ("failed", "none"):
             g = np.asarray(pred, dtype=float)
             if g.ndim == 2 and g.shape[1] == len(q) and np.isfinite(g).all():
-                primary = type(getattr(self.predictor, "primary", None)).__name__.lower()
-                physio = source in ("fallback", "mixed") or "physio" in primary
+                physio = source in ("fallback", "mixed") or self.predictor.physiological
                 fc = AlertForecast(t, g, q, source="physio" if physio else "model",
                                    slot_minutes=self.window.slot_minutes)  # fmt: skip
         faults = None if p.pump is None else ([str(p.pump.fault)] if p.pump.fault else [])
@@ -708,49 +684,8 @@ def _plan(p: Proposal) -> dict[str, Any]:
             "bolus_u": p.bolus_u, "reason": p.reason}  # fmt: skip
 
 
-def plan_window(
-    past: np.ndarray,
-    future: np.ndarray,
-    w: WindowConfig,
-    proposal: Proposal,
-    settings: PatientSettings,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Write one proposal into a window: this slot's insulin in the last past row (and its
-    IOB), the temp basal for the rest of its duration then scheduled basal in `future`."""
-    past, future = past.copy(), future.copy()
-    slot_h = w.slot_minutes / 60.0
-    rate = (
-        proposal.temp_basal_u_per_h
-        if math.isfinite(proposal.temp_basal_u_per_h)
-        else settings.basal_u_per_h
-    )
-    bolus = proposal.bolus_u if math.isfinite(proposal.bolus_u) and proposal.bolus_u > 0 else 0.0
-    rate = max(0.0, rate)
-    pb, pbo = w.past_index("basal_u"), w.past_index("bolus_u")
-    given = float(past[-1, pb] + past[-1, pbo])
-    past[-1, pb], past[-1, pbo] = rate * slot_h, bolus
-    if "iob_u" in w.past_features:
-        past[-1, w.past_index("iob_u")] += rate * slot_h + bolus - given
-    n_temp = max(0, int(min(proposal.duration_min, 30) // w.slot_minutes) - 1)
-    fb = w.future_index("basal_u")
-    future[:, fb] = settings.basal_u_per_h * slot_h
-    future[:n_temp, fb] = rate * slot_h
-    return past, future
-
-
 def _empty_carbs() -> pd.DataFrame:
     return pd.DataFrame({"time": pd.to_datetime([], utc=True), "carbs_g": []})
-
-
-def _predictor_label(predictor: Any) -> str:
-    if predictor is None:
-        return "none"
-    reason = getattr(predictor, "degraded_reason", "")
-    if getattr(predictor, "primary", True) is None:
-        return f"fallback ({reason})" if reason else "fallback"
-    manifest = getattr(predictor, "manifest", None)
-    sha = getattr(manifest, "sha256", "")
-    return f"model {sha[:12]}" if sha else type(predictor).__name__
 
 
 # --------------------------------------------------------------------------- the runner

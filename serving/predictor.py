@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -140,6 +140,34 @@ class Forecast:
         return bool(self.fallback.any())
 
 
+@runtime_checkable
+class Forecaster(Protocol):
+    """What the runtime (the loop, the controllers, the engine) asks of a forecaster:
+    checked quantile forecasts for a batch of windows, and how to name it in the journal.
+    `FallbackPredictor` (a model, or the physiological forecaster, behind plausibility
+    checks) is the implementation; `forecast.contract.ArrayForecaster` is what it wraps."""
+
+    config: WindowConfig
+    quantiles: tuple[float, ...]
+    calls: int
+    last: Forecast | None
+
+    def forecast(
+        self,
+        past: np.ndarray,
+        future: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        settings: Sequence[Any] | None = None,
+    ) -> Forecast: ...
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def physiological(self) -> bool: ...
+
+
 class FallbackPredictor:
     """A primary forecaster guarded by plausibility checks, a fallback behind it.
 
@@ -170,12 +198,27 @@ class FallbackPredictor:
         self.calls = 0  # batched calls made (the MPC promises one per cycle)
         self.fallback_rows = 0
         self.last: Forecast | None = None
+        self.manifest: ModelManifest | None = None  # set when the primary is an exported model
         self._median = int(np.argmin(np.abs(np.asarray(self.quantiles) - 0.5)))
         self._glucose_col = self.config.past_features.index("glucose")
 
     @property
     def median_index(self) -> int:
         return self._median
+
+    @property
+    def label(self) -> str:
+        """What the journal calls this forecaster: the model by its hash, or the fallback and
+        why it is in use."""
+        if self.primary is None:
+            return f"fallback ({self.degraded_reason})" if self.degraded_reason else "fallback"
+        sha = self.manifest.sha256 if self.manifest is not None else ""
+        return f"model {sha[:12]}" if sha else type(self).__name__
+
+    @property
+    def physiological(self) -> bool:
+        """True when its primary answer is the physiological model (no learned model)."""
+        return self.primary is None or isinstance(self.primary, SettingsPhysio)
 
     def forecast(
         self,
@@ -384,9 +427,9 @@ class Predictor(FallbackPredictor):
     ) -> None:
         model = OnnxForecaster(model_dir, config=config, threads=threads)
         self.model = model
-        self.manifest = model.manifest
         fb = fallback if fallback is not None else physio_fallback(model.config, model.quantiles)
         super().__init__(model, fb, rules=rules)
+        self.manifest = model.manifest
 
     def inputs_at(self, frame, origin=None) -> tuple[np.ndarray, np.ndarray]:
         """Model inputs from a canonical frame, built by THE window builder."""

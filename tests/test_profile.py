@@ -114,6 +114,12 @@ class InputSpy:
         self.pasts.append(np.array(past))
         return self.inner.forecast(past, future, **kw)
 
+    # the rest of serving.predictor.Forecaster, from the real one
+    calls = property(lambda self: self.inner.calls)
+    last = property(lambda self: self.inner.last)
+    label = property(lambda self: self.inner.label)
+    physiological = property(lambda self: self.inner.physiological)
+
 
 def run_spied_loop(tmp_path, backend, predictor, **run):
     from serving.controllers import make_controller

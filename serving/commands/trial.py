@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         accept_prob=args.accept_prob,
         accept_delay_min=args.accept_delay,
     )
-    controller, window, info = build_controller(config)
-    result = _run_with_progress(run_trial, config, controller, window, quiet=args.json)
+    controller, window, info, predictor = build_controller(config)
+    result = _run_with_progress(run_trial, config, controller, window, predictor, quiet=args.json)
     result.info.update(info)
     report = None
     if args.report:
@@ -120,10 +120,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_with_progress(run_trial, config, controller, window, *, quiet: bool):
+def _run_with_progress(run_trial, config, controller, window, predictor, *, quiet: bool):
     """Run with a rich progress bar on stderr (none when stderr is not a terminal)."""
     if quiet or not sys.stderr.isatty():
-        return run_trial(config, controller=controller, window=window)
+        return run_trial(config, controller=controller, window=window, predictor=predictor)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -141,7 +141,9 @@ def _run_with_progress(run_trial, config, controller, window, *, quiet: bool):
             if done % 12 == 0 or done == total:
                 bar.update(task, completed=done)
 
-        return run_trial(config, controller=controller, window=window, progress=progress)
+        return run_trial(
+            config, controller=controller, window=window, predictor=predictor, progress=progress
+        )
 
 
 def _print_summary(data: dict) -> None:

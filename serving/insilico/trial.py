@@ -44,13 +44,16 @@ from serving.controllers import (
     Controller,
     meal_bolus_u,
 )
+from serving.hal.pump import CommandKind
 from serving.insilico.cohort import PATIENT_GROUPS, SENSORS, make_simulator, settings_for  # noqa: F401
+from serving.predictor import Forecaster
 from serving.types import (
     CGMStatus,
     ControlInput,
     PatientSettings,
     Proposal,
     Reading,
+    SlotHistory,
     profile_arrays,
 )
 
@@ -148,8 +151,6 @@ class CohortPump:
         self.commands = 0
 
     def execute(self, i: int, commands: Sequence[Any], minute: float) -> None:
-        from serving.hal.pump import CommandKind
-
         for cmd in commands:
             cmd.validate()  # what pump firmware refuses, the cohort pump refuses too
             self.commands += 1
@@ -195,6 +196,9 @@ LOG_FIELDS = (
     "fallback",  # 0 none, 1 scheduled basal, 2 suspend
     "forecast_fallback",  # the controller's forecaster fell back this cycle
     "acted",  # 1 when the cycle's verdict was sent to the pump (always, in closed loop)
+    "cmd_temp",  # U/h of the temp basal command sent this cycle (NaN: none sent)
+    "cmd_temp_min",  # its duration (0: none)
+    "cmd_bolus",  # U of the bolus command sent this cycle (0: none)
     "advice",  # advisory: 1 when an advice was offered this cycle
     "answer",  # advisory: the person's answer this cycle (see ANSWER_CODES; 0 = none)
 )
@@ -322,6 +326,21 @@ class TrialResult:
             **self.info,
         }
 
+    def pump_commands(self, i: int) -> list[tuple[float | None, int | None, float]]:
+        """Patient `i`'s pump commands, cycle by cycle: (temp basal U/h or None, its minutes or
+        None, bolus U) — what the supervisor sent, to compare with a journaled loop."""
+        lg = self.log
+        return [
+            (
+                None
+                if not np.isfinite(lg["cmd_temp"][i, c])
+                else round(float(lg["cmd_temp"][i, c]), 6),
+                None if not np.isfinite(lg["cmd_temp"][i, c]) else int(lg["cmd_temp_min"][i, c]),
+                round(float(lg["cmd_bolus"][i, c]), 6),
+            )
+            for c in range(len(self.times))
+        ]
+
     # -- safety audit --------------------------------------------------------------------
 
     def limit_violations(self, tol: float = 1e-6) -> list[str]:
@@ -389,7 +408,9 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_controller(config: TrialConfig) -> tuple[Controller, WindowConfig, dict[str, Any]]:
+def build_controller(
+    config: TrialConfig,
+) -> tuple[Controller, WindowConfig, dict[str, Any], Forecaster]:
     """The controller a trial config names (`serving.controllers.build_controller`, the
     runtime's factory), the window it needs, and facts for the record. The model must be
     trustworthy (strict); the MPC's forecaster runs its encoder once per patient instead of
@@ -400,7 +421,7 @@ def build_controller(config: TrialConfig) -> tuple[Controller, WindowConfig, dic
     if config.controller == "mpc" and not config.model_dir:
         raise TrialError("--controller mpc needs --model DIR (an exported forecaster)")
     b = build(config.controller, config.model_dir, strict=True, accelerate=shared_past_predictor)
-    return b.controller, b.window, b.info
+    return b.controller, b.window, b.info, b.predictor
 
 
 def run_trial(
@@ -408,6 +429,7 @@ def run_trial(
     *,
     controller: Controller | None = None,
     window: WindowConfig | None = None,
+    predictor: Forecaster | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TrialResult:
     """Run the cohort for `config.days` in `config.mode`; every dose through the supervisor.
@@ -419,14 +441,22 @@ def run_trial(
     its schedule (the supervisor still judges the schedule, for the record).
     """
     from forecast.sim import load_patients
+    from serving.engine import CycleEngine
     from serving.insilico.advisory import confirm_batch, confirmer_for
-    from serving.modes import scheduled_proposal
+    from serving.modes import parse_mode
+    from serving.predictor import load_predictor
     from serving.safety import SafetyState, Supervisor, assess_cgm, check_batch, max_basal
 
     info: dict[str, Any] = {}
     if controller is None:
-        controller, window, info = build_controller(config)
+        controller, window, info, predictor = build_controller(config)
     window = window or getattr(controller, "window", None) or WindowConfig()
+    if predictor is None:  # as the runtime's factory pairs them: the MPC's own forecaster,
+        from serving.controllers.mpc import MPCController  # else the physiological one
+
+        mpc = isinstance(controller, MPCController)
+        predictor = controller.predictor if mpc else load_predictor(None, config=window)
+    engine = CycleEngine(controller, predictor, window)
     patients = load_patients(config.patients)
     names = [str(x) for x in patients.names]
     settings = settings_for(patients, target_mgdl=config.target_mgdl)
@@ -461,8 +491,7 @@ def run_trial(
             delay_min=config.accept_delay_min,
             seed=config.seed,
         )
-    predictor = getattr(controller, "predictor", None)
-    calls0 = predictor.calls if predictor is not None else 0
+    calls0 = predictor.calls
     t_start = time.perf_counter()
     times = sim.start + pd.to_timedelta(np.arange(cycles) * SLOT_MINUTES, "min")
     for c in range(cycles):
@@ -476,37 +505,50 @@ def run_trial(
         for i in range(n):
             if math.isfinite(g[i]):
                 recent[i].append(Reading(time=now, glucose_mgdl=float(g[i]), status=CGMStatus.OK))
+        rec = hist.record(c)  # [N, T] the last day of each record, for controllers that read it
+        cgm = [assess_cgm(recent[i], now) for i in range(n)]  # the supervisor's view of the CGM
         inputs = [
             ControlInput(
                 time=now,
                 past=past[i],
                 future=future[i],
-                glucose_mgdl=float(g[i]),
+                glucose_mgdl=cgm[i].glucose_mgdl,  # the latest trusted reading, as the loop's
                 iob_u=float(iob[i]),
                 settings=settings[i],
                 carbs_announced_g=float(carbs[i]),
+                history=SlotHistory(
+                    rec["time"],
+                    rec["glucose"][i],
+                    rec["basal_u"][i],
+                    rec["bolus_u"][i],
+                    rec["carbs_g"][i],
+                ),  # fmt: skip
             )
             for i in range(n)
         ]
         t0 = time.perf_counter()
-        if config.mode == "monitor":  # the controller is never asked
-            proposals: list[Proposal] = [scheduled_proposal(s) for s in settings]
-        else:
-            proposals = controller.propose(inputs)
         states = [
             SafetyState(
                 now=now,
                 iob_u=float(iob[i]),
-                cgm=assess_cgm(recent[i], now),
+                cgm=cgm[i],
+                unconfirmed_bolus_u=float(sim.pump.pending_bolus_u[i]),  # still being delivered
                 meal_bolus_u=meal_bolus_u(float(carbs[i]), settings[i]),
             )
             for i in range(n)
         ]
-        answers: list[Any] = [None] * n
-        if person is None:
-            verdicts, act = check_batch(settings, proposals, states), np.ones(n, bool)
+        mode = parse_mode(config.mode)
+        if person is None:  # closed loop: the runtime's decision, as `glucast loop` makes it
+            dec = engine.decide(inputs, settings, states, mode)
+            proposals, verdicts, act = dec.proposals, dec.verdicts, np.ones(n, bool)
             judged: Sequence[Any] = verdicts
-        else:
+        else:  # the same proposals and forecasts, offered to the simulated person
+            proposals, _ = engine.propose(inputs, settings, mode)
+            for i, (pred, _src) in enumerate(engine.forecast_plans(inputs, proposals, settings)):
+                if pred is not None and proposals[i].predicted_mgdl is None:
+                    proposals[i].predicted_mgdl = pred
+        answers: list[Any] = [None] * n
+        if person is not None:
             running = np.where(minute < pump.temp_until, pump.temp_rate, pump.scheduled)
             res = confirm_batch(
                 person, now, settings, proposals, states, inputs, running_u_per_h=running
@@ -514,9 +556,17 @@ def run_trial(
             verdicts, act, judged = res.verdicts, res.act, res.advice
             answers = list(res.answers) if res.answers else answers
         decision_s[c] = time.perf_counter() - t0
+        sent = np.zeros((n, 3))
+        sent[:, 0] = np.nan
         for i in range(n):
             if act[i]:
-                pump.execute(i, sups[i].commands_for(verdicts[i], now, None), minute)
+                cmds = sups[i].commands_for(verdicts[i], now, None)
+                pump.execute(i, cmds, minute)
+                for cmd in cmds:
+                    if cmd.kind is CommandKind.TEMP_BASAL:
+                        sent[i, :2] = cmd.amount, cmd.duration_min
+                    elif cmd.kind is CommandKind.BOLUS:
+                        sent[i, 2] = cmd.amount
         # what the supervisor said of the controller's proposal (in advisory and monitor
         # modes the verdicts above judge what the person released; the advice's own
         # verdict is recomputed here, outside the timed decision, for the record)
@@ -524,9 +574,13 @@ def run_trial(
         offers = getattr(person, "last_offers", [None] * n)
         rate, bolus = pump.step_inputs(minute)
         eaten = sim.eaten_carbs(minute, minute + SLOT_MINUTES)
+        carried = sim.pump.pending_bolus_u.copy()
         sim.step(SLOT_MINUTES, rate, bolus)
         d = sim.last_delivery
-        hist.deliver(c, d.commanded_basal_u, d.commanded_bolus_u)
+        # the record holds what the pump pushed in the slot (a long bolus spans slots), as
+        # the pump's history and so the journal of the runtime do
+        pushed = carried + d.commanded_bolus_u - sim.pump.pending_bolus_u
+        hist.deliver(c, d.commanded_basal_u, pushed)
         row = {
             "cgm": g,
             "bg": sim.last_bg[:, 0],
@@ -546,6 +600,9 @@ def run_trial(
             "fallback": [{"": 0, "scheduled_basal": 1, "suspend": 2}[v.fallback] for v in advised],
             "forecast_fallback": ["forecast fallback" in p.reason for p in proposals],
             "acted": act,
+            "cmd_temp": sent[:, 0],
+            "cmd_temp_min": sent[:, 1],
+            "cmd_bolus": sent[:, 2],
             "advice": [o is not None for o in offers],
             "answer": [0 if a is None else ANSWER_CODES.get(a.action, 0) for a in answers],
         }
@@ -558,7 +615,7 @@ def run_trial(
         if progress is not None:
             progress(c + 1, cycles)
     wall = time.perf_counter() - t_start
-    calls = (predictor.calls - calls0) if predictor is not None else -1
+    calls = predictor.calls - calls0
     return TrialResult(
         config=config,
         names=names,

@@ -8,7 +8,7 @@ not acknowledge is asked about the same key once (a query, never a second comman
 stays unknown blocks further boluses until it is resolved. When the journal cannot record an
 intent, only commands that reduce insulin are sent.
 
-May import: the standard library, pandas, `forecast.schema`, `serving.types`,
+May import: the standard library, numpy, pandas, `forecast.schema`, `serving.types`,
 `serving.hal.pump` (the pump protocol and its commands) and `serving.safety.rules`. The
 journal is handed in as an object that has the methods of `SupervisorJournal`; this module
 never imports `serving.journal` (it sits above the supervisor, not below it). The journal's
@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import pandas as pd
 
 from serving.hal.pump import (
+    BASAL_INCREMENT_U_PER_H,
     Ack,
     Command,
     CommandKind,
@@ -34,7 +36,13 @@ from serving.hal.pump import (
     resolve_command,
     send,
 )
-from serving.safety.rules import SafetyError, SafetyState, check_batch, validate_settings
+from serving.safety.rules import (
+    SafetyError,
+    SafetyState,
+    check_batch,
+    max_basal,
+    validate_settings,
+)
 from serving.types import JournalError, PatientSettings, Proposal, Verdict
 
 
@@ -103,6 +111,15 @@ class CommandResult:
     detail: str = ""
 
 
+def pump_rate(rate: float, cap_u_per_h: float, increment: float = BASAL_INCREMENT_U_PER_H) -> float:
+    """The temp basal a pump is sent: the nearest increment it can run (oref0's
+    round_basal), never above the cap (then the increment below it)."""
+    near = float(np.round(rate / increment) * increment)
+    if near > cap_u_per_h + 1e-9:
+        return float(np.floor(cap_u_per_h / increment + 1e-9) * increment)
+    return near
+
+
 @dataclass
 class Supervisor:
     """Checks proposals for one patient and is the only code that commands its pump.
@@ -120,6 +137,11 @@ class Supervisor:
     def __post_init__(self) -> None:
         validate_settings(self.settings)
         self.patient = self.patient or self.settings.name
+        s = self.settings
+        self.cap_u_per_h = float(
+            max_basal(s.max_basal_u_per_h, s.max_daily_basal_u_per_h or s.basal_u_per_h,
+                      s.basal_u_per_h)
+        )  # fmt: skip
 
     def check(self, proposal: Proposal, state: SafetyState) -> Verdict:
         """Pure: the verdict for one proposal (the rules: `serving.safety.rules`)."""
@@ -144,7 +166,7 @@ class Supervisor:
             if pump is None or pump.temp_basal is not None:
                 cmds.append(Command(key(CommandKind.CANCEL_TEMP), CommandKind.CANCEL_TEMP))
         else:
-            r = 0.0 if verdict.suspend else rate
+            r = 0.0 if verdict.suspend else pump_rate(rate, self.cap_u_per_h)
             cmds.append(
                 Command(
                     key(CommandKind.TEMP_BASAL), CommandKind.TEMP_BASAL, r, verdict.duration_min
