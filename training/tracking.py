@@ -332,9 +332,13 @@ def run(
             all_tags[TAG_NOTE] = description
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.info.run_id
+        from mlflow.tracking.context.registry import resolve_tags
+
+        # what start_run adds itself (source, user), so the UI's Source column is filled
         created = _client().create_run(
-            exp_id, start_time=int(started_s * 1000), tags=all_tags, run_name=run_name
-        )
+            exp_id, start_time=int(started_s * 1000), tags=resolve_tags(all_tags),
+            run_name=run_name,
+        )  # fmt: skip
         with mlflow.start_run(run_id=created.info.run_id) as active:
             yield active
         return
