@@ -35,7 +35,7 @@ from forecast.windows import WindowConfig
 from serving.controllers import Controller
 from serving.modes import Mode, schedule_verdict, scheduled_proposal
 from serving.predictor import Forecaster
-from serving.safety import SafetyState, check_batch
+from serving.safety.rules import SafetyState, check_batch
 from serving.types import ControlInput, PatientSettings, Proposal, Verdict
 
 Event = tuple[str, dict[str, Any]]

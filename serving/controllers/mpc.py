@@ -200,7 +200,7 @@ class MPCController:
         rungs collapse onto scheduled basal). Every rung gives at least as much insulin as
         the one below it in every slot, whatever the patient.
         """
-        from serving.safety import max_basal
+        from serving.safety.rules import max_basal
 
         c, h = self.config, self.window.horizon_slots + 1  # now + the horizon
         n = len(inputs)

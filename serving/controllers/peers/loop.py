@@ -61,7 +61,7 @@ from serving.controllers.peers.process import (
     answer_batch,
     child_env,
 )
-from serving.safety import max_basal
+from serving.safety.rules import max_basal
 from serving.types import ControlInput, PatientSettings, Proposal
 
 PEER = "loop"
