@@ -5,7 +5,7 @@ the training split, or an exported ONNX model directory) and prints, for predict
 threshold lows and highs: sensitivity, false alerts per day, median lead time, episodes.
 With ``--sweep`` it scores several predicted-low quantiles on the same forecasts instead (a
 table, ``--plot`` draws it) and, with ``--max-false-per-day``, names the one to use.
-Definitions: `serving.alert_eval`, `serving.alert_sweep`.
+Definitions: `serving.insilico.alert_eval`, `serving.insilico.alert_sweep`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the CLI imports its heavy parts when a command runs
     import pandas as pd
 
-    from serving.alert_eval import EpisodeRule
     from serving.alerts import AlertThresholds
+    from serving.insilico.alert_eval import EpisodeRule
 
 BASELINES = ("persistence", "linear", "ridge", "physio")
 
@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     from forecast.cli import emit_json
     from forecast.schema import read_parquet
     from forecast.windows import split_chronological
-    from serving.alert_eval import (
+    from serving.alerts import AlertThresholds
+    from serving.insilico.alert_eval import (
         HIGH_EPISODE,
         LOW_EPISODE,
         consensus_readings,
@@ -158,7 +159,6 @@ def run(args: argparse.Namespace) -> int:
         find_subject_models,
         load_forecaster,
     )
-    from serving.alerts import AlertThresholds
 
     if args.sweep is None and (args.plot or args.max_false_per_day is not None):
         print("error: --plot and --max-false-per-day need --sweep Q[,Q...]", file=sys.stderr)
@@ -262,8 +262,8 @@ def run(args: argparse.Namespace) -> int:
 
 def parse_sweep(text: str | None) -> tuple[float, ...]:
     """``--sweep 0.2,0.3`` → (0.2, 0.3); () when not given. Bad values: a clear error."""
-    from serving.alert_eval import AlertEvalError
-    from serving.alert_sweep import check_quantiles
+    from serving.insilico.alert_eval import AlertEvalError
+    from serving.insilico.alert_sweep import check_quantiles
 
     if text is None:
         return ()
@@ -289,8 +289,8 @@ def run_sweep(
     """`--sweep`: the same forecasts through each quantile's rule; table, JSON or plot."""
     from forecast.cli import emit_json
     from forecast.windows import WindowConfig
-    from serving.alert_eval import replay_forecasts
-    from serving.alert_sweep import (
+    from serving.insilico.alert_eval import replay_forecasts
+    from serving.insilico.alert_sweep import (
         GOAL_LEAD_MIN,
         GOAL_SENSITIVITY,
         choose_quantile,
