@@ -375,10 +375,11 @@ class SettingsPhysio:
         if params is None:
             return self.forecaster(self.default).predict(past, future)
         out = np.empty((len(past), self.config.horizon_slots, len(self.quantiles)), np.float32)
-        keys = list(params)
-        for key in dict.fromkeys(keys):  # one call per distinct patient, rows in order
-            rows = np.fromiter((k == key for k in keys), bool, len(keys))
-            out[rows] = self.forecaster(key).predict(past[rows], future[rows])
+        rows: dict[PhysioParams, list[int]] = {}
+        for r, key in enumerate(params):  # one call per distinct patient, rows in order
+            rows.setdefault(key, []).append(r)
+        for key, idx in rows.items():
+            out[idx] = self.forecaster(key).predict(past[idx], future[idx])
         return out
 
 
