@@ -208,6 +208,62 @@ def test_live_peer_reproduces_the_recorded_response(tmp_path):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
 
 
+def test_peer_cap_parses_all_or_per_model_and_refuses_the_rest():
+    assert bm.parse_peer_cap(None) is None
+    assert bm.parse_peer_cap("3000") == 3000
+    assert bm.parse_peer_cap("random_forest=1000, glupredkit:svr=50") == {
+        "random_forest": 1000,
+        "svr": 50,
+    }
+    with pytest.raises(bm.BenchmarkError, match="unknown GluPredKit model 'forest'"):
+        bm.parse_peer_cap("forest=10")
+    with pytest.raises(bm.BenchmarkError, match="an integer or NAME=N"):
+        bm.parse_peer_cap("random_forest=many")
+
+
+def test_per_model_cap_goes_to_that_model_only(recorded):
+    _, train, test = recorded
+    request, _, _ = gpk.build_request(
+        train, test, ["zero_order", "ridge"], max_train_rows={"ridge": 50}
+    )
+    assert request["max_train_rows"] is None
+    assert [m.get("max_train_rows") for m in request["models"]] == [None, 50]
+    with pytest.raises(gpk.PeerError, match="unknown GluPredKit model"):
+        gpk.build_request(train, test, ["ridge"], max_train_rows={"forest": 5})
+
+
+@pytest.mark.skipif(
+    gpk.unavailable_reason() is not None,
+    reason=f"GluPredKit's venv is absent: {gpk.unavailable_reason()}",
+)
+def test_live_peer_caps_only_the_named_model(tmp_path, recorded):
+    _, train, test = recorded
+    request, tr, te = gpk.build_request(
+        train, test, ["zero_order", "ridge"], max_train_rows={"ridge": 200}
+    )
+    gpk.write_request(tmp_path, request, tr, te)
+    gpk.run_driver(tmp_path)
+    _, resp = gpk.read_response(tmp_path, len(test), test.config.horizon_slots)
+    ridge, zoh = resp["models"]["ridge"], resp["models"]["zero_order"]
+    assert ridge["status"] == zoh["status"] == "ok"
+    assert ridge["train_rows_used"] == 200 < ridge["train_rows"]
+    assert "train_rows_used" not in zoh
+
+
+def test_peers_command_checks_glupredkit_by_name(monkeypatch, tmp_path, capsys):
+    from forecast.cli import main
+
+    monkeypatch.setenv("GLUCAST_PEERS_DIR", str(tmp_path))
+    assert main(["peers", "check", "glupredkit"]) == 1
+    out = capsys.readouterr().out
+    assert "glupredkit MISSING" in out and "glucast peers install glupredkit" in out
+    assert main(["peers", "check", "glupredkit", "--json"]) == 1
+    got = json.loads(capsys.readouterr().out)
+    assert [(p["peer"], p["ok"]) for p in got["peers"]] == [("glupredkit", False)]
+    assert main(["peers", "check", "glupredkitt"]) == 2
+    assert "glupredkit" in capsys.readouterr().err
+
+
 def test_missing_peer_env_is_a_clear_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("GLUCAST_PEERS_DIR", str(tmp_path))
     assert gpk.env_dir() == tmp_path / "glupredkit"
@@ -257,6 +313,26 @@ def test_quick_benchmark_one_hash_per_table_parent_children_and_resume(monkeypat
     assert again["tables"][0]["runs"]["ridge"][0]["metrics"] == pytest.approx(
         res["tables"][0]["runs"]["ridge"][0]["metrics"]
     )
+
+
+def test_pretrained_lstm_starts_from_the_simulated_cohort(monkeypatch, tmp_path):
+    """lstm+sim: one pretraining (shared by tables with the same window layout), then
+    trained on the dataset from those weights — a different model from lstm alone."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("GLUCAST_PEERS_DIR", str(tmp_path / "no-peers"))
+    cfg = bm.quick_config(str(tmp_path / "out"))
+    cfg.datasets = cfg.datasets[:1]  # the ShanghaiT1DM fixture
+    cfg.models, cfg.seeds = ("lstm", "lstm+sim"), (0,)
+    cfg.pretrain_sim = "adult#001,adult#002:1"
+    said: list[str] = []
+    res = bm.run_benchmark(cfg, progress=said.append)
+    assert sum(m.startswith("pretraining lstm") for m in said) == 1  # two tables, one pretrain
+    assert len(list((tmp_path / "out" / "work").glob("pretrain-*.pt"))) == 1
+    for t in res["tables"]:
+        a, b = t["runs"]["lstm"][0]["metrics"], t["runs"]["lstm+sim"][0]["metrics"]
+        assert a["test_rmse_30"] != pytest.approx(b["test_rmse_30"], abs=1e-6)
+    with pytest.raises(bm.BenchmarkError, match="unknown model 'lstm\\+simm'"):
+        bm.BenchmarkConfig(datasets=cfg.datasets, models=("lstm+simm",)).validate()
 
 
 def test_benchmark_help_loads_no_torch():

@@ -10,6 +10,10 @@ numbers of one table share one test dataset hash. Models:
 - glucast's deep models (lstm, transformer), one run per seed (training.pipeline.fit_module,
   interval conformally calibrated on the validation split as `glucast train` does; no ONNX
   export: the benchmark measures accuracy);
+- ``lstm+sim`` / ``transformer+sim``: the same, started from weights pretrained on a
+  simulated cohort (``pretrain_sim``, windowed like the dataset; one pretraining per seed and
+  window layout, shared by the tables) and then trained on the dataset's training windows
+  with the pretraining's input normalisation kept, as `glucast finetune` does;
 - peers' models through adapters: ``glupredkit:<model>`` (training/peers/glupredkit.py,
   GluPredKit's own code in its own venv; point forecasts, so no interval coverage).
 
@@ -48,6 +52,10 @@ SPLIT_TITLES = {
 }
 BASELINES = ("persistence", "linear", "ridge", "physio")
 DEEP = ("lstm", "transformer")
+#: A deep model pretrained on a simulated cohort (BenchmarkConfig.pretrain_sim) and then
+#: trained on the dataset's training windows from those weights (issue 15, item 6).
+PRETRAIN_SUFFIX = "+sim"
+PRETRAINED = tuple(m + PRETRAIN_SUFFIX for m in DEEP)
 PEER_PREFIX = "glupredkit:"
 DEFAULT_MODELS = (
     "persistence",
@@ -138,6 +146,28 @@ def parse_dataset(spec: str) -> Dataset:
     return Dataset(name=name, path=path, format=fmt)
 
 
+def parse_peer_cap(text: str | None) -> int | dict[str, int] | None:
+    """``--peer-max-train-rows``: ``N`` (every GluPredKit model) or ``NAME=N,...`` (those)."""
+    from training.peers.glupredkit import MODELS as PEER_MODELS
+
+    if not text:
+        return None
+    usage = f"--peer-max-train-rows {text!r}: an integer or NAME=N,... (e.g. random_forest=3000)"
+    parts = [p.strip().partition("=") for p in text.split(",")] if "=" in text else None
+    for name, _, _ in parts or ():
+        if name.strip().removeprefix(PEER_PREFIX) not in PEER_MODELS:
+            raise BenchmarkError(
+                f"--peer-max-train-rows {text!r}: unknown GluPredKit model {name!r}; "
+                f"known: {list(PEER_MODELS)}"
+            )
+    try:
+        if parts is None:
+            return int(text)
+        return {n.strip().removeprefix(PEER_PREFIX): int(v) for n, _, v in parts}
+    except ValueError:
+        raise BenchmarkError(usage) from None
+
+
 def _simulate(spec: str) -> pd.DataFrame:
     """A simulated cohort: ``PATIENTS:DAYS`` (PATIENTS as `glucast simulate --patients`)."""
     import warnings
@@ -181,7 +211,9 @@ class BenchmarkConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"trainer": {"max_epochs": 3}}
     experiment: str = "glucast-benchmark"
     loop_samples: int = 100  # GluPredKit Loop's ISF/CR grid-search rows per subject
-    peer_max_train_rows: int | None = None  # subsample GluPredKit's training rows
+    # subsample GluPredKit's training rows: all its models (int) or some ({"random_forest": N})
+    peer_max_train_rows: int | dict[str, int] | None = None
+    pretrain_sim: str = "adults:7"  # the cohort `<deep>+sim` models pretrain on (PATIENTS:DAYS)
     out_dir: str | None = None
     command: str = ""
 
@@ -195,9 +227,9 @@ class BenchmarkConfig:
                         f"unknown GluPredKit model {m!r}; known: "
                         f"{[PEER_PREFIX + k for k in PEER_MODELS]}"
                     )
-            elif m not in BASELINES + DEEP:
+            elif m not in BASELINES + DEEP + PRETRAINED:
                 raise BenchmarkError(
-                    f"unknown model {m!r}; choose from {list(BASELINES + DEEP)} or "
+                    f"unknown model {m!r}; choose from {list(BASELINES + DEEP + PRETRAINED)} or "
                     f"glupredkit:<model> ({', '.join(PEER_MODELS)})"
                 )
         bad = [s for s in self.splits if s not in SPLITS]
@@ -218,7 +250,8 @@ def _train_config(cfg: BenchmarkConfig, model: str, seed: int, split: str, held:
     from training.config import load_config
 
     over = json.loads(json.dumps(cfg.overrides))  # a deep copy
-    over["model"] = model if model in BASELINES + DEEP else "persistence"
+    base = model.removesuffix(PRETRAIN_SUFFIX) if model in PRETRAINED else model
+    over["model"] = base if base in BASELINES + DEEP else "persistence"
     over.setdefault("trainer", {})["seed"] = int(seed)
     data = over.setdefault("data", {})
     data["split"] = split
@@ -357,7 +390,51 @@ def _fit_baseline(name: str, tcfg: Any, splits: Any) -> tuple[dict[str, Any], di
     return score(model, splits.windows["test"]), {"fit_seconds": fit_s}
 
 
-def _fit_deep(tcfg: Any, splits: Any, run_id: str, experiment: str, work: Path):
+_PRETRAINED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # key -> (state, info)
+
+
+def _pretrain(tcfg: Any, wc: Any, sim: str, work: Path, say: Callable[[str], None]):
+    """Weights of `tcfg`'s model trained on the simulated cohort `sim`, windowed with the
+    dataset's window layout `wc` (so a real dataset's feature set, without the simulator's
+    therapy-profile columns when the dataset has none); cached per seed, config and layout."""
+    import torch
+
+    from training.pipeline import _spec, fit_module
+    from training.splits import build_splits
+
+    pcfg = tcfg.override({"data": {"split": "chronological", "test_subjects": []}})
+    key = _hash({"sim": sim, "config": pcfg.to_dict(), "windows": wc.to_dict()})[:16]
+    if key in _PRETRAINED:
+        return _PRETRAINED[key]
+    path = work / f"pretrain-{key}.pt"
+    if path.exists():  # written by this benchmark before (resumed); weights only
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        _PRETRAINED[key] = (saved["state"], saved["info"])
+        return _PRETRAINED[key]
+    frame = _simulate(sim)
+    splits = build_splits(frame, pcfg.data, wc, need=("train", "val"))
+    say(f"pretraining {pcfg.model} on simulated {sim} ({len(splits.windows['train'])} windows)")
+    module, info = fit_module(
+        _spec(pcfg, wc), splits, pcfg, work / f"pretrain-{key}", run_id=None,
+        experiment="", progress=False,
+    )  # fmt: skip
+    info = {k: v for k, v in info.items() if k != "global_zero"}
+    info["sim"] = sim
+    state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": state, "info": info}, path)
+    _PRETRAINED[key] = (state, info)
+    return state, info
+
+
+def _fit_deep(
+    tcfg: Any,
+    splits: Any,
+    run_id: str,
+    experiment: str,
+    work: Path,
+    pretrained: tuple[dict[str, Any], dict[str, Any]] | None = None,
+):
     from training.calibration import conformal_calibrate
     from training.evaluate import TorchForecaster, score
     from training.pipeline import _spec, _threads, fit_module
@@ -366,8 +443,13 @@ def _fit_deep(tcfg: Any, splits: Any, run_id: str, experiment: str, work: Path):
     module, fit = fit_module(
         _spec(tcfg, splits.window_config), splits, tcfg, work, run_id=run_id,
         experiment=experiment, progress=False,
+        init_state=pretrained[0] if pretrained else None,
+        # the pretrained weights expect the pretraining's input scaling (as `glucast finetune`)
+        fit_normalisation=pretrained is None,
     )  # fmt: skip
     fit.pop("global_zero", None)
+    if pretrained:
+        fit["pretrain"] = pretrained[1]
     val = splits.windows["val"]
     conformal_calibrate(module.model, val.past, val.future, val.target)
     return score(TorchForecaster(module.model), splits.windows["test"]), fit
@@ -484,7 +566,8 @@ def run_benchmark(
             # Peers go first in one driver call per table (their preprocessing is shared).
             pending_peers = []
             for model in cfg.models:
-                seeds = cfg.seeds if model in DEEP else cfg.seeds[:1]
+                deep = model in DEEP + PRETRAINED
+                seeds = cfg.seeds if deep else cfg.seeds[:1]
                 for seed in seeds:
                     tcfg = _train_config(cfg, model, seed, split, p["held"])
                     key = {
@@ -493,17 +576,19 @@ def run_benchmark(
                         "split": split,
                         "held": list(p["held"]),
                         "model": model,
-                        "seed": seed if model in DEEP else None,
-                        "config": tcfg.to_dict() if model in BASELINES + DEEP else None,
+                        "seed": seed if deep else None,
+                        "config": tcfg.to_dict()
+                        if model in BASELINES + DEEP + PRETRAINED
+                        else None,
                         "peer": (gpk.VERSION, cfg.loop_samples, cfg.peer_max_train_rows)
                         if model.startswith(PEER_PREFIX)
                         else None,
                     }
+                    if model in PRETRAINED:  # only here, so other models' hashes stay put
+                        key["pretrain_sim"] = cfg.pretrain_sim
                     h = _hash(key)
                     done = tracker.finished(h)
-                    label = f"{ds.name}/{split}/{model}" + (
-                        f"/seed {seed}" if model in DEEP else ""
-                    )
+                    label = f"{ds.name}/{split}/{model}" + (f"/seed {seed}" if deep else "")
                     if done is not None:
                         say(f"{label}: done before (run {done.info.run_id}), skipped")
                         table["runs"].setdefault(model, []).append(
@@ -536,9 +621,10 @@ def _run_child(tracker, cfg, table, splits, job, base_tags, out_dir, say) -> Non
     from training import tracking
 
     model, seed, tcfg = job["model"], job["seed"], job["tcfg"]
+    deep = model in DEEP + PRETRAINED
     say(f"{job['label']}: fitting")
     rid = tracker.start_child(
-        f"{table['dataset']}-{table['split']}-{model}" + (f"-s{seed}" if model in DEEP else ""),
+        f"{table['dataset']}-{table['split']}-{model}" + (f"-s{seed}" if deep else ""),
         {
             **base_tags,
             tracking.TAG_MODEL: model,
@@ -549,9 +635,14 @@ def _run_child(tracker, cfg, table, splits, job, base_tags, out_dir, say) -> Non
     )
     t0 = time.perf_counter()
     try:
-        if model in DEEP:
+        if deep:
             work = out_dir / "work" / job["hash"][:16]
-            report, fit = _fit_deep(tcfg, splits, rid, tracker.experiment, work)
+            pre = (
+                _pretrain(tcfg, splits.window_config, cfg.pretrain_sim, out_dir / "work", say)
+                if model in PRETRAINED
+                else None
+            )
+            report, fit = _fit_deep(tcfg, splits, rid, tracker.experiment, work, pre)
         else:
             report, fit = _fit_baseline(model, tcfg, splits)
     except Exception as e:
@@ -785,6 +876,7 @@ __all__ = [
     "held_out_subjects",
     "markdown",
     "parse_dataset",
+    "parse_peer_cap",
     "quick_config",
     "run_benchmark",
     "table_frame",

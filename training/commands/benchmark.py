@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--models",
-        help="comma-separated: persistence,linear,ridge,physio,lstm,transformer and "
+        help="comma-separated: persistence,linear,ridge,physio,lstm,transformer, "
+        "lstm+sim|transformer+sim (pretrained on --pretrain-sim, then trained on the data) and "
         "glupredkit:zero_order|ridge|loop|random_forest|svr|naive_linear_regressor "
         "(default: persistence,ridge,physio,lstm,glupredkit:zero_order,glupredkit:ridge,"
         "glupredkit:loop)",
@@ -57,8 +58,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--peer-max-train-rows",
-        type=int,
-        help="GluPredKit: fit on at most this many of its training rows (random_forest is slow)",
+        help="GluPredKit: fit on at most N of its training rows, for every peer model (N) or "
+        "per model (random_forest=3000,svr=5000: the others use all rows); its random "
+        "forest is slow",
+    )
+    p.add_argument(
+        "--pretrain-sim",
+        default="adults:7",
+        metavar="PATIENTS:DAYS",
+        help="the simulated cohort lstm+sim/transformer+sim pretrain on (default adults:7)",
     )
     p.add_argument("--experiment", default="glucast-benchmark", help="MLflow experiment")
     p.add_argument("--out", default="reports/benchmark", help="where benchmark.md/.html/.json go")
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         BenchmarkError,
         markdown,
         parse_dataset,
+        parse_peer_cap,
         quick_config,
         run_benchmark,
     )
@@ -97,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.held_out_fraction = args.held_out_fraction
         cfg.config_path = args.config
         cfg.loop_samples = args.loop_samples
-        cfg.peer_max_train_rows = args.peer_max_train_rows
+        cfg.peer_max_train_rows = parse_peer_cap(args.peer_max_train_rows)
     if args.models:
         cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if args.seeds and not (args.quick and args.seeds == "0,1,2"):
@@ -106,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise BenchmarkError(f"--seeds {args.seeds!r}: comma-separated integers") from None
     cfg.splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    cfg.pretrain_sim = args.pretrain_sim
     if args.max_epochs:
         cfg.overrides.setdefault("trainer", {})["max_epochs"] = args.max_epochs
     if args.experiment != "glucast-benchmark":

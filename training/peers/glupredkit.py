@@ -194,13 +194,23 @@ def build_request(
     models: Sequence[str],
     *,
     subjects: Sequence[str] | None = None,
-    max_train_rows: int | None = None,
+    max_train_rows: int | dict[str, int] | None = None,
     loop_samples: int = 100,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(request.json, train.npz, test.npz) contents for the driver."""
+    """(request.json, train.npz, test.npz) contents for the driver.
+
+    `max_train_rows` caps the peer's training rows for every model (an int) or per model
+    (``{"random_forest": 3000}``: the others fit on all their rows) — its random forest
+    repeats a 300-tree fit per output and per grid-search fold, hours on AZT1D."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise PeerError(f"unknown GluPredKit model(s) {unknown}; the adapter knows {list(MODELS)}")
+    per_model = None
+    if isinstance(max_train_rows, dict):
+        bad = [m for m in max_train_rows if m not in MODELS]
+        if bad:
+            raise PeerError(f"max_train_rows names unknown GluPredKit model(s) {bad}")
+        per_model = {m: int(n) for m, n in max_train_rows.items() if n}
     cfg = test_windows.config
     codes = subject_codes(
         subjects
@@ -230,9 +240,11 @@ def build_request(
         "num_features": list(NUM_FEATURES),
         "what_if_features": list(WHAT_IF_FEATURES),
         "models": [
-            {"name": m, "fit_args": [int(loop_samples)] if m == "loop" else []} for m in models
+            {"name": m, "fit_args": [int(loop_samples)] if m == "loop" else []}
+            | ({"max_train_rows": per_model.get(m)} if per_model is not None else {})
+            for m in models
         ],
-        "max_train_rows": int(max_train_rows) if max_train_rows else None,
+        "max_train_rows": int(max_train_rows) if isinstance(max_train_rows, int) else None,
         "subject_codes": codes,
     }
     return request, train, test
@@ -293,7 +305,7 @@ def run_models(
     models: Sequence[str],
     *,
     subjects: Sequence[str] | None = None,
-    max_train_rows: int | None = None,
+    max_train_rows: int | dict[str, int] | None = None,
     loop_samples: int = 100,
     timeout: float | None = None,
     keep: Path | None = None,

@@ -83,7 +83,9 @@ def _test_rows(test: dict, req: dict, columns: list[str]) -> pd.DataFrame:
     return df[columns]
 
 
-def run_model(name: str, fit_args: list, train_df: pd.DataFrame, test: dict, req: dict, mgr):
+def run_model(
+    name: str, fit_args: list, train_df: pd.DataFrame, test: dict, req: dict, mgr, max_rows=None
+):
     from glupredkit.preprocessors.basic import Preprocessor
 
     ph = int(req["prediction_horizon"])
@@ -106,7 +108,6 @@ def run_model(name: str, fit_args: list, train_df: pd.DataFrame, test: dict, req
     x_train = processed.drop(targets, axis=1)
     y_train = processed[targets]
     info["train_rows"] = int(len(x_train))
-    max_rows = req.get("max_train_rows")
     if max_rows and len(x_train) > int(max_rows):
         pick = np.sort(np.random.default_rng(0).choice(len(x_train), int(max_rows), replace=False))
         x_train, y_train = x_train.iloc[pick], y_train.iloc[pick]
@@ -163,7 +164,11 @@ def main(argv: list[str]) -> int:
         name = spec["name"]
         print(f"[glupredkit] {name}: fitting", file=sys.stderr, flush=True)
         try:
-            pred, info = run_model(name, list(spec.get("fit_args", [])), train_df, test, req, mgr)
+            # a per-model cap (the request's models entry) wins over the request-wide one
+            cap = spec.get("max_train_rows", req.get("max_train_rows"))
+            pred, info = run_model(
+                name, list(spec.get("fit_args", [])), train_df, test, req, mgr, max_rows=cap
+            )
             preds[f"pred_{name}"] = pred
         except Exception as e:  # noqa: BLE001 - every failure is reported, per model
             info = {
