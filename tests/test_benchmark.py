@@ -335,6 +335,27 @@ def test_pretrained_lstm_starts_from_the_simulated_cohort(monkeypatch, tmp_path)
         bm.BenchmarkConfig(datasets=cfg.datasets, models=("lstm+simm",)).validate()
 
 
+def test_extra_features_reach_the_models_where_the_dataset_has_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    import forecast.io as fio
+
+    frame, _ = fio.read([str(ROOT / "tests" / "fixtures" / "azt1d")], "azt1d")
+    frame = frame[frame["subject_id"] != "azt1d-17"]  # 6 hours: too short to split by time
+    azt = bm.Dataset("azt1d-fixture", frame=frame)
+    cfg = bm.BenchmarkConfig(
+        datasets=[azt], models=("ridge",), seeds=(0,), splits=("chronological",),
+        out_dir=str(tmp_path / "out"),
+    )  # fmt: skip
+    plain = bm.run_benchmark(cfg, progress=lambda m: None)["tables"][0]
+    cfg.extra_features = ("bolus_auto_u", "basal_known", "no_such_column")
+    said: list[str] = []
+    extra = bm.run_benchmark(cfg, progress=said.append)["tables"][0]
+    assert extra["past_features"] == [*plain["past_features"], "bolus_auto_u", "basal_known"]
+    assert any("no_such_column" in m for m in said)
+    assert extra["windows"] == plain["windows"]  # the same windows, more inputs
+    assert not extra["runs"]["ridge"][0]["resumed"]  # other inputs: not the plain run's child
+
+
 def test_benchmark_help_loads_no_torch():
     import subprocess
 

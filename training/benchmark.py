@@ -31,6 +31,7 @@ interrupted benchmark resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -213,6 +214,9 @@ class BenchmarkConfig:
     loop_samples: int = 100  # GluPredKit Loop's ISF/CR grid-search rows per subject
     # subsample GluPredKit's training rows: all its models (int) or some ({"random_forest": N})
     peer_max_train_rows: int | dict[str, int] | None = None
+    #: frame columns added to every model's past inputs where the dataset has them (e.g.
+    #: AZT1D's bolus_auto_u, basal_known); forecast.windows reads any numeric column
+    extra_features: tuple[str, ...] = ()
     pretrain_sim: str = "adults:7"  # the cohort `<deep>+sim` models pretrain on (PATIENTS:DAYS)
     out_dir: str | None = None
     command: str = ""
@@ -495,6 +499,12 @@ def run_benchmark(
             held = held_out_subjects(frame, cfg.held_out_fraction) if split == "subjects" else ()
             tcfg = _train_config(cfg, "persistence", cfg.seeds[0], split, held)
             wc = tcfg.window_config(frame)
+            extra = tuple(f for f in cfg.extra_features if f in frame.columns)
+            if extra:
+                wc = dataclasses.replace(wc, past_features=wc.past_features + extra)
+            if len(extra) < len(cfg.extra_features):
+                absent = [f for f in cfg.extra_features if f not in extra]
+                say(f"{ds.name}: has no column(s) {absent}; the models go without them")
             try:
                 splits = build_splits(frame, tcfg.data, wc)
             except DataError as e:
@@ -551,6 +561,7 @@ def run_benchmark(
                 "split": split,
                 "held_out": list(p["held"]),
                 "test_hash": splits.test_hash,
+                "past_features": list(splits.window_config.past_features),
                 "windows": {k: len(w) for k, w in splits.windows.items()},
                 "subjects": {k: int(f["subject_id"].nunique()) for k, f in splits.frames.items()},
                 "runs": {},
@@ -584,6 +595,8 @@ def run_benchmark(
                         if model.startswith(PEER_PREFIX)
                         else None,
                     }
+                    if cfg.extra_features:  # only when set, so other benchmarks' hashes stay
+                        key["extra_features"] = list(splits.window_config.past_features)
                     if model in PRETRAINED:  # only here, so other models' hashes stay put
                         key["pretrain_sim"] = cfg.pretrain_sim
                     h = _hash(key)

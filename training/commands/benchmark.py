@@ -63,6 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "forest is slow",
     )
     p.add_argument(
+        "--extra-features",
+        metavar="COLS",
+        help="comma-separated frame columns added to every glucast model's past inputs "
+        "where the dataset has them (e.g. bolus_auto_u,basal_known on AZT1D)",
+    )
+    p.add_argument(
         "--pretrain-sim",
         default="adults:7",
         metavar="PATIENTS:DAYS",
@@ -116,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
             raise BenchmarkError(f"--seeds {args.seeds!r}: comma-separated integers") from None
     cfg.splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     cfg.pretrain_sim = args.pretrain_sim
+    if args.extra_features:
+        cfg.extra_features = tuple(c.strip() for c in args.extra_features.split(",") if c.strip())
     if args.max_epochs:
         cfg.overrides.setdefault("trainer", {})["max_epochs"] = args.max_epochs
     if args.experiment != "glucast-benchmark":
