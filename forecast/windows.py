@@ -61,6 +61,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -731,13 +732,21 @@ def inputs_at(
 # --------------------------------------------------------------------------- the incremental form
 
 
+@lru_cache(maxsize=64)
+def _slot_kernels(config: WindowConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """(IOB kernel, COB kernel, slots per day) of a config, computed once per config."""
+    k_ins = config.insulin_curve.iob_kernel(config.slot_minutes)
+    k_cob = config.carb_curve.cob_kernel(config.slot_minutes)
+    for k in (k_ins, k_cob):
+        k.setflags(write=False)
+    return k_ins, k_cob, _SECONDS_PER_DAY // (config.slot_minutes * 60)
+
+
 def history_slots(config: WindowConfig) -> int:
     """Slots of record, ending at the current slot, that `windows_from_slots` needs: the past
     window plus the longest look-back of a feature (IOB/COB kernels, 24 h for ``tdd_u``)."""
-    per_day = _SECONDS_PER_DAY // (config.slot_minutes * 60)
-    k_ins = len(config.insulin_curve.iob_kernel(config.slot_minutes))
-    k_cob = len(config.carb_curve.cob_kernel(config.slot_minutes))
-    return config.past_slots + max(k_ins, k_cob, per_day)
+    k_ins, k_cob, per_day = _slot_kernels(config)
+    return config.past_slots + max(len(k_ins), len(k_cob), per_day)
 
 
 def windows_from_slots(
@@ -791,7 +800,7 @@ def windows_from_slots(
         seg = x[:, t - L - k + 1 :]  # [N, L+K-1]
         return sliding_window_view(seg, k, axis=1) @ kernel[::-1]  # [N, L]
 
-    per_day = _SECONDS_PER_DAY // (c.slot_minutes * 60)
+    k_ins, k_cob, per_day = _slot_kernels(c)
     seg = dose[:, t - L - per_day + 1 :].copy()  # [N, L+D-1]
     if daily_dose_before_u is not None and known_from > t - L - per_day + 1:
         before = np.arange(t - L - per_day + 1, t) < known_from
@@ -809,8 +818,8 @@ def windows_from_slots(
         "basal_u": basal[:, past_sl],
         "bolus_u": np.asarray(bolus_u, np.float64)[:, past_sl],
         "carbs_g": carbs[:, past_sl],
-        "iob_u": on_board(dose, c.insulin_curve.iob_kernel(c.slot_minutes)),
-        "cob_g": on_board(carbs, c.carb_curve.cob_kernel(c.slot_minutes)),
+        "iob_u": on_board(dose, k_ins),
+        "cob_g": on_board(carbs, k_cob),
         "tdd_u": tdd,
         "tod_sin": tab_s[sec[past_sl]][None, :],
         "tod_cos": tab_c[sec[past_sl]][None, :],
