@@ -33,6 +33,7 @@ import numpy as np
 
 from forecast.windows import WindowConfig
 from serving.controllers import Controller
+from serving.controllers.peers.process import PeerError
 from serving.modes import Mode, schedule_verdict, scheduled_proposal
 from serving.predictor import Forecaster
 from serving.safety.rules import SafetyState, check_batch
@@ -82,8 +83,16 @@ class CycleEngine:
             for k, p in zip(live, got, strict=True):
                 out[k] = p
         except Exception as e:  # a controller bug must not stop the loop
-            for k in live:
-                events[k].append(("fault", {"controller": f"{type(e).__name__}: {e}"}))
+            # a peer that failed for some patients only (`PeerError.failed`/`partial`) keeps
+            # the others' proposals: one patient's bad record costs the cohort nothing
+            partial = getattr(e, "partial", None) if isinstance(e, PeerError) else None
+            failed = e.failed if partial and len(partial) == len(live) else {}  # type: ignore[attr-defined]
+            for j, k in enumerate(live):
+                if failed and j not in failed and isinstance(partial[j], Proposal):  # type: ignore[index]
+                    out[k] = partial[j]  # type: ignore[index]
+                    continue
+                why = failed.get(j, str(e)) if failed else str(e)
+                events[k].append(("fault", {"controller": f"{type(e).__name__}: {why}"}))
                 out[k] = Proposal(
                     settings[k].basal_u_per_h, 30, 0.0,
                     reason=f"controller failed ({type(e).__name__}) → scheduled basal",

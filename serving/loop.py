@@ -81,10 +81,12 @@ from serving.modes import (
 from serving.predictor import Forecaster
 from serving.safety import CommandResult, SafetyState, Supervisor, assess_cgm
 from serving.types import (
+    CGMStatus,
     ControlInput,
     PatientSettings,
     Proposal,
     Reading,
+    SlotHistory,
     Verdict,
 )
 
@@ -165,6 +167,7 @@ class _Prepared:
     journal_ok: bool
     notes: list[tuple[str, dict[str, Any]]]
     index: int  # the patient's position in the backend
+    history: SlotHistory | None = None  # the raw record the windows were built from
 
 
 class ControlLoop:
@@ -359,6 +362,15 @@ class ControlLoop:
             readings = []
             notes.append(("fault", {"cgm": str(e)}))
         check = assess_cgm(readings, now)
+        # a controller that reads the raw record (a peer: `reads_history`) gets the CGM's
+        # readings over the whole record span, as a rig keeps them (the model needs only the
+        # past window's); the same slots as the trial's record
+        older: list[Reading] = []
+        if getattr(self.controller, "reads_history", False):
+            try:
+                older = list(self.backend.cgm(i).recent(self.span * self.window.slot_minutes))
+            except CGMError:
+                older = []
         # 2. state from the journal (the pump's history copied in first)
         try:
             last_seq = j.last_delivery_seq(name)
@@ -411,10 +423,10 @@ class ControlLoop:
         before = slot_ns < self._run_start.value  # the pump ran its schedule before the loop began
         basal[before] = self.settings[i].basal_u_per_h * self.window.slot_minutes / 60.0
         iob = iob_before(basal + bolus, self.k_ins)
-        past = future = None
+        past = future = history = None
         try:
-            past, future = self._window(
-                i, slots, check.readings, basal, bolus, carbs_hist, carbs_now
+            past, future, history = self._window(
+                i, slots, check.readings, basal, bolus, carbs_hist, carbs_now, older
             )
         except GlucastError as e:
             notes.append(("warning", {"inputs": str(e)}))
@@ -431,6 +443,7 @@ class ControlLoop:
             journal_ok,
             notes,
             i,
+            history,
         )
 
     def _journal_down(self, t: pd.Timestamp, e: Exception) -> None:
@@ -450,9 +463,11 @@ class ControlLoop:
         bolus: np.ndarray,
         carbs_hist: pd.DataFrame,
         carbs_now: float,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        older: Sequence[Reading] = (),
+    ) -> tuple[np.ndarray, np.ndarray, SlotHistory]:
         """The model inputs at the cycle's slot from the patient's record on the slot grid
-        (`forecast.windows.windows_from_slots`, the function the trial calls too)."""
+        (`forecast.windows.windows_from_slots`, the function the trial calls too), and that
+        record as a `SlotHistory` (what the peers' adapters read, as the trial gives them)."""
         w = self.window
         sched = self.settings[i].basal_u_per_h * w.slot_minutes / 60.0
         slot_ns = slots.as_unit("ns").asi8  # [T]
@@ -503,7 +518,18 @@ class ControlLoop:
                 f"no glucose reading at or before the start of the past window ({w.past_slots} "
                 f"slots before {slots[-1]}): no model inputs this cycle"
             )
-        return past[0], future[0]
+        hist_glucose = glucose.copy()
+        if older:  # readings before the past window, and the run's first one as steady state
+            ok = [r for r in older if r.status is CGMStatus.OK and math.isfinite(r.glucose_mgdl)]
+            for k, r in zip(column([r.time for r in ok]), ok):
+                if k >= 0 and not math.isfinite(hist_glucose[k]):
+                    hist_glucose[k] = r.glucose_mgdl
+            if before.any() and ok and ok[0].time >= self._run_start:
+                hist_glucose[before] = ok[0].glucose_mgdl
+        history = SlotHistory(
+            slot_ns.astype("datetime64[ns]"), hist_glucose, basal, bolus, carbs
+        )  # the trial's form: UTC slot starts as datetime64[ns], oldest first
+        return past[0], future[0], history
 
     def _input(self, i: int, p: _Prepared, t: pd.Timestamp) -> ControlInput | None:
         if p.past is None or p.future is None:
@@ -516,6 +542,7 @@ class ControlLoop:
             iob_u=p.iob_u,
             settings=self.settings[i],
             carbs_announced_g=p.carbs_g,
+            history=p.history,
         )
 
     def _predict(self, i: int, p: _Prepared, proposal: Proposal) -> tuple[np.ndarray | None, str]:

@@ -335,3 +335,155 @@ def test_process_timeout_crash_and_restart():
             proc.request({"do": "die"})
         assert proc.request({"x": 5}) == {"x": 5}
         assert proc.starts == 3
+
+
+# --------------------------------------------------------------------------- wired in by name
+
+
+def test_peers_are_controllers_by_name_and_cli_choice():
+    from serving.commands import loop as loop_cmd
+    from serving.commands import trial as trial_cmd
+    from serving.controllers import CONTROLLER_NAMES, PEER_NAMES
+
+    assert set(PEER_NAMES) <= set(CONTROLLER_NAMES)
+    assert set(trial_cmd.CONTROLLERS) == set(CONTROLLER_NAMES)
+    assert set(loop_cmd.CONTROLLERS) == set(CONTROLLER_NAMES)
+
+
+class _Failing:
+    """A controller whose second patient fails, as a peer reports it (PeerError.partial)."""
+
+    name = "failing"
+
+    def propose(self, inputs):
+        from serving.types import Proposal
+
+        ok = [Proposal(0.5 + k, 30, 0.0, reason="mine") for k in range(len(inputs))]
+        raise PeerAnswerError(
+            "failed for 1 of n", peer="x", failed={1: "bad record"},
+            partial=[None if k == 1 else p for k, p in enumerate(ok)],
+        )  # fmt: skip
+
+
+def _settings(name: str) -> PatientSettings:
+    return PatientSettings(name=name, basal_u_per_h=1.0, carb_ratio_g_per_u=10.0,
+                           isf_mgdl_per_u=40.0, max_basal_u_per_h=4.0, max_bolus_u=5.0,
+                           max_iob_u=10.0)  # fmt: skip
+
+
+def test_engine_falls_back_per_patient_on_a_partial_peer_failure():
+    from forecast.windows import WindowConfig
+    from serving.engine import CycleEngine
+    from serving.modes import Mode
+
+    settings = [_settings(f"p{k}") for k in range(3)]
+    inputs = [
+        ControlInput(time=pd.Timestamp("2018-01-01 00:00"), past=np.zeros((1, 1)),
+                     future=np.zeros((1, 1)), glucose_mgdl=120.0, iob_u=0.0, settings=s)
+        for s in settings
+    ]  # fmt: skip
+    engine = CycleEngine(_Failing(), None, WindowConfig())
+    proposals, events = engine.propose(inputs, settings, Mode.CLOSED)
+    assert [p.reason for p in proposals[::2]] == ["mine", "mine"]
+    assert [p.temp_basal_u_per_h for p in proposals[::2]] == [0.5, 2.5]
+    assert proposals[1].temp_basal_u_per_h == 1.0 and "controller failed" in proposals[1].reason
+    assert events[0] == events[2] == []
+    assert events[1] == [("fault", {"controller": "PeerAnswerError: bad record"})]
+
+
+def test_a_bad_record_fails_one_patient_of_the_real_peer():
+    """The real oref0: one patient without history fails alone, the other is answered."""
+    fx = _fixture("oref0")
+    good = _input(fx)
+    bad = ControlInput(**{**good.__dict__, "history": None})
+    with _controller("oref0") as ctl:
+        with pytest.raises(PeerAnswerError) as e:
+            ctl.propose([good, bad])
+    assert list(e.value.failed) == [1] and "history is None" in e.value.failed[1]
+    assert _proposal_dict(e.value.partial[0]) == fx["proposal"]
+
+
+def test_oref0_split_over_two_processes_answers_as_one():
+    fx = _fixture("oref0")
+    inputs = [_input(fx)] * 5
+    with _controller("oref0") as one:
+        want = [_proposal_dict(p) for p in one.propose(inputs)]
+    with oref0_peer.Oref0Controller(processes=2) as two:
+        got = [_proposal_dict(p) for p in two.propose(inputs)]
+        assert sum(p.starts for p in two.processes) == 2  # both worked
+    assert got == want == [fx["proposal"]] * 5
+
+
+@pytest.mark.parametrize("peer", ["oref0", "loop"])
+def test_trial_with_a_peer_records_settings_counts_and_closes_it(peer):
+    from serving.insilico.trial import TrialConfig, run_trial
+
+    ctl = _controller(peer)
+    cfg = TrialConfig(controller=peer, patients="adult#001,child#002", days=0.1, seed=1)
+    try:
+        r = run_trial(cfg, controller=ctl)
+    finally:
+        ctl.close()
+    data = r.to_json()
+    assert data["run"]["peer_settings"]["peer"] == peer
+    c = data["cohort"]
+    assert c["controller_fallbacks_total"] == 0
+    assert c["controller_interventions_total"] == r.log["intervened"].sum()
+    assert not any(p.running for p in getattr(ctl, "processes", [ctl.process]))
+
+
+class _Recording:
+    """Basal-bolus that keeps the `SlotHistory` each cycle gives it (what a peer would read)."""
+
+    name = "basal-bolus"
+    reads_history = True  # as the peers: the loop reads the CGM's whole record span
+
+    def __init__(self):
+        from serving.controllers.basal_bolus import BasalBolusController
+
+        self.inner = BasalBolusController()
+        self.seen: list[SlotHistory] = []
+
+    def propose(self, inputs):
+        # copies: the trial's history is a view of its live record (the slot is delivered later)
+        self.seen.extend(
+            SlotHistory(*(np.array(getattr(inp.history, k)) for k in
+                          ("time", "glucose", "basal_u", "bolus_u", "carbs_g")))
+            for inp in inputs
+        )  # fmt: skip
+        return self.inner.propose(inputs)
+
+
+def test_loop_and_trial_give_controllers_the_same_history(tmp_path):
+    """`glucast loop` builds ControlInput.history from its journal as the trial does from its
+    record: cycle by cycle the same slots, glucose, basal, bolus and carbs."""
+    from serving.controllers import build_controller
+    from serving.insilico.backends import SimBackend
+    from serving.insilico.simulated import SimulatedCohort, WorldConfig
+    from serving.insilico.trial import TrialConfig, run_trial
+    from serving.journal import Journal
+    from serving.loop import ControlLoop
+
+    cycles = 96  # 8 h: meals, boluses and announced carbs in the record
+    trial_ctl = _Recording()
+    b = build_controller("basal-bolus")
+    run_trial(TrialConfig(controller="basal-bolus", patients="adult#001", days=cycles / 288,
+                          seed=3, carb_error=0.2), controller=trial_ctl, window=b.window,
+              predictor=b.predictor)  # fmt: skip
+    loop_ctl = _Recording()
+    world = SimulatedCohort(WorldConfig(patients="adult#001", seed=3, carb_error=0.2,
+                                        sim_pump="Insulet"))  # fmt: skip
+    backend = SimBackend(world)
+    loop = ControlLoop(backend, Journal(tmp_path / "h.db", sync="normal"), loop_ctl,
+                       b.predictor, log=lambda m: None)  # fmt: skip
+    loop.start()
+    for _ in range(cycles):
+        loop.cycle()
+        backend.advance(5)
+    assert len(trial_ctl.seen) == len(loop_ctl.seen) == cycles
+    assert sum(h.carbs_g[-1] > 0 for h in trial_ctl.seen) >= 1  # a meal was announced
+    for c, (t, lp) in enumerate(zip(trial_ctl.seen, loop_ctl.seen)):
+        assert np.array_equal(t.time, lp.time), c
+        for k in ("glucose", "basal_u", "bolus_u", "carbs_g"):
+            np.testing.assert_allclose(getattr(lp, k), getattr(t, k), atol=1e-9,
+                                       err_msg=f"cycle {c}: {k}")  # fmt: skip

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 
 # the names of serving.controllers.CONTROLLER_NAMES (spelled here: --help loads no numpy)
-CONTROLLERS = ("mpc", "physio-mpc", "basal-bolus", "pid")
+CONTROLLERS = ("mpc", "physio-mpc", "basal-bolus", "pid", "oref0", "loop")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     summary = run_loop(loop, until=until, speed=args.speed, stop=stop, on_cycle=on_cycle)
     info = journal.summary()
     journal.close()
+    if callable(getattr(controller, "close", None)):  # a peer's process ends with the loop
+        controller.close()
     if hasattr(backend, "world"):
         backend.world.close()
     if args.json:

@@ -7,7 +7,9 @@ controller talks to a pump: proposals go to `serving.safety.Supervisor`.
 `make_controller(name, predictor=...)` builds one by the name the CLI uses:
 ``mpc`` (the ONNX forecaster), ``physio-mpc`` (the same MPC over the physiological
 forecaster: the ablation that shows what the learned model buys), ``basal-bolus`` (the usual
-baseline) and ``pid``.
+baseline), ``pid``, and the peers ``oref0`` (OpenAPS) and ``loop`` (Loop, as pyloopkit), each
+its real code in a process of its own (`serving.controllers.peers`; they need
+``glucast peers install``). A peer holds a process: call its ``close()`` when done.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from forecast.schema import GlucastError
 from forecast.windows import WindowConfig
 from serving.types import ControlInput, PatientSettings, Proposal
 
-CONTROLLER_NAMES = ("mpc", "physio-mpc", "basal-bolus", "pid")
+CONTROLLER_NAMES = ("mpc", "physio-mpc", "basal-bolus", "pid", "oref0", "loop")
+PEER_NAMES = ("oref0", "loop")  # controllers that run as another program (close them)
 
 
 @runtime_checkable
@@ -74,6 +77,14 @@ def make_controller(name: str, *, predictor=None, physio=None, **kwargs) -> Cont
         from serving.controllers.pid import PIDController
 
         return PIDController(**kwargs)
+    if name == "oref0":  # the peers import lazily: their module starts nothing until asked
+        from serving.controllers.peers.oref0 import Oref0Controller
+
+        return Oref0Controller(**kwargs)
+    if name == "loop":
+        from serving.controllers.peers.loop import LoopController
+
+        return LoopController(**kwargs)
     raise UnknownControllerError(f"unknown controller {name!r}; choose from {CONTROLLER_NAMES}")
 
 
@@ -143,6 +154,7 @@ def build_controller(
 
 __all__ = [
     "CONTROLLER_NAMES",
+    "PEER_NAMES",
     "Built",
     "build_controller",
     "Controller",

@@ -57,8 +57,10 @@ from serving.controllers.peers.history import (
 )
 from serving.controllers.peers.process import (
     PeerAnswerError,
+    PeerError,
     PeerProcess,
     answer_batch,
+    build_batch,
     child_env,
 )
 from serving.safety.rules import max_basal
@@ -253,6 +255,7 @@ class LoopController:
     """
 
     name = "loop"
+    reads_history = True  # the loop gives it the CGM readings of the whole record span
 
     def __init__(
         self,
@@ -276,28 +279,59 @@ class LoopController:
         return {"peer": "loop", "package": "opsb-pyloopkit==0.1.0", **asdict(self.config)}
 
     def propose(self, inputs: Sequence[ControlInput]) -> list[Proposal]:
+        """One proposal per input: the cohort in one round trip, then one more for the
+        patients who accepted a meal bolus. A patient whose request or answer fails fails
+        alone (`PeerError` with `failed` and `partial`, the others' proposals)."""
         names = [inp.settings.name for inp in inputs]
-        first = answer_batch(
-            self.process,
-            [build_request(inp, self.config) for inp in inputs],
-            lambda i, res: res,
-            names,
-        )
-        boluses = [meal_bolus_offered(r, inp, self.config) for r, inp in zip(first, inputs)]
-        again = [i for i, b in enumerate(boluses) if b > 0]
-        second: dict[int, dict] = {}
-        if again:
-            res2 = answer_batch(
-                self.process,
-                [build_request(inputs[i], self.config, bolus_now_u=boluses[i]) for i in again],
-                lambda k, res: res,
-                [names[i] for i in again],
-            )
-            second = dict(zip(again, res2))
-        return [
-            proposal_from_result(r, inp, self.config, after_bolus=second.get(i))
-            for i, (r, inp) in enumerate(zip(first, inputs))
+        requests, failed = build_batch(lambda i: build_request(inputs[i], self.config), len(inputs))
+        try:
+            first = answer_batch(self.process, requests, lambda i, res: res, names, failed=failed)
+        except PeerError as e:
+            if not e.failed:  # a timeout or a crash: nobody has an answer
+                raise
+            first, failed = e.partial, dict(e.failed)
+        boluses = [
+            0.0 if r is None else meal_bolus_offered(r, inp, self.config)
+            for r, inp in zip(first, inputs)
         ]
+        again = [i for i, b in enumerate(boluses) if b > 0]
+        second: dict[int, dict | None] = {}
+        if again:
+            try:
+                res2 = answer_batch(
+                    self.process,
+                    [build_request(inputs[i], self.config, bolus_now_u=boluses[i]) for i in again],
+                    lambda k, res: res,
+                    [names[i] for i in again],
+                )
+            except PeerError as e:
+                if not e.failed:
+                    raise
+                res2 = e.partial
+                for k, why in e.failed.items():
+                    failed[again[k]] = f"after the meal bolus: {why}"
+            second = dict(zip(again, res2))
+        out: list[Proposal | None] = []
+        for i, (r, inp) in enumerate(zip(first, inputs)):
+            if r is None or i in failed:
+                out.append(None)
+                continue
+            try:
+                out.append(proposal_from_result(r, inp, self.config, after_bolus=second.get(i)))
+            except PeerError as e:
+                out.append(None)
+                failed[i] = str(e)
+        if failed:
+            failed = dict(sorted(failed.items()))
+            i, why = next(iter(failed.items()))
+            raise PeerAnswerError(
+                f"loop failed for {len(failed)} of {len(inputs)} patient(s); #{i} ({names[i]}): "
+                f"{why}",
+                peer=PEER,
+                failed=failed,
+                partial=out,
+            )
+        return [p for p in out if p is not None]
 
     def close(self) -> None:
         self.process.close()

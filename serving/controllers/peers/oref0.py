@@ -61,6 +61,7 @@ from serving.controllers.peers.process import (
     PeerAnswerError,
     PeerProcess,
     answer_batch,
+    build_batch,
     child_env,
 )
 from serving.types import ControlInput, Proposal
@@ -87,6 +88,7 @@ class Oref0Config:
     device: str = "glucast-cgm"  # glucose-get-last compares deltas from one device only
     timeout_s: float = 10.0  # per decision; past it the process is ended (PeerTimeoutError)
     max_temp_minutes: int = 30  # longer temps are proposed for this long, renewed each cycle
+    processes: int = 1  # node processes a cohort's batch is split over (one core each)
 
     def profile_prefs(self) -> dict:
         """The oref0 preferences (preferences.json keys) these settings stand for."""
@@ -291,6 +293,7 @@ class Oref0Controller:
     """
 
     name = "oref0"
+    reads_history = True  # the loop gives it the CGM readings of the whole record span
 
     def __init__(
         self,
@@ -303,29 +306,40 @@ class Oref0Controller:
         from serving.controllers.peers.env import OREF0_DRIVER, require_oref0
 
         node, mod = require_oref0(None if peers_root is None else Path(peers_root))
-        self.process = PeerProcess(
-            PEER,
-            [node, str(OREF0_DRIVER), str(mod)],
-            env=child_env(),
-            timeout_s=self.config.timeout_s,
-        )
+        if self.config.processes < 1:
+            raise ValueError(f"oref0 needs at least one process, got {self.config.processes}")
+        self.processes = [
+            PeerProcess(
+                PEER,
+                [node, str(OREF0_DRIVER), str(mod)],
+                env=child_env(),
+                timeout_s=self.config.timeout_s,
+            )
+            for _ in range(self.config.processes)
+        ]
+        self.process = self.processes[0]
 
     def settings_used(self) -> dict:
         return {"peer": "oref0", "version": "0.7.1", **asdict(self.config)}
 
     def propose(self, inputs: Sequence[ControlInput]) -> list[Proposal]:
-        requests = [build_request(inp, self.config) for inp in inputs]
+        """One proposal per input; the whole batch in one round trip per process. A patient
+        whose request cannot be built or whose answer is refused fails alone (`PeerError`
+        with `failed` and `partial`)."""
+        requests, failed = build_batch(lambda i: build_request(inputs[i], self.config), len(inputs))
         return answer_batch(
-            self.process,
+            self.processes,
             requests,
             lambda i, res: proposal_from_result(
                 res, requests[i], inputs[i], max_minutes=self.config.max_temp_minutes
             ),
             [inp.settings.name for inp in inputs],
+            failed=failed,
         )
 
     def close(self) -> None:
-        self.process.close()
+        for p in self.processes:
+            p.close()
 
     def __enter__(self) -> Oref0Controller:
         return self

@@ -186,6 +186,11 @@ class PeerProcess:
         A request the peer answered with an error gives a `PeerAnswerError` in its place (the
         process is fine); a timeout or a crash raises for the batch and ends the process.
         """
+        return self.collect(self.submit(payloads))
+
+    def submit(self, payloads: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Write a batch of requests without waiting (their ids, for `collect`): several
+        processes can then work on their parts of a cohort at the same time."""
         if not payloads:
             return []
         self.start()
@@ -204,6 +209,10 @@ class PeerProcess:
             raise PeerCrashError(
                 f"{self.name}: the process is gone ({e}){self._stderr_tail()}", peer=self.name
             ) from e
+        return ids
+
+    def collect(self, ids: Sequence[int]) -> list[dict | PeerAnswerError]:
+        """The answers to submitted requests, in order (see `request_many`)."""
         out: list[dict | PeerAnswerError] = []
         for want in ids:
             msg = self._read(self.timeout_s, f"request {want}")
@@ -296,35 +305,81 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def answer_batch(
-    process: PeerProcess,
-    requests: Sequence[Mapping[str, Any]],
+    process: PeerProcess | Sequence[PeerProcess],
+    requests: Sequence[Mapping[str, Any] | None],
     convert: Callable[[int, dict], Any],
     names: Sequence[str],
+    *,
+    failed: Mapping[int, str] | None = None,
 ) -> list[Any]:
     """Send a cohort's requests, convert each answer (``convert(i, result)``) and return them.
 
     One patient's bad answer does not hide the others': a `PeerAnswerError` is raised after
     all are converted, with `failed` (index → reason) and `partial` (the others' results).
-    A timeout or a crash raises at once (`PeerTimeoutError`, `PeerCrashError`).
+    A request that is None failed before it was sent (its reason in `failed`). With several
+    processes the batch is split into contiguous parts, all written before any is read, so
+    the processes decide at the same time (one core each). A timeout or a crash raises at
+    once (`PeerTimeoutError`, `PeerCrashError`).
     """
-    results = process.request_many(requests)
+    procs = [process] if isinstance(process, PeerProcess) else list(process)
+    bad: dict[int, str] = dict(failed or {})
+    todo = [i for i, r in enumerate(requests) if r is not None and i not in bad]
+    parts = [list(a) for a in _split(todo, len(procs))]
+    sent = [(p, part, p.submit([requests[i] for i in part])) for p, part in zip(procs, parts)]  # type: ignore[misc]
+    results: dict[int, dict | PeerAnswerError] = {}
+    try:
+        for p, part, ids in sent:
+            results.update(zip(part, p.collect(ids)))
+    except PeerError:  # the others' unread answers would be stale lines next cycle: end them
+        for p, _, _ in sent:
+            p._fail()
+        raise
     out: list[Any] = []
-    failed: dict[int, str] = {}
-    for i, res in enumerate(results):
+    for i in range(len(requests)):
+        if i not in results:
+            out.append(None)
+            bad.setdefault(i, "no request was built")
+            continue
         try:
+            res = results[i]
             if isinstance(res, PeerError):
                 raise res
             out.append(convert(i, res))
         except PeerError as e:
             out.append(None)
-            failed[i] = str(e)
-    if failed:
-        i, why = next(iter(failed.items()))
+            bad[i] = str(e)
+    if bad:
+        bad = dict(sorted(bad.items()))
+        i, why = next(iter(bad.items()))
+        name = procs[0].name
         raise PeerAnswerError(
-            f"{process.name} failed for {len(failed)} of {len(requests)} patient(s); "
-            f"#{i} ({names[i]}): {why}",
-            peer=process.name,
-            failed=failed,
+            f"{name} failed for {len(bad)} of {len(requests)} patient(s); #{i} ({names[i]}): {why}",
+            peer=name,
+            failed=bad,
             partial=out,
         )
     return out
+
+
+def _split(items: Sequence[int], parts: int) -> list[Sequence[int]]:
+    """`items` in `parts` contiguous runs of near-equal length (empty runs dropped)."""
+    n = max(1, min(parts, len(items)))
+    bounds = [round(k * len(items) / n) for k in range(n + 1)]
+    return [items[bounds[k] : bounds[k + 1]] for k in range(n) if bounds[k] < bounds[k + 1]]
+
+
+def build_batch(
+    build: Callable[[int], Mapping[str, Any]], n: int
+) -> tuple[list[Mapping[str, Any] | None], dict[int, str]]:
+    """Each patient's request (`build(i)`), None where the input was refused (`PeerInputError`
+    and other `PeerError`s name the patient, field and value): one bad record must not take
+    the cohort's decisions with it."""
+    reqs: list[Mapping[str, Any] | None] = []
+    failed: dict[int, str] = {}
+    for i in range(n):
+        try:
+            reqs.append(build(i))
+        except PeerError as e:
+            reqs.append(None)
+            failed[i] = str(e)
+    return reqs, failed
