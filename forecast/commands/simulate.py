@@ -61,6 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="2018-01-01T00:00:00Z",
         help="start time (ISO 8601; default 2018-01-01 UTC)",
     )
+    p.add_argument(
+        "--variability",
+        default="none",
+        metavar="SPEC",
+        help="intra-patient variability: none (default), all, or a comma list of circadian "
+        "(daily insulin-sensitivity sinusoid, lowest at 06:00), daily (day-to-day sensitivity), "
+        "meals (per-meal absorption rate), each optionally =value (amplitude or log-normal σ; "
+        "defaults 0.25, 0.2, 0.3), e.g. circadian=0.3,meals (see forecast/sim/variability.py)",
+    )
     p.add_argument("--out", required=True, help="output Parquet file")
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -145,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _simulate(simulate_cohort, patients, args, announcement, progress):
+    from forecast.sim.variability import VariabilityConfig
+
     return simulate_cohort(
         patients,
         days=args.days,
@@ -156,4 +167,5 @@ def _simulate(simulate_cohort, patients, args, announcement, progress):
         start=args.start,
         announcement=announcement,
         progress=progress,
+        variability=VariabilityConfig.parse(args.variability),
     )

@@ -52,6 +52,7 @@ from forecast.sim.scenario import (
 )
 from forecast.sim.sensor import SensorConfig
 from forecast.sim.simulator import Simulator
+from forecast.sim.variability import VariabilityConfig
 
 SOURCE = "uva_padova_s2008"
 LICENCE = (
@@ -104,12 +105,14 @@ def simulate_cohort(
     announcement: AnnouncementConfig | None = None,
     model_config: ModelConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
+    variability: VariabilityConfig | None = None,
 ) -> pd.DataFrame:
     """Simulate `days` of closed-loop therapy for a cohort; return the canonical frame.
 
     The cohort runs vectorised in 5-minute cycles: read CGM, look up announced carbs,
     ask the policy for basal (U/h) and bolus (U), step. `progress(done, total)` is called
-    every few cycles. See the module docstring for the columns.
+    every few cycles. `variability`: intra-patient variability (`forecast.sim.variability`).
+    See the module docstring for the columns.
     """
     if isinstance(patients, str):
         patients = load_patients(patients)
@@ -129,6 +132,7 @@ def simulate_cohort(
         start=start,
         duration_min=n_slots * SLOT_MINUTES,
         model_config=model_config,
+        variability=variability,
     )
     pol = make_policy(policy, patients, seed)
     n = len(patients)
@@ -209,6 +213,7 @@ def simulate_cohort(
             "pump": asdict(sim.pump.config),
             "announcement": asdict(sc.announcement),
             "model_config": asdict(sim.model_config),  # with the rest: the run can be re-made
+            "variability": sim.variability_config.to_dict(),
             "out_of_range": [str(x) for x in patients.names[sim.out_of_range]],
             "bg_min": {str(k): float(v) for k, v in zip(patients.names, sim.bg_min, strict=True)},
             "bg_max": {str(k): float(v) for k, v in zip(patients.names, sim.bg_max, strict=True)},

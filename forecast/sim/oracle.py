@@ -42,6 +42,7 @@ from forecast.sim.pump import PumpConfig
 from forecast.sim.rng import STREAM_NOISE, stream_seeds
 from forecast.sim.scenario import AnnouncementConfig, minute_of_day, to_timestamp
 from forecast.sim.sensor import CGM, AR2Noise, AR2Stream, SensorConfig, resolve_noise_model
+from forecast.sim.variability import VariabilityConfig
 
 ORACLES = ("oracle-noise", "oracle-filter")
 _Z = {}  # quantile -> standard normal quantile (cached)
@@ -68,6 +69,7 @@ class SimRun:
     pump: PumpConfig
     announcement: AnnouncementConfig
     model_config: ModelConfig
+    variability: VariabilityConfig = VariabilityConfig()
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> SimRun:
@@ -115,6 +117,8 @@ class SimRun:
             announcement=AnnouncementConfig(**ann),
             # frames written before the model settings travelled used the defaults
             model_config=ModelConfig(**(x.get("model_config") or {})),
+            # frames written before variability existed had none
+            variability=VariabilityConfig(**(x.get("variability") or {})),
         )
 
     @property
@@ -143,6 +147,7 @@ class SimRun:
             start=self.start,
             announcement=self.announcement,
             model_config=self.model_config,
+            variability=self.variability,
         )
 
     def grid(self, frame: pd.DataFrame, column: str) -> np.ndarray:

@@ -15,6 +15,7 @@ STREAM_NOISE, STREAM_DROPOUT, STREAM_COMPRESSION, STREAM_DRIFT = 11, 12, 13, 14
 STREAM_MEALS, STREAM_ANNOUNCE = 21, 22
 STREAM_PUMP = 31
 STREAM_EXCITATION = 41
+STREAM_DAILY_SI, STREAM_MEAL_ABSORPTION = 51, 52  # forecast.sim.variability
 
 
 def stream_seeds(seed: int, patient_ids: np.ndarray, stream: int) -> np.ndarray:

@@ -30,6 +30,7 @@ from forecast.sim.replay import BG_HIGH_LIMIT, BG_LOW_LIMIT, check_inputs
 from forecast.sim.rng import STREAM_PUMP, stream_seeds
 from forecast.sim.scenario import MealPlan, RandomScenario, Scenario, minute_of_day, to_timestamp
 from forecast.sim.sensor import CGM, SensorConfig
+from forecast.sim.variability import CHUNK_MINUTES, Variability, VariabilityConfig
 
 PLAN_AHEAD_MIN = 1440  # meals are planned this far beyond the current step
 _NO_STATES = np.empty((0, 0, 13))
@@ -50,6 +51,7 @@ class Simulator:
         duration_min: int | None = None,
         model_config: model.ModelConfig | None = None,
         noise_seeds: np.ndarray | None = None,
+        variability: VariabilityConfig | None = None,
     ):
         """
         scenario: meals (default: simglucose's random daily meals, per-patient streams).
@@ -58,6 +60,8 @@ class Simulator:
         duration_min: if given, meals of the scenario must fall inside the run and stepping
         past the end is an error. noise_seeds: [N] explicit simglucose noise seeds (e.g. all
         1 to reproduce simglucose's shared sensor), else derived per patient from `seed`.
+        variability: intra-patient variability (`forecast.sim.variability`; None or all off:
+        the constant S2008 patients, bit-identical to a run without it).
         """
         if not isinstance(patients, Patients) or len(patients) == 0:
             raise SimInputError("Simulator needs a non-empty Patients (see load_patients)")
@@ -96,6 +100,12 @@ class Simulator:
             )  # fmt: skip
         )
 
+        self.variability_config = variability or VariabilityConfig()
+        self.variability = (
+            Variability(self.variability_config, patients.ids, self.seed, minute_of_day(self.start))
+            if self.variability_config.active
+            else None
+        )
         self.state = patients.x0.copy()  # [N, 13]
         self.meal_state = model.initial_meal_state(self.n)  # [N, 4]
         self.meal_state[:, model.MEAL_QLAST] = self.state[:, 0] + self.state[:, 1]
@@ -251,11 +261,14 @@ class Simulator:
         gsub = np.empty((self.n, k + 1))
         eaten = np.empty((self.n, k))
         cfg = self.model_config
-        model.run_minutes(
-            self.state, self.meal_state, self.patients.params, food, d.insulin_u_per_min,
-            cfg.eat_rate_g_per_min, cfg.substeps, cfg.meal_substeps, cfg.stomach_fraction,
-            bg, gsub, eaten, _NO_STATES, self._bg_range,
-        )  # fmt: skip
+        if self.variability is None:
+            model.run_minutes(
+                self.state, self.meal_state, self.patients.params, food, d.insulin_u_per_min,
+                cfg.eat_rate_g_per_min, cfg.substeps, cfg.meal_substeps, cfg.stomach_fraction,
+                bg, gsub, eaten, _NO_STATES, self._bg_range,
+            )  # fmt: skip
+        else:
+            self._run_varying(t0, food, d.insulin_u_per_min, m, i0, i1, bg, gsub, eaten)
         self.minute = t1
         self.bg = bg[:, -1].copy()
         self.gsub = gsub[:, -1].copy()
@@ -273,6 +286,39 @@ class Simulator:
                 self._take_reading(mm, gsub[:, mm - t0])
             if len(self._readings) > 1440:
                 self._readings = self._readings[-720:]
+
+    def _run_varying(self, t0, food, insulin, m, i0, i1, bg, gsub, eaten) -> None:
+        """`run_minutes` in chunks of at most `CHUNK_MINUTES`, cut at each meal's first minute,
+        with the variability's parameters fixed per chunk (the ODE state carries over
+        exactly: splitting a run into chunks changes nothing by itself)."""
+        cfg = self.model_config
+        k = food.shape[1]
+        cuts = set(range(0, k, CHUNK_MINUTES)) | {int(x) - t0 for x in m.minute[i0:i1]}
+        edges = sorted(c for c in cuts if 0 <= c < k) + [k]
+        bg[:, 0], gsub[:, 0] = (
+            self.state[:, 3] / self.patients.vg,
+            self.state[:, 12] / self.patients.vg,
+        )
+        for a, b in zip(edges[:-1], edges[1:]):
+            starting = np.flatnonzero(m.minute[i0:i1] == t0 + a) + i0
+            if len(starting):
+                self.variability.start_meals(m.patient[starting], m.minute[starting])
+            q = self.variability.params(self.patients.params, t0 + a + (b - a) / 2.0)
+            cb, cg = np.empty((self.n, b - a + 1)), np.empty((self.n, b - a + 1))
+            ce = np.empty((self.n, b - a))
+            model.run_minutes(
+                self.state, self.meal_state, q, np.ascontiguousarray(food[:, a:b]),
+                np.ascontiguousarray(insulin[:, a:b]), cfg.eat_rate_g_per_min, cfg.substeps,
+                cfg.meal_substeps, cfg.stomach_fraction, cb, cg, ce, _NO_STATES, self._bg_range,
+            )  # fmt: skip
+            bg[:, a + 1 : b + 1], gsub[:, a + 1 : b + 1], eaten[:, a:b] = cb[:, 1:], cg[:, 1:], ce
+
+    def params_at(self, minute: float) -> np.ndarray:
+        """[N, P] the model parameters in force at `minute` (the patients' own without
+        variability; with it, what the next chunk starting there would use)."""
+        if self.variability is None:
+            return self.patients.params.copy()
+        return self.variability.params(self.patients.params, minute)
 
     @property
     def bg_min(self) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-CONTROLLERS = ("mpc", "physio-mpc", "basal-bolus", "pid")
+CONTROLLERS = ("mpc", "physio-mpc", "basal-bolus", "pid", "oref0", "loop")
 MODES = ("closed", "advisory", "monitor")
 GROUPS = ("all", "adults", "adolescents", "children")
 
@@ -46,6 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="relative SD of carb counts in meal announcements (e.g. 0.2)",
     )
     p.add_argument("--unannounced", action="store_true", help="meals are never announced")
+    p.add_argument(
+        "--variability",
+        default="none",
+        metavar="SPEC",
+        help="intra-patient variability: none (default), all, or a comma list of circadian "
+        "(daily insulin-sensitivity sinusoid, lowest at 06:00), daily (day-to-day sensitivity), "
+        "meals (per-meal absorption rate), each optionally =value (amplitude or log-normal σ; "
+        "defaults 0.25, 0.2, 0.3); see forecast/sim/variability.py",
+    )
     p.add_argument(
         "--sensor",
         default="dexcom",
@@ -96,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         carb_error=args.carb_error,
         unannounced=args.unannounced,
+        variability=args.variability,
         sensor=args.sensor,
         model_dir=args.model,
         target_mgdl=args.target,
@@ -103,8 +113,15 @@ def run(args: argparse.Namespace) -> int:
         accept_prob=args.accept_prob,
         accept_delay_min=args.accept_delay,
     )
+    from serving.insilico.trial import close_controller
+
     controller, window, info, predictor = build_controller(config)
-    result = _run_with_progress(run_trial, config, controller, window, predictor, quiet=args.json)
+    try:
+        result = _run_with_progress(
+            run_trial, config, controller, window, predictor, quiet=args.json
+        )
+    finally:  # a peer's processes end with the trial
+        close_controller(controller)
     result.info.update(info)
     report = None
     if args.report:
@@ -159,6 +176,13 @@ def _print_summary(data: dict) -> None:
             f"advice per patient: offered {c['advice_offered']:.1f}, accepted "
             f"{c['advice_accepted']:.1f} (re-advised {c['advice_readvised']:.1f}), refused "
             f"{c['advice_refused']:.1f}, superseded {c['advice_superseded']:.1f}"
+        )
+    if c.get("controller_fallbacks_total") or c.get("controller_interventions_total"):
+        print(
+            f"controller: {c['controller_fallbacks_total']:.0f} fallbacks (failed cycles); "
+            f"supervisor changed {c['controller_interventions_total']:.0f} "
+            f"({c['controller_interventions_pct']:.1f} %) and vetoed "
+            f"{c['controller_vetoes_total']:.0f} of its commands"
         )
     print(
         f"mode {r['mode']}; median TBR<70 {c['tbr70_median']:.2f} %, patients with TBR<54 "

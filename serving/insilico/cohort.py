@@ -58,10 +58,13 @@ def make_simulator(
     unannounced: bool = False,
     pump: str = "Insulet",
     duration_min: int | None = None,
+    variability=None,
 ):
     """The vectorised simulator of a virtual cohort: random meals (announced with a relative
     carb-count error of SD `carb_error`, or never when `unannounced`), a CGM read every slot
-    with the named sensor model, the named pump mechanism (`forecast.sim.pump`)."""
+    with the named sensor model, the named pump mechanism (`forecast.sim.pump`), and the
+    patients' intra-patient `variability` (a `forecast.sim.variability.VariabilityConfig`;
+    None: none)."""
     from forecast.sim.scenario import AnnouncementConfig, RandomScenario
     from forecast.sim.sensor import SensorConfig
     from forecast.sim.simulator import Simulator
@@ -78,4 +81,5 @@ def make_simulator(
         seed=seed,
         start=start,
         duration_min=duration_min,
+        variability=variability,
     )

@@ -84,6 +84,9 @@ class TrialConfig:
     mode: str = "closed"  # closed | advisory | monitor (see serving.modes)
     accept_prob: float = 0.8  # advisory: chance the simulated person accepts an advice
     accept_delay_min: float = 10.0  # advisory: minutes before the person answers
+    # intra-patient variability, as `glucast simulate --variability` takes it: none, all, or
+    # e.g. "circadian,meals=0.2" (forecast.sim.variability.VariabilityConfig.parse)
+    variability: str = "none"
 
     def __post_init__(self) -> None:
         from serving.modes import ModeError, parse_mode
@@ -106,6 +109,18 @@ class TrialConfig:
             raise TrialError(f"carb_error is a relative SD in [0, 1), got {self.carb_error}")
         if self.sensor not in SENSORS:
             raise TrialError(f"unknown sensor {self.sensor!r}; choose {SENSORS}")
+        from forecast.sim.errors import SimInputError
+
+        try:
+            self.variability_config()
+        except SimInputError as e:
+            raise TrialError(str(e)) from None
+
+    def variability_config(self):
+        """The `forecast.sim.variability.VariabilityConfig` that `variability` names."""
+        from forecast.sim.variability import VariabilityConfig
+
+        return VariabilityConfig.parse(self.variability)
 
     @property
     def cycles(self) -> int:
@@ -124,6 +139,7 @@ def make_trial_simulator(config: TrialConfig, patients):
         unannounced=config.unannounced,
         pump=config.pump,
         duration_min=config.cycles * SLOT_MINUTES,
+        variability=config.variability_config(),
     )
 
 
@@ -201,6 +217,7 @@ LOG_FIELDS = (
     "cmd_bolus",  # U of the bolus command sent this cycle (0: none)
     "advice",  # advisory: 1 when an advice was offered this cycle
     "answer",  # advisory: the person's answer this cycle (see ANSWER_CODES; 0 = none)
+    "controller_failed",  # 1 when the controller failed for the patient (scheduled basal)
 )
 ANSWER_CODES = {"confirmed": 1, "refused": 2, "readvised": 3, "superseded": 4}
 
@@ -260,6 +277,12 @@ class TrialResult:
                 float(bool(self.out_of_range[i])) if len(self.out_of_range) else 0.0
             )
             m["acted_cycles"] = float(self.log["acted"][i].sum())
+            # the controller's failures (a peer's error or timeout → scheduled basal), and how
+            # often the supervisor changed or vetoed a command the controller did give
+            failed = self.log["controller_failed"][i] > 0
+            m["controller_fallbacks"] = float(failed.sum())
+            m["controller_interventions"] = float(((self.log["intervened"][i] > 0) & ~failed).sum())
+            m["controller_vetoes"] = float(((self.log["vetoed"][i] > 0) & ~failed).sum())
             if self.config.mode == "advisory":
                 m.update(self._advice_counts(i))
             out[name] = m
@@ -302,6 +325,14 @@ class TrialResult:
         out["n_patients"] = float(len(p))
         out["days"] = self.days
         out["limit_violations"] = float(len(self.limit_violations()))
+        # how the controller fared with the supervisor, in cycles over the cohort: its failures
+        # (scheduled basal instead), and of the cycles it did decide, how often the supervisor
+        # changed or vetoed its command (for a peer: the issue's "changed or vetoed" count)
+        for k in ("controller_fallbacks", "controller_interventions", "controller_vetoes"):
+            out[f"{k}_total"] = float(np.nansum(arr[k]))
+        decided = len(p) * len(self.times) - out["controller_fallbacks_total"]
+        for k in ("controller_interventions", "controller_vetoes"):
+            out[f"{k}_pct"] = 100.0 * out[f"{k}_total"] / decided if decided > 0 else math.nan
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -323,6 +354,8 @@ class TrialResult:
             "decision_ms_p99": float(np.percentile(d, 99)) if d.size else math.nan,
             "forecaster_calls": self.forecaster_calls,
             "glucose_source": "CGM readings (bg_*: true plasma glucose at the same cycles)",
+            "variability_on": ",".join(self.config.variability_config().effects()) or "none",
+            "variability_detail": self.config.variability_config().describe(),
             **self.info,
         }
 
@@ -440,6 +473,40 @@ def run_trial(
     again by the supervisor and sent. monitor: the controller is never asked; the pump runs
     its schedule (the supervisor still judges the schedule, for the record).
     """
+    info: dict[str, Any] = {}
+    if controller is not None:
+        return _run_trial(config, controller, window, predictor, progress, info)
+    controller, window, info, predictor = build_controller(config)
+    try:
+        return _run_trial(config, controller, window, predictor, progress, info)
+    finally:  # a peer's processes end with the trial that started them
+        close_controller(controller)
+
+
+def close_controller(controller: Any) -> None:
+    """End what a controller runs beside glucast (a peer's processes); no-op for the others."""
+    close = getattr(controller, "close", None)
+    if callable(close):
+        close()
+
+
+def peer_settings(controller: Any) -> dict[str, Any] | None:
+    """The settings a peer controller ran with (its ``settings_used()``), None for ours."""
+    used = getattr(controller, "settings_used", None)
+    return dict(used()) if callable(used) else None
+
+
+MAX_FAULTS_KEPT = 20  # controller faults kept verbatim in the run info (all are counted)
+
+
+def _run_trial(
+    config: TrialConfig,
+    controller: Controller,
+    window: WindowConfig | None,
+    predictor: Forecaster | None,
+    progress: Callable[[int, int], None] | None,
+    info: dict[str, Any],
+) -> TrialResult:
     from forecast.sim import load_patients
     from serving.engine import CycleEngine
     from serving.insilico.advisory import confirm_batch, confirmer_for
@@ -447,9 +514,7 @@ def run_trial(
     from serving.predictor import load_predictor
     from serving.safety import SafetyState, Supervisor, assess_cgm, check_batch, max_basal
 
-    info: dict[str, Any] = {}
-    if controller is None:
-        controller, window, info, predictor = build_controller(config)
+    faults: list[dict[str, Any]] = []
     window = window or getattr(controller, "window", None) or WindowConfig()
     if predictor is None:  # as the runtime's factory pairs them: the MPC's own forecaster,
         from serving.controllers.mpc import MPCController  # else the physiological one
@@ -542,8 +607,9 @@ def run_trial(
             dec = engine.decide(inputs, settings, states, mode)
             proposals, verdicts, act = dec.proposals, dec.verdicts, np.ones(n, bool)
             judged: Sequence[Any] = verdicts
+            events = dec.events
         else:  # the same proposals and forecasts, offered to the simulated person
-            proposals, _ = engine.propose(inputs, settings, mode)
+            proposals, events = engine.propose(inputs, settings, mode)
             for i, (pred, _src) in enumerate(engine.forecast_plans(inputs, proposals, settings)):
                 if pred is not None and proposals[i].predicted_mgdl is None:
                     proposals[i].predicted_mgdl = pred
@@ -605,7 +671,14 @@ def run_trial(
             "cmd_bolus": sent[:, 2],
             "advice": [o is not None for o in offers],
             "answer": [0 if a is None else ANSWER_CODES.get(a.action, 0) for a in answers],
+            "controller_failed": [
+                any(kind == "fault" and "controller" in d for kind, d in ev) for ev in events
+            ],
         }
+        for i, ev in enumerate(events):  # the first few faults verbatim, for the record
+            for kind, d in ev:
+                if kind == "fault" and "controller" in d and len(faults) < MAX_FAULTS_KEPT:
+                    faults.append({"patient": names[i], "time": str(now), **d})
         for k, v in row.items():
             log[k][:, c] = v
         for i, v in enumerate(advised):
@@ -627,7 +700,12 @@ def run_trial(
         wall_s=wall,
         decision_s=decision_s,
         forecaster_calls=calls,
-        info={**info, "controller_name": getattr(controller, "name", config.controller)},
+        info={
+            **info,
+            "controller_name": getattr(controller, "name", config.controller),
+            **({"peer_settings": peer_settings(controller)} if peer_settings(controller) else {}),
+            "controller_faults": faults,
+        },
         out_of_range=np.asarray(sim.out_of_range, dtype=bool).copy(),
     )
 
@@ -671,7 +749,8 @@ def write_report(result: TrialResult, out_dir: str | Path) -> Path:
         f"glucast trial: {cfg.controller}" + ("" if cfg.mode == "closed" else f", {cfg.mode}"),
         subtitle=f"{len(result.names)} patients · {result.days:g} days · {mode} · seed "
         f"{cfg.seed} · carb error {cfg.carb_error:g} · sensor {cfg.sensor}"
-        + (" · unannounced meals" if cfg.unannounced else ""),
+        + (" · unannounced meals" if cfg.unannounced else "")
+        + f" · variability: {cfg.variability_config().describe()}",
     )
     rep.add_text(
         "Outcomes are computed on the CGM readings (the consensus standard); bg_* columns "
@@ -741,6 +820,17 @@ def write_report(result: TrialResult, out_dir: str | Path) -> Path:
         [[d.get(k, 0) for k in kinds] for d in result.veto_kinds], index=result.names, columns=kinds
     )
     rep.add_table(sup if len(kinds) else {"vetoes": 0}, caption="Cycles with each veto reason")
+    c = data["cohort"]
+    rep.add_text(
+        f"Controller {result.info.get('controller_name', cfg.controller)}: it failed in "
+        f"{c['controller_fallbacks_total']:.0f} patient-cycles (scheduled basal instead, fault "
+        f"journaled); of the cycles it decided, the supervisor changed its command in "
+        f"{c['controller_interventions_total']:.0f} ({c['controller_interventions_pct']:.2f} %) "
+        f"and gave a veto reason in {c['controller_vetoes_total']:.0f} "
+        f"({c['controller_vetoes_pct']:.2f} %)."
+        + (" The peer's settings are in the run record below." if "peer_settings" in data["run"]
+           else "")
+    )  # fmt: skip
     viol = result.limit_violations()
     rep.add_text(
         "Limit audit of the log: "
