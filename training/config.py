@@ -81,6 +81,11 @@ class LSTMOptions:
     dropout: float = 0.0
     # Glucose differences fed to the head's linear skip (0 = no skip; training/models/common.py).
     skip_lags: int = 12
+    # A compartmental term in the head (training/models/kinetics.py): the insulin and carbs
+    # of the past window through kinetic curves with per-window weights read from the
+    # history, scaled by the person's ISF (therapy profile), which scales the plan and carb
+    # gains too. Configured per model like skip_lags.
+    kinetics: bool = False
 
 
 @dataclass
@@ -91,6 +96,7 @@ class TransformerOptions:
     ff_mult: int = 2
     dropout: float = 0.0
     skip_lags: int = 12  # as in LSTMOptions
+    kinetics: bool = False  # as in LSTMOptions
     # Past slots per past token (must divide the past slots). 3 (one token per 15-min Libre
     # reading) helped on ShanghaiT1DM (mean of 2 seeds, 30/60 min: 13.60/26.54 -> 13.42/26.08)
     # but not on the 5-min simulated cohort (16.51/25.09 -> 16.78/25.41), so 1 by default.

@@ -23,6 +23,7 @@ def build_model(kind: str, layout: Layout, options: dict, head: dict, slot_minut
     # The linear skip lives in the shared head but is configured per model (`lstm:` /
     # `transformer:` sections), so each backbone can be tuned with or without it.
     skip_lags = int(options.pop("skip_lags", 12))
+    kinetics = bool(options.pop("kinetics", False))  # likewise the compartmental term
     if kind == "lstm":
         backbone = LSTMBackbone(LSTMConfig(past_features=fp, known_features=fk, **options))
     elif kind == "transformer":
@@ -52,6 +53,7 @@ def build_model(kind: str, layout: Layout, options: dict, head: dict, slot_minut
         gain_context=head.get("gain_context", False),
         dose_feature=head.get("dose_feature", "basal_u"),
         skip_lags=skip_lags,
+        kinetics=kinetics,
     )
 
 

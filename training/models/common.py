@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.models.kinetics import KineticsConfig, PastKinetics
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -147,6 +149,7 @@ class ForecastHead(nn.Module):
         gain_context: bool = False,
         dose_feature: str = "basal_u",
         skip_lags: int = 12,
+        kinetics: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -266,6 +269,23 @@ class ForecastHead(nn.Module):
                 self.carb_gain.bias.fill_(float(inverse_softplus(np.array(1.0))))
         self.gain_context = gain_context
         self.L, self.H, self.Q = L, H, Q
+        # Optional compartmental term (kinetics.py): past insulin/carbs through kinetic
+        # curves with per-window weights, and the person's ISF scaling the plan gain.
+        self.kinetics = (
+            PastKinetics(
+                KineticsConfig(
+                    past_slots=L,
+                    horizon_slots=H,
+                    d_model=d_model,
+                    slot_minutes=slot_minutes,
+                    isf_prior=isf_prior,
+                    csf_prior=csf_prior,
+                ),
+                layout.past_features,
+            )
+            if kinetics
+            else None
+        )
 
     def insulin_parameters(self) -> list[nn.Parameter]:
         """The parameters of the insulin-effect head (gain, lag profile, dose exponent)."""
@@ -290,6 +310,9 @@ class ForecastHead(nn.Module):
         scale = np.sqrt(np.nanmean(delta.astype(np.float64) ** 2, 0))
         scale = np.where(np.isfinite(scale), np.maximum(scale, 1.0), 10.0)
         self.delta_scale.copy_(torch.from_numpy(scale).float())
+        if self.kinetics is not None:
+            # the skip fits what the compartmental term's starting point leaves
+            delta = delta - self.kinetics.fit(past)
         ref = float(np.nanmean(past[:, :, self.dose_idx]))
         self.basal_ref.fill_(ref if np.isfinite(ref) and ref > 0 else 1.0)
         ib, il = self.layout.insulin
@@ -367,9 +390,15 @@ class ForecastHead(nn.Module):
             rel = torch.clamp(dose / self.basal_ref, 0.2, 5.0)  # [B]
             k = k * torch.exp(-self.dose_beta * torch.log(rel))[:, None, None]  # [B, H, H]
         k = k * self.tril * self.isf_prior  # [B, H, H], zero above the diagonal (causal)
+        if self.kinetics is not None:
+            effect, isf_rel, csf_rel = self.kinetics(past, ctx)  # [B, H], [B], [B]
+            free = free + effect  # [B, H]
+            k = k * isf_rel[:, None, None]  # [B, H, H]: still ≥ 0 and independent of the plan
         if self.carb_head:
             cshape = F.softplus(self.carb_shape)[self.lag_idx]  # [H, H]
             c = F.softplus(self.carb_gain(ctx))[:, :, None] * cshape * self.tril  # [B, H, H]
+            if self.kinetics is not None:
+                c = c * csf_rel[:, None, None]  # [B, H, H]
             carbs = future[..., self.layout.carbs]  # [B, H] g per slot
             free = free + self.csf_prior * torch.einsum("bhj,bj->bh", c, carbs)  # [B, H]
         ib, il = self.layout.insulin
