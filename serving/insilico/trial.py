@@ -760,7 +760,16 @@ def write_report(result: TrialResult, out_dir: str | Path) -> Path:
     )
     rep.add_heading("Cohort")
     cohort = {k: v for k, v in data["cohort"].items()}
-    rep.add_table(cohort, caption="Mean over patients, with medians and worst cases")
+    rep.add_table(
+        cohort,
+        caption="Mean over patients, with medians and worst cases",
+        integers=(
+            "n_patients",
+            "patients_with_tbr54",
+            "patients_with_bg_tbr54",
+            "limit_violations",
+        ),  # fmt: skip
+    )
     rep.add_heading("Patients")
     rep.add_table(table[[c for c in REPORT_COLUMNS if c in table.columns]].astype(float).round(2))
     if cfg.mode == "advisory":
