@@ -322,3 +322,36 @@ def net_iob_u(iob_u: float, basal_u_per_h: float, *, slot_minutes: float = SLOT_
     """IOB above steady scheduled basal, before this cycle's dose (negative after a
     suspension): what a bolus calculator subtracts."""
     return float(iob_u) - float(basal_iob_u(basal_u_per_h, slot_minutes=slot_minutes))
+
+
+def bolus_calculator(
+    carbs_g: np.ndarray | float,
+    glucose_mgdl: np.ndarray | float,
+    *,
+    carb_ratio_g_per_u: np.ndarray | float,
+    isf_mgdl_per_u: np.ndarray | float,
+    target_mgdl: np.ndarray | float,
+    correct_above_mgdl: float,
+    correction_scale: float = 1.0,
+    net_iob_u: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """A pump's bolus calculator at announced meals, for one patient or many.
+
+    carbs / carb ratio, plus — when glucose is above `correct_above_mgdl` — a correction of
+    `correction_scale` · (glucose − target) / ISF less the positive net IOB, never negative.
+    No meal (0 g, or an unknown size), no bolus: corrections between meals are a controller's
+    business. Used by the simulator's dosing policies and by the runtime's basal–bolus
+    controller, so the two cannot disagree on what "basal–bolus therapy" doses.
+    """
+    carbs = np.asarray(carbs_g, dtype=np.float64)
+    g = np.asarray(glucose_mgdl, dtype=np.float64)
+    meal = np.isfinite(carbs) & (carbs > 0)
+    high = np.isfinite(g) & (g > correct_above_mgdl)
+    corr = np.where(
+        high,
+        correction_scale * (g - target_mgdl) / isf_mgdl_per_u - np.maximum(0.0, net_iob_u),
+        0.0,
+    )
+    return np.where(
+        meal, np.where(meal, carbs, 0.0) / carb_ratio_g_per_u + np.maximum(corr, 0.0), 0.0
+    )

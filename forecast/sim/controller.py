@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from forecast.insulin import bolus_calculator
 from forecast.sim.errors import SimInputError
 from forecast.sim.patient import Patients
 from forecast.sim.rng import STREAM_EXCITATION, PerPatientDraws, stream_seeds
@@ -43,16 +44,17 @@ class BasalBolusController:
     def bolus_u(self, cgm: np.ndarray, announced_carbs_g: np.ndarray) -> np.ndarray:
         """[N] bolus for the meals announced now: carbs/CR + correction above 150 mg/dL."""
         carbs = np.asarray(announced_carbs_g, dtype=np.float64)
-        meal = carbs > 0
-        if not meal.any():
+        if not (carbs > 0).any():
             return self._zeros
-        g = np.asarray(cgm, dtype=np.float64)
-        corr = np.where(
-            g > self.correction_above_mgdl,
-            self.correction_scale * (g - self.target_mgdl) / self.patients.cf,
-            0.0,
+        return bolus_calculator(
+            carbs,
+            cgm,
+            carb_ratio_g_per_u=self.patients.cr,
+            isf_mgdl_per_u=self.patients.cf,
+            target_mgdl=self.target_mgdl,
+            correct_above_mgdl=self.correction_above_mgdl,
+            correction_scale=self.correction_scale,
         )
-        return np.where(meal, carbs / self.patients.cr + corr, 0.0)
 
     def act(
         self, minute: int, cgm: np.ndarray, announced_carbs_g: np.ndarray

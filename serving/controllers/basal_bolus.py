@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
-from forecast.insulin import net_iob_u
+from forecast.insulin import bolus_calculator, net_iob_u
 from serving.controllers import meal_bolus_u
 from serving.types import ControlInput, Proposal
 
@@ -21,7 +19,6 @@ from serving.types import ControlInput, Proposal
 @dataclass(frozen=True)
 class BasalBolusConfig:
     correction_above_mgdl: float = 150.0  # correct only above this (at meals)
-    correct_to_target: bool = True  # correct down to settings.target_mgdl
     iob_aware: bool = True  # subtract positive net IOB from the correction
     slot_minutes: int = 5
 
@@ -40,17 +37,19 @@ class BasalBolusController:
     def _one(self, inp: ControlInput) -> Proposal:
         c, s = self.config, inp.settings
         carb = meal_bolus_u(inp.carbs_announced_g, s)
-        corr = 0.0
-        g = inp.glucose_mgdl
-        if carb > 0 and np.isfinite(g) and g > c.correction_above_mgdl:
-            corr = (g - s.target_mgdl) / s.isf_mgdl_per_u
-            if c.iob_aware:
-                corr -= max(
-                    0.0,
-                    net_iob_u(inp.iob_u, inp.settings.basal_u_per_h, slot_minutes=c.slot_minutes),
-                )
-            corr = max(0.0, corr)
-        bolus = carb + corr
+        net = net_iob_u(inp.iob_u, s.basal_u_per_h, slot_minutes=c.slot_minutes)
+        bolus = float(
+            bolus_calculator(
+                inp.carbs_announced_g,
+                inp.glucose_mgdl,
+                carb_ratio_g_per_u=s.carb_ratio_g_per_u,
+                isf_mgdl_per_u=s.isf_mgdl_per_u,
+                target_mgdl=s.target_mgdl,
+                correct_above_mgdl=c.correction_above_mgdl,
+                net_iob_u=net if c.iob_aware else 0.0,
+            )
+        )
+        corr = bolus - carb if carb > 0 else 0.0
         reason = "scheduled basal"
         if bolus > 0:
             reason = f"meal {inp.carbs_announced_g:.0f} g → {carb:.2f} U + correction {corr:.2f} U"
