@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 
 from forecast.windows import WindowConfig
-from serving.controllers import Controller
-from serving.controllers.peers.process import PeerError
+from serving.controllers import Controller, ControllerError
 from serving.modes import Mode, schedule_verdict, scheduled_proposal
 from serving.predictor import Forecaster
 from serving.safety.rules import SafetyState, check_batch
@@ -83,13 +82,14 @@ class CycleEngine:
             for k, p in zip(live, got, strict=True):
                 out[k] = p
         except Exception as e:  # a controller bug must not stop the loop
-            # a peer that failed for some patients only (`PeerError.failed`/`partial`) keeps
-            # the others' proposals: one patient's bad record costs the cohort nothing
-            partial = getattr(e, "partial", None) if isinstance(e, PeerError) else None
-            failed = e.failed if partial and len(partial) == len(live) else {}  # type: ignore[attr-defined]
+            # a controller that failed for some patients only (`ControllerError.failed`, the
+            # others in `.partial`) keeps their proposals: one bad record costs the cohort nothing
+            failed, partial = {}, []
+            if isinstance(e, ControllerError) and len(e.partial) == len(live):
+                failed, partial = e.failed, e.partial
             for j, k in enumerate(live):
-                if failed and j not in failed and isinstance(partial[j], Proposal):  # type: ignore[index]
-                    out[k] = partial[j]  # type: ignore[index]
+                if failed and j not in failed and isinstance(partial[j], Proposal):
+                    out[k] = partial[j]
                     continue
                 why = failed.get(j, str(e)) if failed else str(e)
                 events[k].append(("fault", {"controller": f"{type(e).__name__}: {why}"}))

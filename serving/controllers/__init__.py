@@ -14,7 +14,7 @@ its real code in a process of its own (`serving.controllers.peers`; they need
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -37,6 +37,26 @@ class Controller(Protocol):
     name: str
 
     def propose(self, inputs: Sequence[ControlInput]) -> list[Proposal]: ...
+
+
+class ControllerError(GlucastError, RuntimeError):
+    """A controller could not propose for some or all of a batch (the cycle falls back).
+
+    `failed` maps the batch index of each patient it failed for to the reason, and
+    `partial` holds the proposals of the others (None where failed), so the engine falls back
+    per patient; with both empty, the whole batch failed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failed: Mapping[int, str] | None = None,
+        partial: Sequence[Proposal | None] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.failed = dict(failed or {})
+        self.partial = list(partial) if partial is not None else []
 
 
 class UnknownControllerError(GlucastError, ValueError):

@@ -29,16 +29,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from forecast.schema import GlucastError
+from serving.controllers import ControllerError
 
 
-class PeerError(GlucastError, RuntimeError):
-    """A peer controller could not give a recommendation (the cycle falls back).
-
-    In a batch, `failed` maps the index of each patient whose request failed to the reason
-    and `partial` holds the proposals of the others (None where failed), so an engine may
-    fall back per patient instead of for the whole cohort.
-    """
+class PeerError(ControllerError):
+    """A peer controller could not give a recommendation (the cycle falls back; in a batch,
+    per patient: `failed` and `partial` as `serving.controllers.ControllerError` says)."""
 
     def __init__(
         self,
@@ -48,10 +44,8 @@ class PeerError(GlucastError, RuntimeError):
         failed: Mapping[int, str] | None = None,
         partial: Sequence[Any] | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, failed=failed, partial=partial)
         self.peer = peer
-        self.failed = dict(failed or {})
-        self.partial = list(partial) if partial is not None else []
 
 
 class PeerEnvironmentError(PeerError):
