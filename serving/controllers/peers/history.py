@@ -26,9 +26,14 @@ SAME_RATE_U_PER_H = 1e-6
 
 @dataclass(frozen=True)
 class BasalRun:
-    start: pd.Timestamp  # UTC
+    start_ns: int  # UTC, ns since the epoch
     minutes: int
     rate_u_per_h: float
+    index: int = 0  # its first slot in the history (the adapters' vectorised time stamps)
+
+    @property
+    def start(self) -> pd.Timestamp:
+        return pd.Timestamp(self.start_ns, tz="UTC")
 
 
 def checked_history(inp: ControlInput, peer: str, *, max_hours: float) -> SlotHistory:
@@ -95,7 +100,7 @@ def checked_history(inp: ControlInput, peer: str, *, max_hours: float) -> SlotHi
         )
     keep = min(n, int(round(max_hours * 60 / SLOT_MINUTES)) + 1)
     return SlotHistory(
-        time=times[-keep:].to_numpy(),
+        time=times[-keep:].asi8.astype("datetime64[ns]"),  # naive UTC, as the engine gives it
         glucose=g[-keep:],
         basal_u=np.asarray(h.basal_u, np.float64)[-keep:],
         bolus_u=np.asarray(h.bolus_u, np.float64)[-keep:],
@@ -106,22 +111,28 @@ def checked_history(inp: ControlInput, peer: str, *, max_hours: float) -> SlotHi
 def basal_runs(h: SlotHistory, scheduled_u_per_h: float) -> list[BasalRun]:
     """Delivered basal as temp basals, oldest first (runs at the scheduled rate left out)."""
     rates = np.round(np.asarray(h.basal_u, np.float64) * 60.0 / SLOT_MINUTES, RATE_DECIMALS)
-    times = utc_index(h.time)
+    ns = utc_index(h.time).asi8.tolist()
+    r = rates.tolist()  # plain floats: the scan below runs per slot, every cycle, per patient
     out: list[BasalRun] = []
-    i, n = 0, len(rates)
+    i, n = 0, len(r)
     while i < n:
         j = i + 1
-        while j < n and abs(rates[j] - rates[i]) < SAME_RATE_U_PER_H:
+        while j < n and abs(r[j] - r[i]) < SAME_RATE_U_PER_H:
             j += 1
-        if abs(rates[i] - scheduled_u_per_h) >= SAME_RATE_U_PER_H:
-            out.append(BasalRun(times[i], (j - i) * SLOT_MINUTES, float(rates[i])))
+        if abs(r[i] - scheduled_u_per_h) >= SAME_RATE_U_PER_H:
+            out.append(BasalRun(ns[i], (j - i) * SLOT_MINUTES, float(r[i]), i))
         i = j
     return out
 
 
 def utc_index(t: np.ndarray | pd.DatetimeIndex) -> pd.DatetimeIndex:
     """Slot times as a UTC DatetimeIndex in nanoseconds (naive times are taken as UTC)."""
-    return pd.DatetimeIndex(pd.to_datetime(np.asarray(t), utc=True)).as_unit("ns")
+    if isinstance(t, pd.DatetimeIndex) and t.tz is not None and str(t.tz) == "UTC":
+        return t.as_unit("ns")  # already one (the adapters pass it around: no re-parsing)
+    a = np.asarray(t)
+    if a.dtype == np.dtype("datetime64[ns]"):  # the engine's form: naive UTC slot starts
+        return pd.DatetimeIndex(a).tz_localize("UTC")
+    return pd.DatetimeIndex(pd.to_datetime(a, utc=True)).as_unit("ns")
 
 
 def on_grid(x: float, increment: float) -> float:
@@ -137,6 +148,18 @@ def iso(t: pd.Timestamp | np.datetime64, *, zulu: bool = True) -> str:
     ts = pd.Timestamp(t)
     ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
     return ts.strftime("%Y-%m-%dT%H:%M:%S") + ("Z" if zulu else "+00:00")
+
+
+def iso_many(times: pd.DatetimeIndex, *, zulu: bool = True) -> np.ndarray:
+    """`iso` of every time at once (numpy's formatting: a cohort's 24 h of entries cost
+    microseconds, not the milliseconds of one pandas Timestamp per entry)."""
+    ns = utc_index(times).asi8.astype("datetime64[ns]")
+    return np.char.add(np.datetime_as_string(ns, unit="s"), "Z" if zulu else "+00:00")
+
+
+def epoch_ms_many(times: pd.DatetimeIndex) -> np.ndarray:
+    """`epoch_ms` of every time at once."""
+    return utc_index(times).asi8 // 10**6
 
 
 def epoch_ms(t: pd.Timestamp | np.datetime64) -> int:

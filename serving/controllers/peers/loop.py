@@ -52,6 +52,7 @@ from serving.controllers.peers.history import (
     basal_runs,
     checked_history,
     iso,
+    iso_many,
     on_grid,
     utc_index,
 )
@@ -116,12 +117,17 @@ def build_request(
 
     doses: list[tuple[str, str, str, float]] = []  # (type, start, end, value), oldest first
     events: list[tuple[int, int, tuple[str, str, str, float]]] = []
-    for run in basal_runs(h, sched):
-        end = run.start + pd.Timedelta(minutes=run.minutes)
-        events.append((run.start.value, 0, ("TempBasal", z(run.start), z(end), run.rate_u_per_h)))
+    stamps = iso_many(times, zulu=False).tolist()  # per slot, vectorised
+    runs = basal_runs(h, sched)
+    ends = iso_many(
+        pd.DatetimeIndex([r.start_ns + r.minutes * 60 * 10**9 for r in runs], tz="UTC"),
+        zulu=False,
+    ).tolist()
+    for run, end in zip(runs, ends, strict=True):
+        events.append((run.start_ns, 0, ("TempBasal", stamps[run.index], end, run.rate_u_per_h)))
     for i in np.flatnonzero(h.bolus_u > 0):
-        t = times[i]
-        events.append((t.value, 1, ("Bolus", z(t), z(t), float(h.bolus_u[i]))))
+        events.append((int(times.asi8[i]), 1, ("Bolus", stamps[i], stamps[i],
+                                               float(h.bolus_u[i]))))  # fmt: skip
     if bolus_now_u > 0:
         events.append((now.value, 2, ("Bolus", z(now), z(now), float(bolus_now_u))))
     events.sort(key=lambda e: (e[0], e[1]))
@@ -134,14 +140,14 @@ def build_request(
     carbs = np.flatnonzero(h.carbs_g > 0)
     target = float(s.target_mgdl)
     return {
-        "glucose_dates": [z(times[i]) for i in ok],
+        "glucose_dates": [stamps[i] for i in ok],
         "glucose_values": [float(h.glucose[i]) for i in ok],
         "dose_types": [d[0] for d in doses],
         "dose_start_times": [d[1] for d in doses],
         "dose_end_times": [d[2] for d in doses],
         "dose_values": [d[3] for d in doses],
         "dose_delivered_units": [None] * len(doses),
-        "carb_dates": [z(times[i]) for i in carbs],
+        "carb_dates": [stamps[i] for i in carbs],
         "carb_values": [float(h.carbs_g[i]) for i in carbs],
         "carb_absorption_times": [float(config.carb_absorption_min)] * len(carbs),
         "settings_dictionary": {

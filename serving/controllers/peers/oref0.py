@@ -53,7 +53,9 @@ from serving.controllers.peers.history import (
     basal_runs,
     checked_history,
     epoch_ms,
+    epoch_ms_many,
     iso,
+    iso_many,
     on_grid,
     utc_index,
 )
@@ -183,10 +185,11 @@ def build_request(inp: ControlInput, config: Oref0Config = Oref0Config()) -> dic
                  "rate": run.rate_u_per_h},
             ])
         )  # fmt: skip
+    stamps, ms = iso_many(times).tolist(), epoch_ms_many(times).tolist()  # per slot, vectorised
     for i in np.flatnonzero(h.bolus_u > 0):
         events.append(
-            (epoch_ms(times[i]), 1, [{"_type": "Bolus", "timestamp": iso(times[i]),
-                                      "amount": float(h.bolus_u[i]), "duration": 0}])
+            (ms[i], 1, [{"_type": "Bolus", "timestamp": stamps[i],
+                         "amount": float(h.bolus_u[i]), "duration": 0}])
         )  # fmt: skip
     meal_u = _meal_bolus(inp, config)
     if meal_u > 0:
@@ -197,11 +200,11 @@ def build_request(inp: ControlInput, config: Oref0Config = Oref0Config()) -> dic
     events.sort(key=lambda e: (e[0], e[1]), reverse=True)
     pumphistory = [r for _, _, recs in events for r in recs]
     carbhistory = [
-        {"created_at": iso(times[i]), "carbs": float(h.carbs_g[i]), "enteredBy": "glucast"}
+        {"created_at": stamps[i], "carbs": float(h.carbs_g[i]), "enteredBy": "glucast"}
         for i in np.flatnonzero(h.carbs_g > 0)[::-1]
     ]
     glucose = [
-        {"date": epoch_ms(times[i]), "dateString": iso(times[i]), "sgv": float(h.glucose[i]),
+        {"date": ms[i], "dateString": stamps[i], "sgv": float(h.glucose[i]),
          "glucose": float(h.glucose[i]), "device": config.device, "type": "sgv"}
         for i in np.flatnonzero(np.isfinite(h.glucose))[::-1]
     ]  # fmt: skip
