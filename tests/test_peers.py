@@ -63,11 +63,11 @@ def _input(fx: dict) -> ControlInput:
     )
 
 
-def _controller(peer: str):
+def _controller(peer: str, **overrides):
     try:
         if peer == "oref0":
-            return oref0_peer.Oref0Controller()
-        return loop_peer.LoopController()
+            return oref0_peer.Oref0Controller(**overrides)
+        return loop_peer.LoopController(**overrides)
     except PeerEnvironmentError as e:
         pytest.skip(f"{peer} environment absent ({e}); `glucast peers install {peer}` makes it")
 
@@ -92,9 +92,14 @@ def test_fixture_names_peer_version_and_licence(peer):
     assert fx["peer_licence"].startswith({"oref0": "MIT", "loop": "BSD-2-Clause"}[peer])
 
 
+RECORDED_OREF0 = oref0_peer.Oref0Config(history_hours=24.0)  # the fixture's 12 h, all of it
+
+
 def test_oref0_builds_the_recorded_request():
     fx = _fixture("oref0")
-    assert oref0_peer.build_request(_input(fx)) == fx["request"]
+    assert oref0_peer.build_request(_input(fx), RECORDED_OREF0) == fx["request"]
+    short = oref0_peer.build_request(_input(fx))  # the default: the last 8 h only
+    assert len(short["glucose"]) == 8 * 12 + 1 < len(fx["request"]["glucose"])
 
 
 def test_loop_builds_the_recorded_request():
@@ -260,7 +265,7 @@ def test_basal_runs_reconstruct_the_delivered_basal(rates, scheduled):
 @pytest.mark.parametrize("peer", ["oref0", "loop"])
 def test_real_peer_gives_the_recorded_answer_twice(peer):
     fx = _fixture(peer)
-    ctl = _controller(peer)
+    ctl = _controller(peer, history_hours=24.0)  # as recorded
     with ctl:
         first = ctl.process.request(fx["request"])
         again = ctl.process.request(fx["request"])
@@ -487,3 +492,15 @@ def test_loop_and_trial_give_controllers_the_same_history(tmp_path):
         for k in ("glucose", "basal_u", "bolus_u", "carbs_g"):
             np.testing.assert_allclose(getattr(lp, k), getattr(t, k), atol=1e-9,
                                        err_msg=f"cycle {c}: {k}")  # fmt: skip
+
+
+@pytest.mark.parametrize("peer", ["oref0", "loop"])
+def test_the_default_history_gives_the_recorded_decision(peer):
+    """The adapters pass less history than the recorded 12 h by default (oref0 8 h): the real
+    peer decides the same on the recorded cycle."""
+    fx = _fixture(peer)
+    with _controller(peer) as ctl:
+        (p,) = ctl.propose([_input(fx)])
+    want = fx["proposal"]
+    assert (p.temp_basal_u_per_h, p.duration_min, p.bolus_u) == (
+        want["temp_basal_u_per_h"], want["duration_min"], want["bolus_u"])  # fmt: skip
