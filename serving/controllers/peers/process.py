@@ -99,6 +99,7 @@ class PeerProcess:
         self._lines: queue.Queue[bytes | None] = queue.Queue()
         self._stderr: deque[str] = deque(maxlen=_STDERR_LINES)
         self._next_id = 0
+        self._writer: threading.Thread | None = None
         self.starts = 0  # how many processes were started (restarts = starts - 1)
 
     # -- lifecycle
@@ -195,15 +196,31 @@ class PeerProcess:
             self._next_id += 1
             ids.append(self._next_id)
             lines.append(json.dumps({**p, "id": self._next_id}, allow_nan=False) + "\n")
-        try:
-            self._proc.stdin.write("".join(lines).encode())
-            self._proc.stdin.flush()
-        except (BrokenPipeError, OSError) as e:
+        if self._proc.poll() is not None:
+            code = self._proc.poll()
             self._fail()
             raise PeerCrashError(
-                f"{self.name}: the process is gone ({e}){self._stderr_tail()}", peer=self.name
-            ) from e
+                f"{self.name}: the process is gone (exit code {code}){self._stderr_tail()}",
+                peer=self.name,
+            )
+        # written by a thread: a batch is larger than the pipe's buffer, and a blocking write
+        # would hold this caller until the peer had read nearly all of it, so a second
+        # process would get its part only then (no parallelism). The reader notices a peer
+        # that dies while reading (its stdout closes): a failed write needs no report here.
+        self._writer = threading.Thread(
+            target=self._write, args=(self._proc, "".join(lines).encode()), daemon=True
+        )
+        self._writer.start()
         return ids
+
+    @staticmethod
+    def _write(proc: subprocess.Popen[bytes], data: bytes) -> None:
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(data)
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):  # gone or closed: the reader says why
+            pass
 
     def collect(self, ids: Sequence[int]) -> list[dict | PeerAnswerError]:
         """The answers to submitted requests, in order (see `request_many`)."""
@@ -224,6 +241,9 @@ class PeerProcess:
                         f"{self.name}: {msg.get('error', 'no error text')}", peer=self.name
                     )
                 )
+        if self._writer is not None:  # every answer came, so every line was read
+            self._writer.join(timeout=1.0)
+            self._writer = None
         return out
 
     # -- internals
