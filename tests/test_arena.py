@@ -98,3 +98,27 @@ def test_arena_in_two_processes_table_and_report(tmp_path):
 def test_bad_configurations_are_refused(kwargs, match):
     with pytest.raises(ArenaError, match=match):
         ArenaConfig(**kwargs)
+
+
+def test_arena_logs_one_mlflow_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from mlflow.tracking import MlflowClient
+
+    from serving.insilico.arena import log_mlflow
+
+    cfg = ArenaConfig(patients="adult#001", days=0.05, seeds=(0,), controllers=("pid",),
+                      scenarios=("announced",), workers=1)  # fmt: skip
+    res = run_arena(cfg, progress=lambda line: None)
+    index = write_report(res, tmp_path / "report")
+    ref = log_mlflow(res, "arena-test", index)
+    run = MlflowClient().get_run(ref["run_id"])
+    m = run.data.metrics
+    t = res.table().iloc[0]
+    assert m["announced.pid.all.tir"] == pytest.approx(t["TIR %"])
+    assert m["announced.pid.all.bg_tbr54"] == pytest.approx(t["true TBR<54 %"])
+    assert m["announced.pid.adults.runs_bg_below_54"] == t["runs with true BG<54"]
+    assert run.data.params["controllers"] == "['pid']"
+    from training import tracking
+
+    assert run.data.tags[tracking.TAG_KIND] == "arena"

@@ -4,6 +4,12 @@
         --scenario random --seed 1 --carb-error 0.2 --json --report reports/trial-mpc
     glucast trial --controller physio-mpc --patients adults --days 2 --mode advisory \
         --accept-prob 0.8 --accept-delay 10 --json
+    glucast trial --controller oref0 --patients all --days 7 --unannounced --variability all
+
+``--controller oref0|loop`` runs OpenAPS oref0 / Loop (pyloopkit) as their real code in their
+own processes (`glucast peers install` makes their environments); the report counts their
+failures (scheduled basal instead) and how often the supervisor changed or vetoed their
+commands, and the run info holds the settings they ran with.
 
 Standard-library imports only at the top (the CLI must start fast and never load torch);
 the simulator, onnxruntime and matplotlib load inside `run`. MLflow is imported only when

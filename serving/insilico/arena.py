@@ -71,6 +71,15 @@ TABLE_METRICS = (
 )
 
 
+# MLflow metric name of each table column (the patient-metric keys of `TrialResult`)
+METRIC_NAMES = {col: key for key, col in TABLE_METRICS} | {
+    "runs": "runs",
+    "runs with true BG<54": "runs_bg_below_54",
+    "fallbacks": "controller_fallbacks",
+    "supervisor changed %": "supervisor_changed_pct",
+}
+
+
 class ArenaError(GlucastError, ValueError):
     """An arena that cannot run as configured."""
 
@@ -453,8 +462,7 @@ def log_mlflow(result: ArenaResult, experiment: str, report: Path | None = None)
             for col, v in row.items():
                 if col in ("scenario", "controller", "group"):
                     continue
-                name = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(col))
-                metrics[f"{key}.{name}"] = v
+                metrics[f"{key}.{METRIC_NAMES.get(col, col)}"] = v
         tracking.log_metrics(metrics)
         if report is not None:
             tracking.log_artifact(Path(report).parent, "arena_report")
