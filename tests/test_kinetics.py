@@ -1,7 +1,8 @@
-"""The compartmental term of the forecast head (training/models/kinetics.py): its kernels
-follow forecast/insulin.py's curves, past insulin lowers and past carbs raise the forecast,
-the person's ISF scales the plan gain, the forecast stays monotone in the plan, and the
-exported graph matches torch."""
+"""The person-aware parts of the deep forecasters: the compartmental term of the head
+(training/models/kinetics.py) — its kernels follow forecast/insulin.py's curves, past insulin
+lowers and past carbs raise the forecast, the person's ISF scales the plan gain — and the
+LSTM's initial state from the static inputs (lstm.static_state); the forecast stays monotone
+in the plan and the exported graph matches torch."""
 
 from __future__ import annotations
 
@@ -46,10 +47,11 @@ def raw_inputs(B: int, seed: int = 0, isf: float = 50.0, cr: float = 10.0):
     return past, future
 
 
-def fitted(seed: int = 0):
+def fitted(seed: int = 0, static_state: bool = True):
     torch.manual_seed(seed)
     lay = Layout(PAST, FUTURE, L, H, (0.05, 0.5, 0.95), carb_head=True)
-    m = build_model("lstm", lay, {"hidden": 16, "kinetics": True}, {}).eval()
+    opts = {"hidden": 16, "kinetics": True, "static_state": static_state}
+    m = build_model("lstm", lay, opts, {}).eval()
     past, future = raw_inputs(256, seed, isf=float(30 + 40 * (seed % 2)))
     past[128:, :, 11] = 80.0  # two people: the reference ISF is their mean
     target = past[:, -1:, 0] + 10 * torch.randn(256, H)
@@ -126,6 +128,29 @@ def test_without_a_profile_the_priors_stand_in():
     assert float(m.kinetics.isf_ref) == 40.0 and float(m.kinetics.csf_ref) == 3.0
     with torch.no_grad():
         assert torch.isfinite(m(past, future)).all()
+
+
+def test_static_inputs_set_the_encoder_state():
+    """With static_state the profile and daily dose at the origin seed the encoder: another
+    person's profile changes the forecast even where the compartmental term cannot (no
+    past insulin or carbs), and without it the encoder starts from zeros."""
+    assert MODEL.backbone.static is not None
+    idx = [PAST.index(f) for f in ("tdd_u", "carb_ratio_g_per_u", "isf_mgdl_per_u")]
+    assert MODEL.backbone.static_idx.tolist() == idx
+    assert fitted(1, static_state=False).backbone.static is None
+    past, future = raw_inputs(4, seed=4)
+    past[..., [2, 3, 4]] = 0.0  # no past insulin or carbs
+    other = past.clone()
+    other[..., PAST.index("carb_ratio_g_per_u")] = 25.0
+    known = future[..., [FUTURE.index("tod_sin"), FUTURE.index("tod_cos")]]  # [B, H, 2]
+    with torch.no_grad():
+        ctx = MODEL.backbone(normalised(past), known)[1]  # [B, D]
+        ctx_other = MODEL.backbone(normalised(other), known)[1]  # [B, D]
+    assert not torch.allclose(ctx, ctx_other)
+
+
+def normalised(past: torch.Tensor) -> torch.Tensor:
+    return (past - MODEL.past_mean) / MODEL.past_std
 
 
 def test_onnx_export_matches_torch(tmp_path):

@@ -14,7 +14,7 @@ from training.calibration import conformal_calibrate, predict_numpy  # noqa: E40
 from training.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from training.models import Layout, build_model  # noqa: E402
 from training.models.common import insulin_effect_prior  # noqa: E402
-from training.module import pinball_loss  # noqa: E402
+from training.module import median_mse, pinball_loss  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -132,6 +132,17 @@ def test_pinball_loss_values_and_mask():
     pred.requires_grad_(True)
     pinball_loss(pred, target, q, scale).backward()
     assert torch.isfinite(pred.grad).all() and (pred.grad[0, 1] == 0).all()
+
+
+def test_median_mse_values_mask_and_scale():
+    median = torch.tensor([[100.0, 100.0, 100.0]])  # [1, 3]
+    target = torch.tensor([[110.0, float("nan"), 80.0]])
+    scale = torch.tensor([10.0, 1.0, 20.0])
+    # (10 / 10)^2 and (20 / 20)^2 over the two real readings
+    assert median_mse(median, target, scale).item() == pytest.approx(1.0)
+    median.requires_grad_(True)
+    median_mse(median, target, scale).backward()
+    assert median.grad[0, 1] == 0 and median.grad[0, 0] < 0 < median.grad[0, 2]
 
 
 def test_pinball_loss_is_minimised_by_the_quantile():

@@ -86,6 +86,12 @@ class LSTMOptions:
     # history, scaled by the person's ISF (therapy profile), which scales the plan and carb
     # gains too. Configured per model like skip_lags.
     kinetics: bool = False
+    # The person's static inputs (therapy profile, daily dose) at the origin set the
+    # encoder's initial state (training/models/lstm.py).
+    static_state: bool = False
+    # Weight of a squared-error term on the median (in delta_scale units) next to the pinball
+    # loss: the pinball loss fits the median, RMSE scores the mean (training/module.py).
+    median_mse: float = 0.0
 
 
 @dataclass
@@ -97,6 +103,7 @@ class TransformerOptions:
     dropout: float = 0.0
     skip_lags: int = 12  # as in LSTMOptions
     kinetics: bool = False  # as in LSTMOptions
+    median_mse: float = 0.0  # as in LSTMOptions
     # Past slots per past token (must divide the past slots). 3 (one token per 15-min Libre
     # reading) helped on ShanghaiT1DM (mean of 2 seeds, 30/60 min: 13.60/26.54 -> 13.42/26.08)
     # but not on the 5-min simulated cohort (16.51/25.09 -> 16.78/25.41), so 1 by default.

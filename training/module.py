@@ -37,6 +37,14 @@ def pinball_loss(
     return loss.sum() / n
 
 
+def median_mse(median: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the median [B, H] over real readings (target NaN = none), in
+    units of the per-horizon scale [H] as the pinball loss."""
+    mask = torch.isfinite(target)  # [B, H]
+    err = torch.where(mask, (target - median) / scale, torch.zeros_like(median))  # [B, H]
+    return (err**2).sum() / mask.sum().clamp_min(1)
+
+
 class ForecastModule(L.LightningModule):
     def __init__(
         self,
@@ -54,6 +62,8 @@ class ForecastModule(L.LightningModule):
         q = torch.tensor(spec["layout"]["quantiles"], dtype=torch.float32)
         self.register_buffer("quantiles", q)
         self.median = self.model.layout.median
+        # optional squared error of the median next to the pinball loss (config lstm.median_mse)
+        self.mse_weight = float(spec.get("options", {}).get("median_mse", 0.0))
         slot = int(spec["slot_minutes"])
         H = self.model.H
         # Validation RMSE is reported where those horizons exist.
@@ -110,7 +120,12 @@ class ForecastModule(L.LightningModule):
         pred, aux = self.model.forward_train(
             past, future, detach_insulin=self.twins is not None
         )  # [B, H, Q], scalar
-        return pinball_loss(pred, target, self.quantiles, self.model.delta_scale), aux, pred
+        loss = pinball_loss(pred, target, self.quantiles, self.model.delta_scale)
+        if self.mse_weight > 0:
+            loss = loss + self.mse_weight * median_mse(
+                pred[..., self.median], target, self.model.delta_scale
+            )
+        return loss, aux, pred
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         loss, aux, _ = self._loss(batch)

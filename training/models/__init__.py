@@ -9,6 +9,9 @@ from training.models.common import ForecastHead, Layout
 from training.models.lstm import LSTMBackbone, LSTMConfig
 from training.models.transformer import TransformerBackbone, TransformerConfig
 
+# Past features constant for a person over a window: the therapy profile and the daily dose.
+STATIC_FEATURES = ("carb_ratio_g_per_u", "isf_mgdl_per_u", "tdd_u")
+
 __all__ = ["ForecastHead", "Layout", "build_model", "model_spec"]
 
 
@@ -24,8 +27,15 @@ def build_model(kind: str, layout: Layout, options: dict, head: dict, slot_minut
     # `transformer:` sections), so each backbone can be tuned with or without it.
     skip_lags = int(options.pop("skip_lags", 12))
     kinetics = bool(options.pop("kinetics", False))  # likewise the compartmental term
+    options.pop("median_mse", None)  # a loss setting (training/module.py), not the model's
     if kind == "lstm":
-        backbone = LSTMBackbone(LSTMConfig(past_features=fp, known_features=fk, **options))
+        static = options.pop("static_state", False)
+        idx = tuple(i for i, f in enumerate(layout.past_features) if f in STATIC_FEATURES)
+        backbone = LSTMBackbone(
+            LSTMConfig(
+                past_features=fp, known_features=fk, static_idx=idx if static else (), **options
+            )
+        )
     elif kind == "transformer":
         backbone = TransformerBackbone(
             TransformerConfig(
