@@ -121,7 +121,10 @@ def run_model(
     # Several models return rows grouped by subject in their own order: ask per subject.
     for sid in pd.unique(ids):
         m = ids == sid
-        out = np.asarray(model.predict(rows[m]), dtype=np.float64)
+        raw = model.predict(rows[m])
+        # naive_linear_regressor answers a Series of per-row lists: make it [n, H]
+        raw = raw.tolist() if isinstance(raw, pd.Series) else raw
+        out = np.asarray(raw, dtype=np.float64)
         if out.ndim != 2 or out.shape != (int(m.sum()), n_out):
             raise ValueError(
                 f"predict returned shape {getattr(out, 'shape', None)} for subject {sid} "
