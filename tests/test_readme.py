@@ -51,7 +51,7 @@ def subcommand(cmd: str) -> str:
 
 #: forms whose run is a long-running process (real time) or an interactive tool: the tour
 #: shows their --help, which parses their arguments and loads their module
-HELP_ONLY = {"loop", "journal", "faults"}
+HELP_ONLY = {"loop", "journal", "faults", "peers"}  # peers: installs software (npm, pip)
 
 
 def test_every_documented_form_is_run_by_the_tour():
