@@ -12,8 +12,10 @@ runs made on the same machine.
     python benchmarks/loop_cycle.py [--controller basal-bolus|physio-mpc] [--hours 24]
            [--trial-days 1] [--trial-patients all]
 
-Measured on the 2-core CPU machine (same machine, same day, basal-bolus / physio-mpc):
-see the issue note of the engine restructuring for before/after numbers.
+Measured on the 2-core CPU machine, physio-mpc, three alternating runs each of the code
+before the one-engine restructuring (it built a DataFrame per cycle) and after it (medians;
+CPU time; the machine was shared): loop cycle p50 13.4 → 6.5 ms, p99 19.6 → 10.2 ms; the
+30-patient 1-day trial 6.6 → 6.4 s.
 """
 
 from __future__ import annotations
