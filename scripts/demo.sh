@@ -35,10 +35,15 @@ step "3/7 train the LSTM with Lightning, calibrate its interval, export ONNX + m
 glucast train --model lstm --data "$OUT/cohort.parquet" --experiment "$EXP" $EPOCHS \
   --out "$OUT/models/lstm" --json > "$OUT/train_lstm.json"
 
-step "4/7 evaluate the exported ONNX model on held-out days (+ interventional re-simulation)"
+step "4/7 evaluate the exported ONNX model on held-out days (+ interventional re-simulation) and the forecast ceilings"
 # logged as a child run of the LSTM's training run (found from the model's manifest)
 glucast evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --interventional \
   --mlflow --experiment "$EXP" --json > "$OUT/evaluate_lstm.json"
+# the forecast ceilings on the same test windows (issue: how good could any forecaster be?)
+for oracle in oracle-noise oracle-filter; do
+  glucast evaluate --model $oracle --data "$OUT/cohort.parquet" --mlflow --experiment "$EXP" \
+    --json > "$OUT/evaluate_${oracle//-/_}.json"
+done
 # this run's test data only: an mlflow.db kept from an earlier demo (older simulator or sensor)
 # holds runs on other test windows, which compare refuses to put side by side
 HASH=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['dataset_hash'])" \

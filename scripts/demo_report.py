@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from forecast.htmlreport import HtmlReport
@@ -94,6 +95,32 @@ def accuracy_table(out: Path) -> pd.DataFrame:
             "re-run the demo from a clean reports/demo"
         )
     return table.astype(float).round(2)
+
+
+CEILINGS = {"oracle_noise": "noise-state oracle", "oracle_filter": "filter oracle"}
+
+
+def ceiling_table(out: Path, acc: pd.DataFrame) -> pd.DataFrame:
+    """The two forecast ceilings' RMSE at 30/60 min and every model's ratio to them (same
+    test windows: an oracle's evaluation refuses a frame other than its own simulation)."""
+    oracles = {}
+    for key, name in CEILINGS.items():
+        hz = (_load(out / f"evaluate_{key}.json") or {}).get("horizons", {})
+        if hz:
+            oracles[name] = {h: float(hz[h]["rmse"]) for h in ("30", "60") if h in hz}
+    if not oracles or not len(acc):
+        return pd.DataFrame()
+    rows = {}
+    for label, rmse in [(n, o) for n, o in oracles.items()] + [
+        (MODEL_NAMES.get(m, m), {h: float(acc.loc[m, f"RMSE {h}"]) for h in ("30", "60")})
+        for m in acc.index
+    ]:
+        row = {f"RMSE {h}": rmse.get(h) for h in ("30", "60")}
+        for name, o in oracles.items():
+            for h in ("30", "60"):
+                row[f"× {name} {h}"] = rmse[h] / o[h] if h in rmse and h in o else np.nan
+        rows[label] = row
+    return pd.DataFrame(rows).T.astype(float).round(2)
 
 
 def trial_table(out: Path) -> pd.DataFrame:
@@ -192,6 +219,18 @@ def build(out: Path) -> Path:
     if len(acc):
         acc.index.name = "model"
         rep.add_table(acc, caption="mg/dL unless marked; coverage of the 90 % interval")
+    ceil = ceiling_table(out, acc)
+    if len(ceil):
+        ceil.index.name = "forecaster"
+        rep.add_text(
+            "How close to the physical limit: no forecaster can know the sensor's future noise. "
+            "The noise-state oracle knows the true future signal and the noise's state; the "
+            "filter oracle knows each patient's model and inputs but sees only the CGM (an "
+            "ensemble Kalman filter). Ratios are each model's RMSE over the oracle's."
+        )
+        rep.add_table(
+            ceil, caption="Forecast ceilings on the same test windows (RMSE mg/dL; × oracle)"
+        )
     if (out / "compare.png").exists():
         rep.add_image(out / "compare.png", "RMSE by horizon, all models, same test windows")
     _model_plots(rep, out)
