@@ -51,12 +51,8 @@ def sanity_day(peer: str, patient: str, hours: float, seed: int, unannounced: bo
     from forecast.insulin import InsulinCurve
     from forecast.sim import load_patients
     from serving.controllers import meal_bolus_u
-    from serving.insilico.trial import (
-        CohortPump,
-        TrialConfig,
-        make_trial_simulator,
-        settings_for,
-    )
+    from serving.insilico.cohort import settings_for
+    from serving.insilico.trial import CohortPump, TrialConfig, make_trial_simulator
     from serving.safety import SafetyState, Supervisor, assess_cgm, max_basal
     from serving.types import CGMStatus, ControlInput, Reading, SlotHistory
 

@@ -19,12 +19,12 @@ from forecast.windows import (
     inputs_at,
 )
 from serving.controllers.mpc import MPCController
+from serving.insilico.cohort import settings_for
 from serving.insilico.trial import (
     TrialConfig,
     TrialError,
     make_trial_simulator,
     run_trial,
-    settings_for,
     write_report,
 )
 from serving.predictor import Predictor

@@ -45,7 +45,7 @@ from serving.controllers import (
     meal_bolus_u,
 )
 from serving.hal.pump import CommandKind
-from serving.insilico.cohort import PATIENT_GROUPS, SENSORS, make_simulator, settings_for  # noqa: F401
+from serving.insilico.cohort import SENSORS, make_simulator, settings_for
 from serving.predictor import Forecaster
 from serving.types import (
     CGMStatus,
@@ -512,7 +512,7 @@ def _run_trial(
     from serving.insilico.advisory import confirm_batch, confirmer_for
     from serving.modes import parse_mode
     from serving.predictor import load_predictor
-    from serving.safety import SafetyState, Supervisor, assess_cgm, check_batch, max_basal
+    from serving.safety import SafetyState, Supervisor, assess_cgm, check_batch
 
     faults: list[dict[str, Any]] = []
     window = window or getattr(controller, "window", None) or WindowConfig()
@@ -528,11 +528,8 @@ def _run_trial(
     n, cycles = len(names), config.cycles
     sim = make_trial_simulator(config, patients)
     sched = np.array([s.basal_u_per_h for s in settings])
-    cap = max_basal(
-        np.array([s.max_basal_u_per_h for s in settings]),
-        np.array([s.max_daily_basal_u_per_h or s.basal_u_per_h for s in settings]),
-        sched,
-    )
+    sups = [Supervisor(s) for s in settings]
+    cap = np.array([sup.cap_u_per_h for sup in sups])  # the supervisor's max basal (oref0's cap)
     hist = IncrementalWindows(
         window,
         sched,
@@ -541,7 +538,6 @@ def _run_trial(
         prior_daily_dose_u=patients.tdi,
         profile=profile_arrays(settings),
     )
-    sups = [Supervisor(s) for s in settings]
     pump = CohortPump(sched, cap, increment=sim.pump.config.basal_increment_u_per_h)
     recent: list[deque[Reading]] = [deque(maxlen=12) for _ in range(n)]
     log = {k: np.zeros((n, cycles)) for k in LOG_FIELDS}
@@ -557,6 +553,7 @@ def _run_trial(
             seed=config.seed,
         )
     calls0 = predictor.calls
+    mode = parse_mode(config.mode)
     t_start = time.perf_counter()
     times = sim.start + pd.to_timedelta(np.arange(cycles) * SLOT_MINUTES, "min")
     for c in range(cycles):
@@ -602,7 +599,6 @@ def _run_trial(
             )
             for i in range(n)
         ]
-        mode = parse_mode(config.mode)
         if person is None:  # closed loop: the runtime's decision, as `glucast loop` makes it
             dec = engine.decide(inputs, settings, states, mode)
             proposals, verdicts, act = dec.proposals, dec.verdicts, np.ones(n, bool)

@@ -16,7 +16,7 @@ What oref0 is given (the settings used, `Oref0Config`):
   curve (peak 75 min: glucast's `forecast.insulin.InsulinCurve` is the same curve), and
   ``max_iob`` from the settings. oref0's max_iob caps *net* IOB (above scheduled basal)
   while `PatientSettings.max_iob_u` is the absolute IOB the supervisor counts, so oref0 gets
-  max_iob_u minus the steady IOB of scheduled basal (for `serving.insilico.trial.settings_for`'s
+  max_iob_u minus the steady IOB of scheduled basal (for `serving.insilico.cohort.settings_for`'s
   patients: one max bolus + 3 h of basal). Left at oref0's default 0, oref0 never adds
   insulin above basal.
 * **SMB and UAM on**, as the OpenAPS docs recommend for meals that are not announced
