@@ -475,8 +475,8 @@ class ControlLoop:
 
         def column(times: Sequence[pd.Timestamp]) -> np.ndarray:
             """Slot index of each time ([-1] outside the span)."""
-            k = np.array([pd.Timestamp(x).floor(SLOT).value for x in times], np.int64) - t0
-            k = k // SLOT.value if len(k) else np.zeros(0, np.int64)
+            ns = pd.DatetimeIndex(list(times)).as_unit("ns").asi8  # [R]
+            k = (ns - t0) // SLOT.value  # t0 is on the slot grid: this floors each time
             return np.where((k >= 0) & (k < n), k, -1)
 
         glucose = np.full(n, np.nan)
