@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -347,9 +347,11 @@ class OnnxForecaster:
         self,
         model_dir: str | Path,
         *,
-        config: WindowConfig | None = None,
+        config: WindowConfig | Literal["manifest"] | None = None,
         threads: int = 1,
     ) -> None:
+        """`config`: the window inputs are built with — None: the runtime's
+        (`runtime_window`, the canonical features); ``"manifest"``: the manifest's own."""
         import onnxruntime as ort
 
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -371,6 +373,8 @@ class OnnxForecaster:
                 f"says {self.manifest.sha256[:16]}… (a changed file, or a manifest from another "
                 "export: re-export, do not edit the manifest)"
             )
+        if config == "manifest":
+            config = self.manifest.window
         self.config = config if config is not None else runtime_window(self.manifest.window)
         check_window_matches(self.manifest.window, self.config)
         self.quantiles = self.manifest.quantiles
@@ -388,9 +392,7 @@ class OnnxForecaster:
     def load(cls, model_dir: str | Path, threads: int = 1) -> OnnxForecaster:
         """The model on its own window, as the manifest states it (evaluation, comparisons):
         no runtime feature list is imposed, the file and graph checks are the same."""
-        d = Path(model_dir)
-        manifest = ModelManifest.read(d / MANIFEST_FILE) if d.is_dir() else None
-        return cls(d, config=manifest.window if manifest else None, threads=threads)
+        return cls(model_dir, config="manifest", threads=threads)
 
     @property
     def window_config(self) -> WindowConfig:
