@@ -92,6 +92,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="MIN",
         help="advisory: minutes before the person answers an advice (default 10)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the patients over N processes (same results, about N times faster on N "
+        "free cores; closed and monitor modes; default 1)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--report", metavar="DIR", help="write index.html, trial.json, patients.csv")
     p.add_argument("--mlflow", action="store_true", help="log the trial as an MLflow run")
@@ -121,14 +129,19 @@ def run(args: argparse.Namespace) -> int:
     )
     from serving.insilico.trial import close_controller
 
-    controller, window, info, predictor = build_controller(config)
-    try:
+    if args.workers > 1:  # each worker builds its own controller (and records its info)
         result = _run_with_progress(
-            run_trial, config, controller, window, predictor, quiet=args.json
+            run_trial, config, None, None, None, quiet=args.json, workers=args.workers
         )
-    finally:  # a peer's processes end with the trial
-        close_controller(controller)
-    result.info.update(info)
+    else:
+        controller, window, info, predictor = build_controller(config)
+        try:
+            result = _run_with_progress(
+                run_trial, config, controller, window, predictor, quiet=args.json
+            )
+        finally:  # a peer's processes end with the trial
+            close_controller(controller)
+        result.info.update(info)
     report = None
     if args.report:
         report = write_report(result, args.report)
@@ -143,10 +156,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_with_progress(run_trial, config, controller, window, predictor, *, quiet: bool):
+def _run_with_progress(
+    run_trial, config, controller, window, predictor, *, quiet: bool, workers: int = 1
+):
     """Run with a rich progress bar on stderr (none when stderr is not a terminal)."""
+    kw = {"workers": workers} if workers > 1 else {}
     if quiet or not sys.stderr.isatty():
-        return run_trial(config, controller=controller, window=window, predictor=predictor)
+        return run_trial(config, controller=controller, window=window, predictor=predictor, **kw)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -165,7 +181,12 @@ def _run_with_progress(run_trial, config, controller, window, predictor, *, quie
                 bar.update(task, completed=done)
 
         return run_trial(
-            config, controller=controller, window=window, predictor=predictor, progress=progress
+            config,
+            controller=controller,
+            window=window,
+            predictor=predictor,
+            progress=progress,
+            **kw,
         )
 
 

@@ -464,6 +464,7 @@ def run_trial(
     window: WindowConfig | None = None,
     predictor: Forecaster | None = None,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> TrialResult:
     """Run the cohort for `config.days` in `config.mode`; every dose through the supervisor.
 
@@ -472,7 +473,15 @@ def run_trial(
     `accept_prob`, answers after `accept_delay_min`); only what they release is checked
     again by the supervisor and sent. monitor: the controller is never asked; the pump runs
     its schedule (the supervisor still judges the schedule, for the record).
+
+    `workers` > 1 splits the patients over that many processes (`run_split`), each with
+    its own controller built from `config`: the result is the same as in one process.
     """
+    if workers > 1:
+        if controller is not None:
+            raise TrialError("run_trial(workers > 1) builds a controller in each worker; "
+                             "do not pass one")  # fmt: skip
+        return run_split(config, workers, progress=progress)
     info: dict[str, Any] = {}
     if controller is not None:
         return _run_trial(config, controller, window, predictor, progress, info)
@@ -497,6 +506,128 @@ def peer_settings(controller: Any) -> dict[str, Any] | None:
 
 
 MAX_FAULTS_KEPT = 20  # controller faults kept verbatim in the run info (all are counted)
+
+
+# --------------------------------------------------------------------------- split over processes
+
+
+def run_split(
+    config: TrialConfig,
+    workers: int,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrialResult:
+    """The trial with its patients split over `workers` processes, merged into one result.
+
+    Patients are independent in a trial: each one's meals, announcements, sensor noise and
+    pump draw from its own random streams (`forecast.sim.rng`: keyed on the run seed and the
+    patient's id, never on who else is in the cohort), and the controller, the supervisor
+    and the forecaster's fallback decide per patient. So the cohort cut into contiguous
+    parts, each part run by `run_trial` in a fresh process (spawned: no onnxruntime or numba
+    state is forked) with its own controller, gives the same log as one process
+    (`tests/test_trial_split.py`). Advisory mode is refused: its simulated person draws by
+    position in the cohort. `decision_s` is the sum of the workers' per-cycle times (the
+    cohort's decision time, as in one process); `forecaster_calls` is the sum of theirs.
+    """
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    from forecast.sim.patient import resolve_names
+
+    if config.mode == "advisory":
+        raise TrialError("advisory trials run in one process (the simulated person's draws "
+                         "depend on the patient's position in the cohort)")  # fmt: skip
+    names = resolve_names(config.patients)
+    workers = max(1, min(int(workers), len(names)))
+    parts = [list(p) for p in np.array_split(np.array(names, dtype=object), workers)]
+    t0 = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [
+        ctx.Process(target=_split_worker, args=(k, _part_config(config, part), q), daemon=True)
+        for k, part in enumerate(parts)
+    ]
+    for p in procs:
+        p.start()
+    done = [0] * workers
+    results: list[TrialResult | None] = [None] * workers
+    try:
+        while any(r is None for r in results):
+            try:
+                kind, k, payload = q.get(timeout=5.0)
+            except queue_mod.Empty:
+                dead = [k for k, p in enumerate(procs) if results[k] is None and not p.is_alive()]
+                if dead:
+                    raise TrialError(f"trial worker {dead[0]} died (exit code "
+                                     f"{procs[dead[0]].exitcode})") from None  # fmt: skip
+                continue
+            if kind == "error":
+                raise TrialError(f"trial worker {k} failed:\n{payload}")
+            if kind == "progress":
+                done[k] = payload
+                if progress is not None:
+                    progress(min(done), config.cycles)
+            else:
+                results[k] = payload
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    merged = merge_results(config, [r for r in results if r is not None])
+    merged.wall_s = time.perf_counter() - t0
+    merged.info["workers"] = workers
+    if progress is not None:
+        progress(config.cycles, config.cycles)
+    return merged
+
+
+def _part_config(config: TrialConfig, names: list[str]) -> TrialConfig:
+    from dataclasses import replace
+
+    return replace(config, patients=",".join(names))
+
+
+def _split_worker(k: int, config: TrialConfig, q) -> None:
+    """One worker of `run_split`: the trial of its part, progress every simulated day."""
+    import traceback
+
+    def progress(done: int, total: int) -> None:
+        if done % 288 == 0 or done == total:
+            q.put(("progress", k, done))
+
+    try:
+        q.put(("result", k, run_trial(config, progress=progress)))
+    except BaseException:
+        q.put(("error", k, traceback.format_exc()))
+
+
+def merge_results(config: TrialConfig, parts: Sequence[TrialResult]) -> TrialResult:
+    """One `TrialResult` of the whole cohort from the results of its parts (in order)."""
+    first = parts[0]
+    for r in parts[1:]:
+        if not first.times.equals(r.times):
+            raise TrialError("trial parts ran on different clocks")
+    names = [n for r in parts for n in r.names]
+    pos = {n: i for i, n in enumerate(names)}
+    faults = sorted(  # the first few of the whole cohort, in the order one process keeps them
+        (f for r in parts for f in r.info.get("controller_faults", [])),
+        key=lambda f: (f["time"], pos.get(f["patient"], 0)),
+    )
+    return TrialResult(
+        config=config,
+        names=names,
+        settings=[s for r in parts for s in r.settings],
+        times=first.times,
+        log={k: np.concatenate([r.log[k] for r in parts], axis=0) for k in first.log},
+        veto_kinds=[v for r in parts for v in r.veto_kinds],
+        cap_rate=np.concatenate([r.cap_rate for r in parts]),
+        wall_s=max(r.wall_s for r in parts),
+        decision_s=np.sum([r.decision_s for r in parts], axis=0),
+        forecaster_calls=sum(r.forecaster_calls for r in parts),
+        info={**first.info, "controller_faults": faults[:MAX_FAULTS_KEPT]},
+        out_of_range=np.concatenate([r.out_of_range for r in parts]),
+    )
 
 
 def _run_trial(
