@@ -176,6 +176,20 @@ class AlertThresholds:
     predicted_clear_cycles: int = 2
     # only while the trend falls at least this fast (mg/dL/min, e.g. -0.5); None = any trend
     predicted_low_max_roc: float | None = None
+    # Personal calibration (chosen on the person's own recent days, e.g.
+    # `serving.insilico.alert_tuning.calibrate_low`): when set, the predicted-low line is the
+    # median forecast x exp(offset[k]) at step k (offsets <= 0 lower it; the last one is
+    # carried past the tuple's end) instead of `predicted_low_quantile`'s column.
+    predicted_low_log_offsets: tuple[float, ...] | None = None
+    # Trend-aware re-alerting: say a standing predicted low again only while glucose is still
+    # falling (trend < 0); a prediction that has levelled off stays quiet.
+    predicted_low_realert_falling: bool = False
+    # Suppression: no predicted low for this many minutes after a low (< `low_mgdl`) ended — a
+    # treated low's recovery — nor after carbs were eaten (`update(carbs_g=...)`), unless the
+    # trend falls at least as fast as `predicted_low_suppress_unless_roc` (mg/dL/min, e.g. -2).
+    predicted_low_quiet_after_low_min: float | None = None
+    predicted_low_quiet_after_carbs_min: float | None = None
+    predicted_low_suppress_unless_roc: float | None = None
     # predicted high: the median forecast above this within the horizon
     predicted_high_mgdl: float | None = 250.0
     predicted_high_quantile: float = 0.5
@@ -221,6 +235,15 @@ class AlertThresholds:
             AlertKind(k)  # raises ValueError on an unknown kind
             if v <= 0:
                 raise AlertConfigError(f"realert_min[{k!r}] must be > 0 minutes, got {v}")
+        for name in ("predicted_low_quiet_after_low_min", "predicted_low_quiet_after_carbs_min"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise AlertConfigError(f"{name} must be > 0 minutes (or None), got {v}")
+        offs = self.predicted_low_log_offsets
+        if offs is not None:
+            if len(offs) == 0 or not all(math.isfinite(float(x)) for x in offs):
+                raise AlertConfigError(f"predicted_low_log_offsets must be finite numbers: {offs}")
+            object.__setattr__(self, "predicted_low_log_offsets", tuple(float(x) for x in offs))
         for q in (self.predicted_low_quantile, self.predicted_high_quantile):
             if q is not None and not 0 < q < 1:
                 raise AlertConfigError(f"quantile {q} must be in (0, 1)")
@@ -228,6 +251,8 @@ class AlertThresholds:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["realert_min"] = dict(self.realert_min)
+        if self.predicted_low_log_offsets is not None:
+            d["predicted_low_log_offsets"] = list(self.predicted_low_log_offsets)
         return d
 
     @classmethod
@@ -236,7 +261,21 @@ class AlertThresholds:
         unknown = set(d) - names
         if unknown:
             raise AlertConfigError(f"unknown alert setting(s) {sorted(unknown)}")
-        return cls(**dict(d))
+        d = dict(d)
+        if d.get("predicted_low_log_offsets") is not None:
+            d["predicted_low_log_offsets"] = tuple(d["predicted_low_log_offsets"])
+        return cls(**d)
+
+    def predicted_low_line(self, fc: AlertForecast) -> np.ndarray:
+        """[H] the forecast line a predicted low looks at: the calibrated median when the
+        person has `predicted_low_log_offsets`, else the `predicted_low_quantile` column."""
+        offs = self.predicted_low_log_offsets
+        if offs is None:
+            return fc.column(self.predicted_low_quantile)
+        h = fc.glucose.shape[0]
+        o = np.asarray(offs, dtype=float)
+        o = o[:h] if len(o) >= h else np.r_[o, np.full(h - len(o), o[-1])]
+        return fc.column(0.5) * np.exp(o)
 
     def realert_for(self, kind: AlertKind) -> float | None:
         if kind is AlertKind.URGENT_LOW:
@@ -321,6 +360,22 @@ class AlertForecast:
             return min(range(len(q)), key=q.__getitem__)
         return min(range(len(q)), key=lambda i: abs(q[i] - quantile))
 
+    def chance_beyond(self, bar: float, steps: int, *, below: bool = True) -> float:
+        """How sure the forecast is: the largest probability over the first `steps` steps
+        that glucose is below (above) `bar`, read off its quantiles by linear interpolation
+        (clamped to the quantiles it has: a (0.05, 0.5, 0.95) forecast says at most 95 %)."""
+        q = np.asarray(self.quantiles, dtype=float)
+        order = np.argsort(q, kind="stable")
+        q = q[order]
+        best = 0.0
+        for k in range(max(1, min(steps, self.glucose.shape[0]))):
+            v = np.maximum.accumulate(self.glucose[k, order])  # quantile lines never cross
+            p = float(np.interp(bar, v, q)) if np.all(np.isfinite(v)) else math.nan
+            p = p if below else 1.0 - p
+            if math.isfinite(p):
+                best = max(best, p)
+        return best
+
     def within(self, horizon_min: float) -> int:
         """How many steps lie within `horizon_min` of the origin."""
         k = int(math.floor(horizon_min / self.slot_minutes + 1e-9))
@@ -379,6 +434,8 @@ class AlertEngine:
         self.warming_up = False
         self.last_trend = Trend(math.nan, None)
         self.last_glucose = math.nan
+        self._low_ended_at: pd.Timestamp | None = None  # the last low (< low_mgdl) ended
+        self._carbs_at: pd.Timestamp | None = None  # the last carbs the loop told us of
         self.sink_errors: deque[tuple[Alert, Exception]] = deque(maxlen=1000)
 
     # -- user actions -------------------------------------------------------------------
@@ -407,8 +464,12 @@ class AlertEngine:
         *,
         forecast: AlertForecast | None = None,
         pump_faults: Iterable[str] | None = None,
+        carbs_g: float | None = None,
     ) -> list[Alert]:
         """Advance one cycle; return (and send to the sink) the alerts raised now.
+
+        ``carbs_g`` the carbohydrate eaten (or announced) in this cycle, when the loop knows
+        it: it only feeds ``predicted_low_quiet_after_carbs_min``.
 
         ``pump_faults=None`` means "no news from the pump this cycle" (fault episodes are
         kept); an empty list means the pump reports no fault (they end). Codes are strings,
@@ -418,6 +479,8 @@ class AlertEngine:
         now = _utc(now)
         if self._last_ok_at is None:
             self._last_ok_at = now
+        if carbs_g is not None and math.isfinite(carbs_g) and carbs_g > 0:
+            self._carbs_at = now
         th = self.thresholds
         info: dict[AlertKind, dict[str, Any]] = {}
         # The gap is measured on the loop's clock before this cycle's reading: a loop clock
@@ -534,6 +597,8 @@ class AlertEngine:
                 self._end(AlertKind.PREDICTED_LOW)  # it came true; the low alarm takes over
                 info[kind] = {"value": g}
             elif g >= thr + hy:
+                if kind is AlertKind.LOW and (kind, "") in self.episodes:
+                    self._low_ended_at = now  # the recovery of a (treated) low starts
                 self._end(kind)
         if th.high_mgdl is None:
             return
@@ -593,13 +658,13 @@ class AlertEngine:
         k = fc.within(th.predicted_horizon_min)
         src = "physio" if fc.source in ("physio", "fallback") else fc.source
         if th.predicted_low_mgdl is not None:
-            lo = fc.column(th.predicted_low_quantile)[:k]
+            lo = th.predicted_low_line(fc)[:k]
             bar = th.predicted_low_mgdl + th.predicted_low_margin_mgdl
             vmin = float(lo.min())
             falling = (
                 th.predicted_low_max_roc is None
                 or self.last_trend.roc_mgdl_min <= th.predicted_low_max_roc
-            )
+            ) and not self._predicted_low_suppressed(now)
             if vmin < bar and falling:
                 self._pred_low_count += 1
                 self._pred_low_clear = 0
@@ -613,12 +678,16 @@ class AlertEngine:
             if self._pred_low_count >= th.predicted_cycles and not low_now:
                 self._begin(AlertKind.PREDICTED_LOW, now)
                 eta = (int(np.flatnonzero(lo < bar)[0]) + 1) * fc.slot_minutes
-                q = fc.quantile_used(th.predicted_low_quantile)
+                if th.predicted_low_log_offsets is not None:
+                    detail = "calibrated"
+                else:
+                    detail = f"q{fc.quantile_used(th.predicted_low_quantile):g}"
                 info[AlertKind.PREDICTED_LOW] = {
                     "value": vmin,
                     "source": src,
                     "eta": eta,
-                    "detail": f"q{q:g}",
+                    "detail": detail,
+                    "chance": fc.chance_beyond(th.predicted_low_mgdl, k),
                 }
         if th.predicted_high_mgdl is not None:
             hi = fc.column(th.predicted_high_quantile)[:k]
@@ -641,7 +710,24 @@ class AlertEngine:
                     "source": src,
                     "eta": eta,
                     "detail": f"q{th.predicted_high_quantile:g}",
+                    "chance": fc.chance_beyond(th.predicted_high_mgdl, k, below=False),
                 }
+
+    def _predicted_low_suppressed(self, now: pd.Timestamp) -> bool:
+        """A treated low's recovery or a recent meal: a predicted low is not believed now
+        (unless the trend falls at least `predicted_low_suppress_unless_roc`)."""
+        th = self.thresholds
+        quiet = False
+        for since, minutes in (
+            (self._low_ended_at, th.predicted_low_quiet_after_low_min),
+            (self._carbs_at, th.predicted_low_quiet_after_carbs_min),
+        ):
+            if since is not None and minutes is not None:
+                quiet |= (now - since).total_seconds() / 60.0 < minutes - 1e-9
+        unless = th.predicted_low_suppress_unless_roc
+        if quiet and unless is not None and self.last_trend.roc_mgdl_min <= unless:
+            return False
+        return quiet
 
     def _pump_episodes(self, now: pd.Timestamp, faults: Sequence[str], info: dict) -> None:
         codes = {str(f) for f in faults if str(f)}
@@ -703,6 +789,12 @@ class AlertEngine:
                     continue
                 if kind in _PREDICTED and kind not in info:
                     continue  # said again only while this cycle's forecast still predicts it
+                if (
+                    kind is AlertKind.PREDICTED_LOW
+                    and th.predicted_low_realert_falling
+                    and not self.last_trend.roc_mgdl_min < 0
+                ):
+                    continue  # trend-aware: a prediction that levelled off is not repeated
                 ep.repeats += 1
             ep.announced = True
             ep.last_alert = now
@@ -720,23 +812,18 @@ class AlertEngine:
             msg = f"Urgent low: {g:.0f} mg/dL {arrow}".rstrip()
         elif kind is AlertKind.LOW:
             msg = f"Low: {g:.0f} mg/dL {arrow}".rstrip()
-        elif kind is AlertKind.PREDICTED_LOW:
-            msg = (
-                (
-                    f"Low soon: forecast {value:.0f} mg/dL within {eta:.0f} min "
-                    f"(now {g:.0f} mg/dL{', physiological model' if src == 'physio' else ''})"
-                )
-                if math.isfinite(eta)
-                else f"Low soon (now {g:.0f} mg/dL)"
+        elif kind in _PREDICTED:
+            msg = predicted_message(
+                "Low" if kind is AlertKind.PREDICTED_LOW else "High",
+                eta,
+                arrow,
+                now_mgdl=g,
+                forecast_mgdl=value,
+                chance=float(inf.get("chance", math.nan)),
+                physio=src == "physio",
             )
         elif kind is AlertKind.HIGH:
             msg = f"High: {g:.0f} mg/dL for {th.high_sustain_min:.0f}+ min"
-        elif kind is AlertKind.PREDICTED_HIGH:
-            msg = (
-                f"High soon: forecast {value:.0f} mg/dL within {eta:.0f} min"
-                if math.isfinite(eta)
-                else "High soon"
-            )
         elif kind is AlertKind.RAPID_RISE:
             value = float(inf.get("value", self.last_trend.roc_mgdl_min))
             msg = f"Rising fast: {value:+.1f} mg/dL/min {arrow}".rstrip()
@@ -798,6 +885,8 @@ class AlertEngine:
                 self._pred_high_clear,
             ],
             "warming_up": self.warming_up,
+            "low_ended_at": ts(self._low_ended_at),
+            "carbs_at": ts(self._carbs_at),
         }
 
     @classmethod
@@ -826,12 +915,51 @@ class AlertEngine:
         eng._pred_low_count, eng._pred_high_count = counts[0], counts[1]
         eng._pred_low_clear, eng._pred_high_clear = counts[2], counts[3]
         eng.warming_up = bool(state["warming_up"])
+        eng._low_ended_at = ts(state.get("low_ended_at"))
+        eng._carbs_at = ts(state.get("carbs_at"))
         if eng._hist_t:
             eng.last_glucose = eng._hist_g[-1]
             eng.last_trend = trend_at(
                 np.asarray(eng._hist_t), np.asarray(eng._hist_g), config=eng.trend_config
             )
         return eng
+
+
+def predicted_message(
+    what: str,
+    eta_min: float,
+    arrow: str | None,
+    *,
+    now_mgdl: float,
+    forecast_mgdl: float,
+    chance: float = math.nan,
+    physio: bool = False,
+) -> str:
+    """What a predicted low (``what="Low"``) or high says: how soon, to the nearest 5 minutes
+    ("Low expected in about 20 min"), the trend arrow, the reading now and the forecast, and
+    how sure — the forecast's chance of crossing, to the nearest 10 %, ``likely`` from 50 %.
+
+    >>> predicted_message("Low", 18, "↘", now_mgdl=84, forecast_mgdl=66, chance=0.42)
+    'Low expected in about 20 min ↘ (now 84 mg/dL, forecast 66; possible, chance about 40 %)'
+    """
+    head = f"{what} expected"
+    if math.isfinite(eta_min):
+        head += f" in about {max(5, 5 * round(eta_min / 5)):.0f} min"
+    if arrow:
+        head += f" {arrow}"
+    parts = []
+    if math.isfinite(now_mgdl):
+        parts.append(f"now {now_mgdl:.0f} mg/dL")
+    if math.isfinite(forecast_mgdl):
+        parts.append(f"forecast {forecast_mgdl:.0f}")
+    text = ", ".join(parts)
+    if math.isfinite(chance):
+        pct = min(max(10 * round(10 * chance), 10), 90) if chance < 1 else 100
+        sure = f"{'likely' if chance >= 0.5 else 'possible'}, chance about {pct:.0f} %"
+        text = f"{text}; {sure}" if text else sure
+    if physio:
+        text += ", physiological model"
+    return f"{head} ({text})" if text else head
 
 
 def journal_sink(journal: Any, patient: str = "") -> AlertSink:

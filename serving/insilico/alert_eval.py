@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -379,12 +379,16 @@ def replay_alerts(
     thresholds: AlertThresholds,
     *,
     trend: TrendConfig | None = None,
+    subject_thresholds: Mapping[str, AlertThresholds] | None = None,
 ) -> pd.DataFrame:
     """Run the `AlertEngine` over every slot of every subject; one row per raised alert.
 
-    Columns: subject_id, time (UTC), kind, repeat, value, source, eta_min, detail. Each slot row is
-    one cycle (its reading, or None when glucose is NaN; the forecast at that origin when the
-    table has one). A slot missing from the frame is a cycle the loop did not run.
+    Columns: subject_id, time (UTC), kind, repeat, value, source, eta_min, detail, message.
+    Each slot row is one cycle (its reading, or None when glucose is NaN; the forecast at that
+    origin when the table has one; the slot's carbs, which only the carb suppression rule
+    reads). A slot missing from the frame is a cycle the loop did not run.
+    `subject_thresholds` {subject_id: settings} replace `thresholds` for those subjects (a
+    person's own calibration).
     """
     f = validate_frame(frame)
     if trend is None:
@@ -396,11 +400,17 @@ def replay_alerts(
         fc_index = {(s, int(o)): i for i, (s, o) in enumerate(zip(table.subject_id, org))}
     for sid, sub in f.groupby("subject_id", sort=True, observed=True):
         sid = str(sid)
-        eng = AlertEngine(thresholds, trend=trend)
+        th = (subject_thresholds or {}).get(sid, thresholds)
+        eng = AlertEngine(th, trend=trend)
         times = sub["time"]
         t_ns = pd.DatetimeIndex(times).as_unit("ns").asi8
         g = sub["glucose"].to_numpy(dtype=float)
-        for tn, gv, ts in zip(t_ns, g, times):
+        carbs = (
+            sub["carbs_g"].to_numpy(dtype=float)
+            if "carbs_g" in sub.columns
+            else np.full(len(sub), np.nan)
+        )
+        for tn, gv, ts, cg in zip(t_ns, g, times, carbs):
             reading = Reading(ts, float(gv)) if math.isfinite(gv) else None
             fc = None
             if table is not None:
@@ -413,7 +423,7 @@ def replay_alerts(
                         source=str(table.source[i]),
                         slot_minutes=table.slot_minutes,
                     )
-            for a in eng.update(ts, reading, forecast=fc):
+            for a in eng.update(ts, reading, forecast=fc, carbs_g=float(cg)):
                 rows.append(
                     {
                         "subject_id": sid,
@@ -424,9 +434,11 @@ def replay_alerts(
                         "source": a.source,
                         "eta_min": a.eta_min,
                         "detail": a.detail,
+                        "message": a.message,
                     }
                 )
     cols = ["subject_id", "time", "kind", "repeat", "value", "source", "eta_min", "detail"]
+    cols.append("message")
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -443,6 +455,7 @@ class ScoringTruth:
     scored_from: dict[str, float]
     readings: int
     days: float
+    subject_days: dict[str, float] = field(default_factory=dict)
 
 
 def scoring_truth(
@@ -461,18 +474,21 @@ def scoring_truth(
     episodes: tuple[dict[str, np.ndarray], ...] = tuple({} for _ in rules)
     scored_from: dict[str, float] = {}
     n_real = 0
+    per_subject: dict[str, int] = {}
     skip = past_slots * SLOT_MINUTES + window_min
     for sid, sub in frame.groupby("subject_id", sort=True, observed=True):
         t = _minutes(sub["time"])
         g = sub["glucose"].to_numpy(dtype=float)
         n_real += int(np.isfinite(g).sum())
+        per_subject[str(sid)] = int(np.isfinite(g).sum())
         first = t[np.isfinite(g)][0] if np.isfinite(g).any() else t[0]
         scored_from[str(sid)] = first + skip
         truth = sub[episodes_from].to_numpy(dtype=float)
         for eps, rule in zip(episodes, rules):
             eps[str(sid)] = find_episodes(t, truth, rule)
     sampling = max(float(get_meta(frame).sampling_minutes or SLOT_MINUTES), SLOT_MINUTES)
-    return ScoringTruth(episodes, scored_from, n_real, n_real * sampling / 1440.0)
+    subject_days = {s: n * sampling / 1440.0 for s, n in per_subject.items()}
+    return ScoringTruth(episodes, scored_from, n_real, n_real * sampling / 1440.0, subject_days)
 
 
 def evaluation_thresholds(base: AlertThresholds) -> AlertThresholds:
@@ -515,11 +531,13 @@ def evaluate_alerts(
     future_inputs: str = "known",
     episodes_from: str = "glucose",
     subject_models: Mapping[str, Any] | None = None,
+    subject_thresholds: Mapping[str, AlertThresholds] | None = None,
 ) -> dict[str, Any]:
     """Replay `frame`, score predicted vs threshold alerts; the dict `--json` prints.
 
     `forecaster=None` scores the threshold alerts only (the predicted ones are then empty).
-    `subject_models` {subject_id: forecaster} replace `forecaster` for those subjects.
+    `subject_models` {subject_id: forecaster} replace `forecaster` for those subjects, and
+    `subject_thresholds` {subject_id: settings} `thresholds` (e.g. a personal calibration).
     """
     cfg = config if config is not None else getattr(forecaster, "config", None) or WindowConfig()
     f = validate_frame(frame)
@@ -535,6 +553,7 @@ def evaluate_alerts(
         high=high,
         window_min=window_min,
         episodes_from=episodes_from,
+        subject_thresholds=subject_thresholds,
     )
     out["future_inputs"] = future_inputs
     return out
@@ -550,9 +569,15 @@ def evaluate_table(
     high: EpisodeRule = HIGH_EPISODE,
     window_min: float | None = None,
     episodes_from: str = "glucose",
+    subject_thresholds: Mapping[str, AlertThresholds] | None = None,
 ) -> dict[str, Any]:
-    """`evaluate_alerts` on forecasts already made (compare alert rules on one forecast run)."""
+    """`evaluate_alerts` on forecasts already made (compare alert rules on one forecast run).
+
+    Pooled scores per alert kind, and under ``by_subject`` the same four scores for each
+    subject on its own days (`per_subject_summary` gives their spread).
+    """
     th = evaluation_thresholds(thresholds if thresholds is not None else AlertThresholds())
+    personal = {s: evaluation_thresholds(t) for s, t in (subject_thresholds or {}).items()}
     window = th.predicted_horizon_min if window_min is None else float(window_min)
     f = validate_frame(frame)
     if len(f) == 0 or not np.isfinite(f["glucose"].to_numpy(dtype=float)).any():
@@ -562,7 +587,7 @@ def evaluate_table(
             f"episodes_from={episodes_from!r} is not a column of the frame (simulated frames "
             "have 'bg_true', plasma glucose, and 'gsub', the noise-free sensor signal)"
         )
-    alerts = replay_alerts(f, table, th)
+    alerts = replay_alerts(f, table, th, subject_thresholds=personal)
     truth = scoring_truth(f, (low, high), past_slots, window, episodes_from)
     (eps_low, eps_high), scored_from, days = truth.episodes, truth.scored_from, truth.days
     heard = alerts  # every alarm the person hears counts, re-alerts included
@@ -578,13 +603,23 @@ def evaluate_table(
     pred_high = times_of((AlertKind.PREDICTED_HIGH,))
     thr_high = times_of((AlertKind.HIGH,))
     kw = {"days": days, "window_min": window, "scored_from": scored_from}
-    score = {
-        "predicted_low": score_alerts(pred_low, eps_low, **kw),
-        "threshold_low": score_alerts(thr_low, eps_low, **kw),
-        "predicted_high": score_alerts(pred_high, eps_high, **kw),
-        "threshold_high": score_alerts(thr_high, eps_high, **kw),
+    kinds = {
+        "predicted_low": (pred_low, eps_low),
+        "threshold_low": (thr_low, eps_low),
+        "predicted_high": (pred_high, eps_high),
+        "threshold_high": (thr_high, eps_high),
     }
+    score = {k: score_alerts(a, e, **kw) for k, (a, e) in kinds.items()}
     out: dict[str, Any] = {k: v.to_dict() for k, v in score.items()}
+    by_subject: dict[str, dict[str, Any]] = {}
+    for sid, sdays in sorted(truth.subject_days.items()):
+        one = {"days": sdays, "window_min": window, "scored_from": scored_from}
+        by_subject[sid] = {"days": round(sdays, 3)}
+        for k, (a, e) in kinds.items():
+            pick_a = {sid: a[sid]} if sid in a else {}
+            pick_e = {sid: e[sid]} if sid in e else {}
+            by_subject[sid][k] = score_alerts(pick_a, pick_e, **one).to_dict()
+    out["by_subject"] = by_subject
     sources: dict[str, int] = {}
     if table is not None:
         vals, counts = np.unique(table.source, return_counts=True)
@@ -601,6 +636,31 @@ def evaluate_table(
         thresholds=th.to_dict(),
     )
     return out
+
+
+def per_subject_summary(result: Mapping[str, Any], key: str = "predicted_low") -> dict:
+    """The spread over subjects of one alert kind's scores (`evaluate_table`'s
+    ``by_subject``): median and range of sensitivity (subjects with episodes), lead and
+    false alerts a day, and how many subjects had episodes."""
+    rows = [r[key] | {"days": r["days"]} for r in result.get("by_subject", {}).values()]
+
+    def spread(name: str) -> dict[str, float | None]:
+        v = np.array([r[name] for r in rows if r[name] is not None], dtype=float)
+        if len(v) == 0:
+            return {"median": None, "min": None, "max": None}
+        return {
+            "median": float(np.median(v)),
+            "min": float(v.min()),
+            "max": float(v.max()),
+        }
+
+    return {
+        "subjects": len(rows),
+        "subjects_with_episodes": sum(1 for r in rows if r["episodes"]),
+        "sensitivity": spread("sensitivity"),
+        "lead_min": spread("lead_min"),
+        "false_per_day": spread("false_per_day"),
+    }
 
 
 # --------------------------------------------------------------------------- models
