@@ -789,10 +789,11 @@ def windows_from_slots(
     carbs = np.asarray(carbs_g, np.float64)
     idx = np.arange(t)
     observed = np.isfinite(g)
-    last_obs = np.maximum.accumulate(np.where(observed, idx, -1), axis=1)  # [N, T]
-    ff = np.where(last_obs >= 0, np.take_along_axis(g, np.maximum(last_obs, 0), 1), np.nan)
-    ok = np.isfinite(ff[:, t - L])
     past_sl = slice(t - L, t)
+    last_obs = np.maximum.accumulate(np.where(observed, idx, -1), axis=1)[:, past_sl]  # [N, L]
+    # glucose carried forward, gathered for the past window only
+    ff = np.where(last_obs >= 0, np.take_along_axis(g, np.maximum(last_obs, 0), 1), np.nan)
+    ok = np.isfinite(ff[:, 0])
 
     def on_board(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
         """On-board amounts after each of the last L slots' doses: [N, L]."""
@@ -811,9 +812,9 @@ def windows_from_slots(
     tab_s, tab_c = _tod_table()
     sec0 = (int(first_slot_ns) // 1_000_000_000) % _SECONDS_PER_DAY
     step = c.slot_minutes * 60
-    sec = (sec0 + np.arange(t + H) * step) % _SECONDS_PER_DAY  # [T+H]
+    sec = (sec0 + np.arange(t - L, t + H) * step) % _SECONDS_PER_DAY  # [L+H] past, future
     cols = {
-        "glucose": ff[:, past_sl],
+        "glucose": ff,
         "observed": observed[:, past_sl],
         "basal_u": basal[:, past_sl],
         "bolus_u": np.asarray(bolus_u, np.float64)[:, past_sl],
@@ -821,8 +822,8 @@ def windows_from_slots(
         "iob_u": on_board(dose, k_ins),
         "cob_g": on_board(carbs, k_cob),
         "tdd_u": tdd,
-        "tod_sin": tab_s[sec[past_sl]][None, :],
-        "tod_cos": tab_c[sec[past_sl]][None, :],
+        "tod_sin": tab_s[sec[:L]][None, :],
+        "tod_cos": tab_c[sec[:L]][None, :],
     }
     for k, v in (profile or {}).items():
         v = np.asarray(v, np.float64)
@@ -835,13 +836,12 @@ def windows_from_slots(
                 f"({sorted(cols)}); the model needs inputs the loop does not have"
             )
         past[:, :, j] = cols[name]
-    fut_sl = slice(t, t + H)
     fut = {
         "basal_u": np.asarray(future_basal_u, np.float64).reshape(n, 1),
         "bolus_u": 0.0,
         "carbs_g": 0.0,
-        "tod_sin": tab_s[sec[fut_sl]][None, :],
-        "tod_cos": tab_c[sec[fut_sl]][None, :],
+        "tod_sin": tab_s[sec[L:]][None, :],
+        "tod_cos": tab_c[sec[L:]][None, :],
     }
     future = np.empty((n, H, len(c.future_features)), np.float32)  # [N, H, F_future]
     for j, name in enumerate(c.future_features):

@@ -90,12 +90,21 @@ def implausible_rows(
     rules: PlausibilityConfig = PlausibilityConfig(),
 ) -> tuple[np.ndarray, list[str]]:
     """Boolean [B] of rows that fail, and a short reason per failing kind."""
-    bad = ~np.isfinite(glucose).all(axis=(1, 2))  # [B]
+    finite = np.isfinite(glucose)
     reasons: list[str] = []
+    if finite.all():  # the usual case, in fewer passes (a cycle's hot path)
+        bad = np.zeros(len(glucose), dtype=bool)
+        g = glucose
+        if g.size == 0 or (rules.min_mgdl <= g.min() and g.max() <= rules.max_mgdl):
+            out = bad.copy()
+        else:
+            out = ((g < rules.min_mgdl) | (g > rules.max_mgdl)).any(axis=(1, 2))
+    else:
+        bad = ~finite.all(axis=(1, 2))  # [B]
+        g = np.where(finite, glucose, rules.min_mgdl)
+        out = ((g < rules.min_mgdl) | (g > rules.max_mgdl)).any(axis=(1, 2)) & ~bad
     if bad.any():
         reasons.append("non-finite output")
-    g = np.where(np.isfinite(glucose), glucose, rules.min_mgdl)
-    out = ((g < rules.min_mgdl) | (g > rules.max_mgdl)).any(axis=(1, 2)) & ~bad
     if out.any():
         reasons.append(f"outside {rules.min_mgdl:g}–{rules.max_mgdl:g} mg/dL")
     med = g[:, :, median_index]  # [B, H]
@@ -241,7 +250,14 @@ class FallbackPredictor:
         b = past.shape[0]
         last = past[:, -1, self._glucose_col].astype(np.float64)  # [B]
         reasons: list[str] = []
-        row_params = _row_params(settings, groups, b)
+        # per-row physiological parameters: only the fallback (or a settings-aware primary)
+        # reads them, and a model that answers every row never needs them (the hot path)
+        settings_aware = isinstance(self.primary, SettingsPhysio)
+        if settings is not None and groups is None and len(settings) != b:
+            raise PredictorError(f"{len(settings)} settings for a batch of {b} rows")
+        row_params = (
+            _row_params(settings, groups, b) if self.primary is None or settings_aware else None
+        )
         if self.primary is None:
             out = self._from_fallback(past, future, row_params)
             bad = np.ones(b, dtype=bool)
@@ -266,9 +282,13 @@ class FallbackPredictor:
                     raise ImplausibleForecastError("; ".join(reasons))
                 idx = np.flatnonzero(bad)
                 out = out.copy()
+                if row_params is None:
+                    row_params = _row_params(settings, groups, b)
                 sub = None if row_params is None else [row_params[i] for i in idx]
                 out[idx] = self._from_fallback(past[idx], future[idx], sub)
-        out = np.sort(out, axis=-1).astype(np.float32)  # quantiles never cross
+        if not (out[..., 1:] >= out[..., :-1]).all():  # (NaN compares False: sorted too)
+            out = np.sort(out, axis=-1)  # quantiles never cross
+        out = out.astype(np.float32)
         n_bad = int(bad.sum())
         self.fallback_rows += n_bad
         source = "model" if n_bad == 0 else ("fallback" if n_bad == b else "mixed")

@@ -41,7 +41,7 @@ from serving.predictor import (
 
 
 class SharedPastForecaster:
-    """`OnnxForecaster`'s `predict`, with the encoder run once per distinct `past` row."""
+    """`OnnxForecaster`'s `predict`, with the encoder run once per run of equal `past` rows."""
 
     def __init__(
         self, base: OnnxForecaster, *, threads: int = 1, tolerance_mgdl: float = 1e-2
@@ -108,17 +108,11 @@ class SharedPastForecaster:
     # -- inference -----------------------------------------------------------------------
 
     def _predict_split(self, past: np.ndarray, future: np.ndarray) -> np.ndarray:
-        b = past.shape[0]
-        flat = np.ascontiguousarray(past).reshape(b, -1)
-        _, first, inv = np.unique(
-            flat.view(np.dtype((np.void, flat.dtype.itemsize * flat.shape[1]))).ravel(),
-            return_index=True,
-            return_inverse=True,
-        )
+        first, inv = _distinct_rows(past)
         h, c = self._enc.run(list(self._state), {INPUT_PAST: past[first]})  # [1, U, hidden]
         feed: dict[str, Any] = {
-            self._state[0]: np.ascontiguousarray(h[:, inv.ravel()]),
-            self._state[1]: np.ascontiguousarray(c[:, inv.ravel()]),
+            self._state[0]: np.ascontiguousarray(h[:, inv]),
+            self._state[1]: np.ascontiguousarray(c[:, inv]),
             INPUT_PAST: past,
             INPUT_FUTURE: future,
         }
@@ -133,6 +127,23 @@ class SharedPastForecaster:
         future = np.ascontiguousarray(future, dtype=np.float32)
         check_input_shapes(self.config, past, future)
         return self._predict_split(past, future)
+
+
+def _distinct_rows(past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to encode [U], the encoded row of each row [B]) of a batch of pasts.
+
+    The MPC sends a patient's candidates side by side, so equal rows come in runs: runs of
+    bit-identical rows are found with one comparison of neighbours (no sort). Equal rows
+    that are not neighbours are encoded twice, which gives the same state (rows are
+    independent in the encoder), only less cheaply.
+    """
+    b = past.shape[0]
+    if b == 0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    bits = np.ascontiguousarray(past).reshape(b, -1).view(np.int32)  # compare the bits
+    new = np.ones(b, dtype=bool)
+    new[1:] = (bits[1:] != bits[:-1]).any(axis=1)
+    return np.flatnonzero(new), np.cumsum(new) - 1
 
 
 def shared_past_predictor(predictor: FallbackPredictor) -> FallbackPredictor:

@@ -220,6 +220,18 @@ LOG_FIELDS = (
     "controller_failed",  # 1 when the controller failed for the patient (scheduled basal)
 )
 ANSWER_CODES = {"confirmed": 1, "refused": 2, "readvised": 3, "superseded": 4}
+FALLBACK_CODES = {"": 0, "scheduled_basal": 1, "suspend": 2}
+# flags and codes are kept small (a year of 30 patients is 3.2 million cycles); the rest float64
+LOG_DTYPES = {
+    "vetoed": np.bool_,
+    "intervened": np.bool_,
+    "forecast_fallback": np.bool_,
+    "acted": np.bool_,
+    "advice": np.bool_,
+    "controller_failed": np.bool_,
+    "fallback": np.int8,
+    "answer": np.int8,
+}
 
 
 @dataclass
@@ -230,7 +242,7 @@ class TrialResult:
     names: list[str]
     settings: list[PatientSettings]
     times: pd.DatetimeIndex  # [T] cycle starts
-    log: dict[str, np.ndarray]  # field → [N, T]
+    log: dict[str, np.ndarray]  # field → [N, T] (float64; flags bool, codes int8: LOG_DTYPES)
     veto_kinds: list[dict[str, int]]  # per patient: veto label → cycles
     cap_rate: np.ndarray  # [N] supervisor max basal (oref0 cap) U/h
     wall_s: float
@@ -671,7 +683,7 @@ def _run_trial(
     )
     pump = CohortPump(sched, cap, increment=sim.pump.config.basal_increment_u_per_h)
     recent: list[deque[Reading]] = [deque(maxlen=12) for _ in range(n)]
-    log = {k: np.zeros((n, cycles)) for k in LOG_FIELDS}
+    log = {k: np.zeros((n, cycles), LOG_DTYPES.get(k, np.float64)) for k in LOG_FIELDS}
     veto_kinds: list[dict[str, int]] = [{} for _ in range(n)]
     decision_s = np.zeros(cycles)
     person = None
@@ -695,9 +707,10 @@ def _run_trial(
         hist.observe(c, g, carbs)
         iob = hist.iob_before(c)  # [N]
         past, future = hist.windows(c)  # [N, L, Fp], [N, H, Ff]
-        for i in range(n):
-            if math.isfinite(g[i]):
-                recent[i].append(Reading(time=now, glucose_mgdl=float(g[i]), status=CGMStatus.OK))
+        g_f, iob_f, carbs_f = g.tolist(), iob.tolist(), carbs.tolist()  # Python floats, once
+        for i, gi in enumerate(g_f):
+            if math.isfinite(gi):
+                recent[i].append(Reading(time=now, glucose_mgdl=gi, status=CGMStatus.OK))
         rec = hist.record(c)  # [N, T] the last day of each record, for controllers that read it
         cgm = [assess_cgm(recent[i], now) for i in range(n)]  # the supervisor's view of the CGM
         inputs = [
@@ -706,9 +719,9 @@ def _run_trial(
                 past=past[i],
                 future=future[i],
                 glucose_mgdl=cgm[i].glucose_mgdl,  # the latest trusted reading, as the loop's
-                iob_u=float(iob[i]),
+                iob_u=iob_f[i],
                 settings=settings[i],
-                carbs_announced_g=float(carbs[i]),
+                carbs_announced_g=carbs_f[i],
                 history=SlotHistory(
                     rec["time"],
                     rec["glucose"][i],
@@ -720,13 +733,14 @@ def _run_trial(
             for i in range(n)
         ]
         t0 = time.perf_counter()
+        unconfirmed = sim.pump.pending_bolus_u.tolist()  # still being delivered
         states = [
             SafetyState(
                 now=now,
-                iob_u=float(iob[i]),
+                iob_u=iob_f[i],
                 cgm=cgm[i],
-                unconfirmed_bolus_u=float(sim.pump.pending_bolus_u[i]),  # still being delivered
-                meal_bolus_u=meal_bolus_u(float(carbs[i]), settings[i]),
+                unconfirmed_bolus_u=unconfirmed[i],
+                meal_bolus_u=meal_bolus_u(carbs_f[i], settings[i]),
             )
             for i in range(n)
         ]
@@ -790,7 +804,7 @@ def _run_trial(
             "carbs_eaten": eaten,
             "vetoed": [bool(v.vetoes) for v in advised],
             "intervened": [_changed(p, v) for p, v in zip(proposals, judged)],
-            "fallback": [{"": 0, "scheduled_basal": 1, "suspend": 2}[v.fallback] for v in advised],
+            "fallback": [FALLBACK_CODES[v.fallback] for v in advised],
             "forecast_fallback": ["forecast fallback" in p.reason for p in proposals],
             "acted": act,
             "cmd_temp": sent[:, 0],

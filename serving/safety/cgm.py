@@ -99,18 +99,25 @@ def assess_cgm(readings: Sequence[Reading], now: pd.Timestamp) -> CGMCheck:
     """
     problem = CGMProblem.NONE
     details: list[str] = []
-    now_ns = pd.Timestamp(now).value
-    ahead_min = [(r.time.value - now_ns) / 60e9 for r in readings]
+    now_ns = now.value if isinstance(now, pd.Timestamp) else pd.Timestamp(now).value
+    stamps = [r.time.value for r in readings]
+    ahead_min = [(t - now_ns) / 60e9 for t in stamps]
     future = [a for a in ahead_min if a > FUTURE_MIN]
     if future:
         problem |= CGMProblem.FUTURE
         details.append(f"{len(future)} reading(s) up to {max(future):.0f} min in the future")
-    by_time: dict[int, Reading] = {}
-    for r, a in zip(readings, ahead_min):  # last reported wins for a repeated timestamp
-        if a <= FUTURE_MIN:
-            by_time[r.time.value] = r
-    ordered = [by_time[t] for t in sorted(by_time)]
-    valid = [r for r in ordered if r.status == CGMStatus.OK and _in_range(r.glucose_mgdl)]
+    if not future and all(a < b for a, b in zip(stamps, stamps[1:])):
+        ordered = list(
+            readings
+        )  # the usual case: already in order, one per time (a cycle's hot path)
+    else:
+        by_time: dict[int, Reading] = {}
+        for r, t, a in zip(readings, stamps, ahead_min):  # last reported wins for a repeated time
+            if a <= FUTURE_MIN:
+                by_time[t] = r
+        ordered = [by_time[t] for t in sorted(by_time)]
+    ok, lo, hi = CGMStatus.OK, GLUCOSE_MIN_MGDL, GLUCOSE_MAX_MGDL  # `_in_range`, inlined
+    valid = [r for r in ordered if r.status == ok and lo <= r.glucose_mgdl <= hi]
     if not ordered:
         problem |= CGMProblem.NO_DATA
         details.append("no readings")

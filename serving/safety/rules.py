@@ -450,6 +450,27 @@ def _settings_arrays(settings: Sequence[PatientSettings]) -> dict[str, np.ndarra
     }
 
 
+_CHECKED: list[tuple[tuple[PatientSettings, ...], dict[str, np.ndarray]]] = []
+
+
+def _checked_settings(settings: Sequence[PatientSettings]) -> dict[str, np.ndarray]:
+    """`validate_settings` of each and `_settings_arrays` of the batch, remembered for the
+    last few batches of the very same (frozen) settings objects: a loop or trial asks about
+    the same cohort every cycle."""
+    key = tuple(settings)
+    for held, arrays in _CHECKED:
+        if len(held) == len(key) and all(a is b for a, b in zip(held, key)):
+            return arrays
+    for s in key:
+        validate_settings(s)
+    arrays = _settings_arrays(key)
+    for a in arrays.values():
+        a.setflags(write=False)
+    _CHECKED.insert(0, (key, arrays))
+    del _CHECKED[4:]
+    return arrays
+
+
 def check_batch(
     settings: Sequence[PatientSettings],
     proposals: Sequence[Proposal],
@@ -460,8 +481,7 @@ def check_batch(
         raise SafetyError(
             f"check_batch needs equal lengths, got {len(settings)}, {len(proposals)}, {len(states)}"
         )
-    for s in settings:
-        validate_settings(s)
+    limits = _checked_settings(settings)
     preds = _predicted_lows([p.predicted_mgdl for p in proposals])
     pumps = [st.pump for st in states]
     d = decide(
@@ -486,7 +506,7 @@ def check_batch(
                 for st, s in zip(states, settings)
             ]
         ),
-        **_settings_arrays(settings),
+        **limits,
     )
     return [
         _verdict(d, i, proposals[i], states[i], settings[i], preds[i]) for i in range(len(settings))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -96,9 +97,15 @@ class SupervisorJournal(Protocol):
 
 def command_key(patient: str, cycle_time: pd.Timestamp, kind: CommandKind | str) -> str:
     """Idempotency key: one command of each kind per patient per cycle, ever."""
-    t = pd.Timestamp(cycle_time)
-    t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-    return f"{patient}/{t.strftime('%Y-%m-%dT%H:%M:%SZ')}/{kind}"
+    t = cycle_time if isinstance(cycle_time, pd.Timestamp) else pd.Timestamp(cycle_time)
+    return f"{patient}/{_utc_stamp(t.value)}/{kind}"
+
+
+@lru_cache(maxsize=64)
+def _utc_stamp(ns: int) -> str:
+    """A cycle time (UTC ns; a naive time counts as UTC) as the keys write it: the same
+    string for every patient of a cycle, so it is formatted once."""
+    return pd.Timestamp(ns, tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
