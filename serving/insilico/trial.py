@@ -587,8 +587,9 @@ def run_split(
                 p.terminate()
             p.join()
     merged = merge_results(config, [r for r in results if r is not None])
-    merged.wall_s = time.perf_counter() - t0
+    merged.wall_s = time.perf_counter() - t0  # the whole split run: starts, cycles, merge
     merged.info["workers"] = workers
+    merged.info["worker_cycles_s"] = [round(r.wall_s, 3) for r in results if r is not None]
     if progress is not None:
         progress(config.cycles, config.cycles)
     return merged
