@@ -248,3 +248,70 @@ def test_search_scores_each_rule_like_a_single_evaluation_and_choose_keeps_the_b
     assert choose_rule(d, max_false_per_day=10.0, min_lead_min=999) is None
     # a budget below the calibrated rule's false alerts leaves the median rule
     assert choose_rule(d, max_false_per_day=d.loc[1, "false_per_day"] - 0.01) == 0
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def _alert_real():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "alert_real.py"
+    spec = importlib.util.spec_from_file_location("alert_real", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_alert_real_chooses_on_validation_days_and_scores_on_test(tmp_path, capsys):
+    import json
+
+    mod = _alert_real()
+    assert mod.main(["--quick", "--datasets", "shanghai", "--work", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (d,) = out["datasets"]
+    assert d["dataset"] == "shanghai" and d["model"] == "ridge"
+    names = [r["rule"] for r in d["val_search"]]
+    assert len(names) == len(mod.candidate_rules()) and "q0.4" in names
+    goal = d["chosen"]["goal"]
+    # the goal rule keeps to the budget and the lead on *validation* days, and is the most
+    # sensitive of those that do
+    assert goal["val"]["false_per_day"] <= d["budget_false_per_day"]
+    assert goal["val"]["lead_min"] >= 15
+    ok = [
+        r
+        for r in d["val_search"]
+        if r["false_per_day"] <= d["budget_false_per_day"] and (r["lead_min"] or 0) >= 15
+    ]
+    assert goal["val"]["sensitivity"] == max(r["sensitivity"] for r in ok)
+    assert d["chosen"]["today"]["rule"] == "q0.4"
+    t = goal["test"]["predicted_low"]
+    # per-subject numbers add up to the pooled test score
+    by = goal["by_subject"].values()
+    assert sum(r["predicted_low"]["warned"] for r in by) == t["warned"]
+    assert sum(r["predicted_low"]["episodes"] for r in by) == t["episodes"]
+    assert (tmp_path / "alert_real.json").exists()
+
+
+def test_cli_calibrates_on_validation_days_and_prints_each_subject(tmp_path, capsys):
+    import json
+
+    from forecast.cli import main
+    from forecast.schema import write_parquet
+
+    path = write_parquet(two_subjects(8), tmp_path / "two.parquet")
+    args = ["alerts", "evaluate", "--model", "linear", "--data", str(path)]
+    rc = main([*args, "--calibrate", "0.2", "--realert-falling", "--quiet-after-low", "60",
+               "--json"])  # fmt: skip
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibration"]["alpha"] == 0.2 and out["calibration"]["on"] == "val"
+    assert sorted(out["calibration"]["log_offsets"]) == ["syn", "syn2"]
+    assert sorted(out["by_subject"]) == ["syn", "syn2"]
+    assert out["thresholds"]["predicted_low_realert_falling"] is True
+    assert out["thresholds"]["predicted_low_quiet_after_low_min"] == 60
+    assert main([*args, "--per-subject"]) == 0
+    text = capsys.readouterr().out
+    assert "syn2" in text and "threshold false/day" in text
+    assert main([*args, "--calibrate", "0.2", "--quantile", "0.3"]) == 2

@@ -65,6 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.add_argument(
+        "--per-subject",
+        action="store_true",
+        help="also print each subject's scores (the JSON always has them, under by_subject)",
+    )
+    e.add_argument(
         "--mlflow",
         action="store_true",
         help="log the scores to MLflow: a child run of the model's training run (from its "
@@ -88,6 +93,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="MIN",
         help="say a standing predicted low again after MIN minutes (default 20; 0: once)",
+    )
+    r.add_argument(
+        "--realert-falling",
+        action="store_true",
+        help="trend-aware re-alerting: say a standing predicted low again only while glucose "
+        "still falls",
+    )
+    r.add_argument(
+        "--quiet-after-low",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="no predicted low for MIN minutes after a low ended (a treated low's recovery)",
+    )
+    r.add_argument(
+        "--quiet-after-carbs",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="no predicted low for MIN minutes after carbs in the frame",
+    )
+    r.add_argument(
+        "--calibrate",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="personal calibration: each subject's predicted-low line is the median times "
+        "the ALPHA quantile of its forecast's log error near lows on that subject's "
+        "validation days (split-conformal; serving.insilico.alert_tuning), instead of "
+        "--quantile",
     )
     r.add_argument("--low", type=float, default=None, help="low threshold, mg/dL (70)")
     r.add_argument(
@@ -166,10 +201,14 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep is not None and args.quantile is not None:
         print("error: give --quantile (one rule) or --sweep (several), not both", file=sys.stderr)
         return 2
+    if args.calibrate is not None and (args.sweep is not None or args.quantile is not None):
+        print("error: --calibrate replaces --quantile and --sweep", file=sys.stderr)
+        return 2
     frame = read_parquet(args.data)
     print(f"alerts evaluate: {args.data} ({len(frame)} rows)", file=sys.stderr)
     is_baseline = args.model in BASELINES
-    splits = split_chronological(frame) if (is_baseline or args.split != "all") else None
+    need_splits = is_baseline or args.split != "all" or args.calibrate is not None
+    splits = split_chronological(frame) if need_splits else None
     train = splits["train"] if (splits is not None and is_baseline) else None
     data = splits[args.split] if splits is not None and args.split != "all" else frame
     print(f"model {args.model}: loading/fitting", file=sys.stderr)
@@ -201,6 +240,12 @@ def run(args: argparse.Namespace) -> int:
         changes["predicted_cycles"] = args.cycles
     if args.realert is not None:
         changes["predicted_low_realert_min"] = args.realert if args.realert > 0 else None
+    if args.realert_falling:
+        changes["predicted_low_realert_falling"] = True
+    if args.quiet_after_low is not None:
+        changes["predicted_low_quiet_after_low_min"] = args.quiet_after_low
+    if args.quiet_after_carbs is not None:
+        changes["predicted_low_quiet_after_carbs_min"] = args.quiet_after_carbs
     if args.horizon is not None:
         changes["predicted_horizon_min"] = args.horizon
     if args.low is not None:
@@ -226,6 +271,10 @@ def run(args: argparse.Namespace) -> int:
         min_readings=args.min_readings,
         min_separation_min=args.separation,
     )
+    personal_th = {}
+    if args.calibrate is not None:
+        assert splits is not None
+        personal_th = _calibrate(args, splits["val"], model, personal, th)
     print(f"replaying {args.split} split", file=sys.stderr)
     if sweep:
         return run_sweep(args, data, model, personal, sweep, th, low, high)
@@ -239,8 +288,15 @@ def run(args: argparse.Namespace) -> int:
         future_inputs=args.future_inputs,
         episodes_from=args.episodes_from,
         subject_models=personal,
+        subject_thresholds=personal_th,
     )
     res = {"model": args.model, "data": str(args.data), "split": args.split, **res}
+    if args.calibrate is not None:
+        res["calibration"] = {
+            "alpha": args.calibrate,
+            "on": "val",
+            "log_offsets": {s: list(t.predicted_low_log_offsets) for s, t in personal_th.items()},
+        }
     if args.subject_models:
         res["subject_models"] = {"dir": args.subject_models, "subjects": sorted(personal)}
     if args.mlflow:
@@ -257,7 +313,39 @@ def run(args: argparse.Namespace) -> int:
         r = res[key]
         sens, lead, fpd = score_cells(r)
         print(f"{key:<16}{r['episodes']:>9}{sens:>13}{lead:>12}{fpd:>11}")
+    if args.per_subject:
+        print(f"\n{'subject':<16}{'days':>6}{'lows':>6}{'warned':>9}{'lead':>7}{'false/day':>11}"
+              f"{'threshold false/day':>21}")  # fmt: skip
+        for sid, r in res["by_subject"].items():
+            p, t = r["predicted_low"], r["threshold_low"]
+            sens, lead, fpd = score_cells(p)
+            print(
+                f"{sid:<16}{r['days']:>6.1f}{p['episodes']:>6}{sens:>9}{lead:>7}{fpd:>11}"
+                f"{score_cells(t)[2]:>21}"
+            )
     return 0
+
+
+def _calibrate(
+    args: argparse.Namespace,
+    val: pd.DataFrame,
+    model: Any,
+    personal: Mapping[str, Any],
+    th: AlertThresholds,
+) -> dict[str, AlertThresholds]:
+    """`--calibrate ALPHA`: every subject's offsets from its validation days' forecasts."""
+    from forecast.windows import WindowConfig
+    from serving.insilico.alert_eval import replay_forecasts
+    from serving.insilico.alert_tuning import calibrate_low, personal_thresholds
+
+    cfg = getattr(model, "config", None) or WindowConfig()
+    table = replay_forecasts(
+        val, model, config=cfg, future_inputs=args.future_inputs, subject_models=personal
+    )
+    offsets = calibrate_low(val, table, args.calibrate)
+    subjects = sorted(set(val["subject_id"].astype(str)))
+    print(f"calibrated the predicted low of {len(subjects)} subject(s) on val", file=sys.stderr)
+    return personal_thresholds(th, offsets, subjects)
 
 
 def parse_sweep(text: str | None) -> tuple[float, ...]:

@@ -9,7 +9,8 @@ is fixed — `benchmarks/alert_real.py` and `glucast alerts evaluate --calibrate
   region where a predicted low matters, not for post-meal peaks whose errors are larger).
   The offsets become `AlertThresholds.predicted_low_log_offsets`: the predicted-low line is
   the median × exp(offset[k]), a split-conformal lower bound at level ``alpha`` (Romano et
-  al., NeurIPS 2019, with the model's median as the score's centre). A subject with few
+  al., NeurIPS 2019, with the model's median as the score's centre; a record with no origin
+  below ``near_mgdl`` is calibrated on all its origins). A subject with few
   near-low origins is shrunk towards everybody's offsets (``prior_windows`` pseudo-origins).
 * `search_rules` / `choose_rule`: every candidate rule replayed on the same forecasts and
   scored against the same episodes; the chosen one is the most sensitive with at most
@@ -78,6 +79,16 @@ def _readings_at(t: np.ndarray, g: np.ndarray, times: np.ndarray) -> np.ndarray:
     return np.where(t[i] == times, g[i], np.nan)
 
 
+def _fill_steps(offsets: np.ndarray) -> np.ndarray:
+    """Steps without readings (a 15-minute sensor has none at +5 and +10 min) take the
+    offsets of the steps around them (linear in the step; the nearest beyond the ends)."""
+    ok = np.isfinite(offsets)
+    if ok.all() or not ok.any():
+        return offsets
+    k = np.arange(len(offsets))
+    return np.interp(k, k[ok], offsets[ok])
+
+
 def calibrate_low(
     frame: pd.DataFrame,
     table: ForecastTable,
@@ -108,17 +119,17 @@ def calibrate_low(
                 out[k] = np.quantile(v, alpha)
         return out
 
-    pooled = level(near)
+    if not (near[:, None] & np.isfinite(r)).any():
+        near = np.isfinite(now)  # no origin near a low (a short record): calibrate on all
+    pooled = _fill_steps(level(near))
     if not np.isfinite(pooled).all():
-        raise AlertEvalError(
-            f"no readings below {near_mgdl:g} mg/dL with forecasts to calibrate the predicted "
-            "low on"
-        )
+        raise AlertEvalError("no forecasts with real readings after them to calibrate on")
     out: dict[str, tuple[float, ...]] = {POOLED: tuple(float(x) for x in pooled)}
     for s in sorted(set(sid)):
         rows = near & (sid == s)
-        n = int(np.isfinite(r[rows]).sum(0).min()) if rows.any() else 0
-        own = level(rows) if n else pooled
+        ok = np.isfinite(r[rows]).sum(0)
+        n = int(ok[ok > 0].min()) if rows.any() and ok.any() else 0
+        own = _fill_steps(level(rows)) if n else pooled
         own = np.where(np.isfinite(own), own, pooled)
         w = n / (n + prior_windows)
         out[s] = tuple(float(x) for x in w * own + (1 - w) * pooled)
