@@ -63,6 +63,12 @@ import pandas as pd
 from forecast.insulin import CarbCurve, InsulinCurve
 from forecast.windows import WindowConfig
 from serving.controllers import basal_iob_u, meal_bolus_u
+from serving.controllers.uam import (
+    MealDetector,
+    MealEstimate,
+    UAMConfig,
+    minutes_since_announced,
+)
 from serving.predictor import FallbackPredictor, Forecast, steady_state_inputs
 from serving.types import ControlInput, Proposal
 
@@ -134,6 +140,15 @@ class MPCConfig:
     autosens_low_mgdl: float = 70.0
     insulin_curve: InsulinCurve = field(default_factory=InsulinCurve)
     carb_curve: CarbCurve = field(default_factory=CarbCurve)
+    # unannounced meals (serving.controllers.uam): a rise that insulin and announced carbs do
+    # not explain opens a bolus room of `uam_room_factor` × (its remaining carbs / CR + the
+    # correction above target), at most `uam_smb_basal_minutes` of basal a cycle; the eventual
+    # median counts its remaining rise, the eventual lower quantile does not
+    uam: bool = True
+    uam_detector: UAMConfig = field(default_factory=UAMConfig)
+    uam_room_factor: float = 0.5
+    uam_smb_basal_minutes: float = 30.0
+    uam_uncertainty: float = 0.7  # share of its estimated rise the lower quantiles do not count
 
 
 @dataclass
@@ -179,6 +194,8 @@ class MPCController:
         self.last_cost: np.ndarray | None = None  # [N, K]
         self.last_ladder: Ladder | None = None
         self._sens: dict[str, _Autosens] = {}
+        self._uam = MealDetector(w, self.config.uam_detector) if self.config.uam else None
+        self.last_meal: MealEstimate | None = None
         # The physiological fallback's first call costs ~0.8 s (lazy imports, JIT): without
         # this the first cycle whose forecast is refused took 525 ms (benchmarks/mpc_latency.py
         # max at 10 patients) instead of ~6 ms. Pay it once here, not in a live cycle.
@@ -189,7 +206,11 @@ class MPCController:
     # -- candidate plans -----------------------------------------------------------------
 
     def ladder(
-        self, inputs: Sequence[ControlInput], net_iob: np.ndarray, cob_g: np.ndarray
+        self,
+        inputs: Sequence[ControlInput],
+        net_iob: np.ndarray,
+        cob_g: np.ndarray,
+        meal_est: MealEstimate | None = None,
     ) -> Ladder:
         """The K candidate plans of every patient, ordered by insulin (a chain).
 
@@ -222,13 +243,16 @@ class MPCController:
         rungs += [(f"{f:g}x-30", np.full(n, f), temp_slots) for f in sorted(c.low_rates)]
         rungs.append(("scheduled", np.ones(n), temp_slots))
         bmax = self._bolus_room(inputs, net_iob, cob_g)  # [N]
+        uam_room, uam_cap = self._uam_room(inputs, net_iob, meal_est)  # [N], [N]
         # IOB-aware high temps (oref0's insulinReq): the extra insulin of a 30-min high temp
         # may not exceed the same bolus-calculator room as an automatic bolus. Without this
         # bound the 3x temp ran for hours through a slow post-meal rise while net IOB was
         # already far above what COB and BG justified (adolescent#002: IOB 15 U, ISF 13),
         # and the patient went below 54 mg/dL 5-7 h after the meal with insulin suspended
         # for the last 2 h (baseline: 9 of 12 patients' lows came 4.5-8 h after a meal).
-        room_mult = 1.0 + bmax / np.maximum(basal_h * c.temp_minutes / 60.0, 1e-9)  # [N]
+        room_mult = 1.0 + np.maximum(bmax, uam_room) / np.maximum(
+            basal_h * c.temp_minutes / 60.0, 1e-9
+        )  # [N]
         top = np.ones(n)
         for f in sorted(c.high_rates):
             allowed = np.minimum(np.minimum(f, cap / np.maximum(basal_h, 1e-9)), room_mult)
@@ -248,7 +272,10 @@ class MPCController:
         # the bolus rungs ride the top temp: they share the room, so the top rung's net IOB
         # stays within the calculator's bound too
         temp_extra = (top - 1.0) * basal_h * c.temp_minutes / 60.0  # [N] U
-        bol = np.maximum(bmax - temp_extra, 0.0)[:, None] * steps[None, :]  # [N, J] (no meal)
+        # an unannounced meal's bolus is capped per cycle on its own: the top temp already
+        # counts against its total room
+        auto = np.maximum(bmax - temp_extra, np.minimum(uam_room - temp_extra, uam_cap))  # [N]
+        bol = np.maximum(auto, 0.0)[:, None] * steps[None, :]  # [N, J] (no meal announced)
         if meal.any():  # a meal now: the calculator's bolus, scaled between min and max
             fr = np.linspace(c.meal_fractions[0], c.meal_fractions[1], c.bolus_rungs)  # [J]
             full = self._meal_bolus(inputs, net_iob)  # [N]
@@ -317,6 +344,33 @@ class MPCController:
             room = max(carbs - net, min(max(carbs, corr) - net, smb))
             out[i] = max(0.0, min(room, _limit(inp)))
         return out
+
+    def _uam_room(
+        self, inputs: Sequence[ControlInput], net_iob: np.ndarray, meal_est: MealEstimate | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Room for an unannounced meal, per patient: (net IOB it may still add, U; the most
+        one automatic bolus may give, U). A share (`uam_room_factor`) of what the meal's
+        estimated remaining carbs and the glucose above target need — the full correction,
+        not capped like `_bolus_room`'s: the rise is the meal showing up — less net IOB;
+        each bolus at most `uam_smb_basal_minutes` of basal (oref1's SMB rule). Zero where no
+        meal is detected (the detector never fires on a falling or low trend)."""
+        c = self.config
+        n = len(inputs)
+        room, cap = np.zeros(n), np.zeros(n)
+        if meal_est is None:
+            return room, cap
+        for i, inp in enumerate(inputs):
+            if not meal_est.detected[i]:
+                continue
+            s = inp.settings
+            isf = s.isf_mgdl_per_u * c.correction_isf_scale * self.sensitivity(inp)
+            need = c.uam_room_factor * (
+                meal_est.carbs_g[i] / (s.carb_ratio_g_per_u * self.sensitivity(inp))
+                + max(0.0, inp.glucose_mgdl - s.target_mgdl) / isf
+            )
+            room[i] = max(0.0, min(need - max(0.0, net_iob[i]), _limit(inp)))
+            cap[i] = c.uam_smb_basal_minutes / 60.0 * s.basal_u_per_h
+        return room, cap
 
     def _meal_bolus(self, inputs: Sequence[ControlInput], net_iob: np.ndarray) -> np.ndarray:
         """A bolus calculator's answer for the meal announced now, per patient (U).
@@ -387,7 +441,15 @@ class MPCController:
         steady_iob = basal_iob_u(basal_h, slot_minutes=w.slot_minutes, curve=curve)
         iob = np.array([i.iob_u for i in inputs])  # [N] before this cycle's dose
         cob_now = self._cob_now(past, future)  # [N] g, this slot's announced carbs included
-        lad = self.ladder(inputs, iob - steady_iob, cob_now)
+        isf_eff = isf * sens
+        meal_est = None
+        if self._uam is not None:
+            since = np.array([minutes_since_announced(i.history, w.slot_minutes) for i in inputs])
+            meal_est = self._uam.estimate(
+                past, isf_eff, cr * sens, basal_h, since, net_iob_u=iob - steady_iob
+            )
+        self.last_meal = meal_est
+        lad = self.ladder(inputs, iob - steady_iob, cob_now, meal_est)
         k = lad.basal.shape[1]
         pst, fut = self.apply_plans(past, future, lad)  # [N, K, L, Fp], [N, K, H, Ff]
         # a rung equal to the one below it (no bolus room; high temps collapsed at a meal)
@@ -411,6 +473,16 @@ class MPCController:
         pred = glucose.astype(np.float64)
         if c.monotone:
             pred = np.minimum.accumulate(pred, axis=1)  # more insulin never raises a forecast
+        uam_tail = None
+        if meal_est is not None:
+            # an unannounced meal is a disturbance the forecaster was never told about: add
+            # its estimated rise to every plan's forecast (the same for all rungs, so the
+            # ladder's order and the cost's convexity stand); quantiles below the median get
+            # only the share the estimate's uncertainty leaves
+            path = meal_est.path_mgdl(h)[:, None, :, None]  # [N, 1, H, 1]
+            share = np.where(np.arange(pred.shape[3]) < self._qmed, 1.0 - c.uam_uncertainty, 1.0)
+            pred = pred + path * share  # [N, K, H, Q]
+            uam_tail = meal_est.tail_mgdl(h)  # [N] mg/dL after the horizon
 
         # what insulin and carbs still on board at the horizon's end will do afterwards
         ins_end = self._tail.insulin_left(past, lad.basal + lad.bolus, iob, self._pb, self._pbo)
@@ -425,6 +497,8 @@ class MPCController:
         extra_u = lad.bolus_now + np.maximum(lad.rate_u_per_h - basal_h[:, None], 0.0) * temp_h
         carbs_now = np.array([max(i.carbs_announced_g, 0.0) for i in inputs])  # [N]
         meal_sure = (1.0 - c.carb_uncertainty) * carbs_now / cr / sens  # [N] U nobody doubts
+        if meal_est is not None:  # an unannounced meal's share counts as sure as the room
+            meal_sure = meal_sure + c.uam_room_factor * meal_est.carbs_g / (cr * sens)
         cost = self.cost(
             pred,
             carb_tail=(isf / cr) * cob_end,
@@ -433,12 +507,18 @@ class MPCController:
             targets=np.array([s.target_mgdl for s in settings]),
             extra_mgdl=(isf * sens)[:, None] * np.maximum(extra_u - meal_sure[:, None], 0.0),
             glucose_now=np.array([i.glucose_mgdl for i in inputs]),
+            uam_tail=uam_tail,
         )  # [N, K]
         best = np.argmin(cost, axis=1)  # first (least insulin) among ties
         self.last_forecast, self.last_cost, self.last_ladder = fc, cost, lad
         props = []
         for i, kk in enumerate(best):
             why = f"{self.name}: {lad.label[kk]} (cost {cost[i, kk]:.0f})"
+            if meal_est is not None and meal_est.detected[i]:
+                why += (
+                    f"; unannounced meal: ~{meal_est.carbs_g[i]:.0f} g still to absorb "
+                    f"(rise {meal_est.deviation[i]:.1f} mg/dL/5 min unexplained)"
+                )
             if fc.fallback[idx[i, 0]]:
                 why += f"; forecast fallback: {'; '.join(fc.reasons) or 'model unavailable'}"
             props.append(
@@ -497,6 +577,7 @@ class MPCController:
         targets: np.ndarray,
         extra_mgdl: np.ndarray | None = None,
         glucose_now: np.ndarray | None = None,
+        uam_tail: np.ndarray | None = None,
     ) -> np.ndarray:
         """[N, K, H, Q] forecasts → [N, K] cost (convex in every predicted value)."""
         z, unc = self.config.cost, self.config.carb_uncertainty
@@ -510,8 +591,12 @@ class MPCController:
             + z.w_very_high * relu(med - z.very_high_mgdl) ** 2
         ).mean(axis=2)  # [N, K]
         ev = med[:, :, -1] + carb_tail[:, None] - insulin_tail  # [N, K]
+        if uam_tail is not None:  # an unannounced meal's rise after the horizon
+            ev = ev + uam_tail[:, None]
         kappa = 1.0 + self.config.isf_uncertainty
         ev_lo = lo[:, :, -1] + (1 - unc) * carb_tail[:, None] - kappa * insulin_tail  # [N, K]
+        if uam_tail is not None:
+            ev_lo = ev_lo + (1.0 - self.config.uam_uncertainty) * uam_tail[:, None]
         if z.momentum_minutes > 0 and glucose_now is not None:
             # the horizon's average fall of the lower quantile, continued (oref0 projects its
             # deviation 30 min on): a function of the horizon's last value and the current
