@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from forecast.insulin import CarbCurve, InsulinCurve, carbs_on_board, insulin_on_board
 from forecast.schema import (
@@ -792,14 +792,15 @@ def windows_from_slots(
     past_sl = slice(t - L, t)
     last_obs = np.maximum.accumulate(np.where(observed, idx, -1), axis=1)[:, past_sl]  # [N, L]
     # glucose carried forward, gathered for the past window only
-    ff = np.where(last_obs >= 0, np.take_along_axis(g, np.maximum(last_obs, 0), 1), np.nan)
+    ff = np.where(last_obs >= 0, g[np.arange(n)[:, None], np.maximum(last_obs, 0)], np.nan)
     ok = np.isfinite(ff[:, 0])
 
     def on_board(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
         """On-board amounts after each of the last L slots' doses: [N, L]."""
         k = len(kernel)
         seg = x[:, t - L - k + 1 :]  # [N, L+K-1]
-        return sliding_window_view(seg, k, axis=1) @ kernel[::-1]  # [N, L]
+        s0, s1 = seg.strides  # its [N, L, K] sliding windows: sliding_window_view, unchecked
+        return as_strided(seg, (n, L, k), (s0, s1, s1), writeable=False) @ kernel[::-1]  # [N, L]
 
     k_ins, k_cob, per_day = _slot_kernels(c)
     seg = dose[:, t - L - per_day + 1 :].copy()  # [N, L+D-1]

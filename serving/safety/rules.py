@@ -284,12 +284,14 @@ def decide(
     marks a CGM whose only problem is a rising jump with both readings at or above
     `low_suspend`: there the scheduled-basal fallback keeps a bolus up to `meal_bolus`.
     """
-    arrays = np.broadcast_arrays(
-        *(np.asarray(a, dtype=float) for a in (rate, duration, bolus, scheduled, max_basal_setting,
-                                               max_daily_basal, max_bolus, max_iob, low_suspend, iob,
-                                               glucose, pred_median_low, pred_lowest,
-                                               unconfirmed_bolus))
-    )  # fmt: skip
+    arrays = [
+        np.asarray(a, dtype=float) for a in (rate, duration, bolus, scheduled, max_basal_setting,
+                                             max_daily_basal, max_bolus, max_iob, low_suspend, iob,
+                                             glucose, pred_median_low, pred_lowest,
+                                             unconfirmed_bolus)
+    ]  # fmt: skip
+    if any(a.shape != arrays[0].shape for a in arrays):  # (a batch's arrays are alike)
+        arrays = np.broadcast_arrays(*arrays)
     (
         rate,
         duration,
@@ -307,15 +309,20 @@ def decide(
         unconf,
     ) = (a.astype(float, copy=True) for a in arrays)
     shape = rate.shape
-    cgm_problem = np.broadcast_to(np.asarray(cgm_problem, dtype=np.int64), shape)
-    last_low = np.broadcast_to(np.asarray(last_valid_low, dtype=bool), shape)
-    pred_valid = np.broadcast_to(np.asarray(pred_valid, dtype=bool), shape)
-    pump_fault = np.broadcast_to(np.asarray(pump_fault, dtype=bool), shape)
-    pump_susp = np.broadcast_to(np.asarray(pump_suspended, dtype=bool), shape)
-    journal_ok = np.broadcast_to(np.asarray(journal_ok, dtype=bool), shape)
-    meal_bolus = np.broadcast_to(np.asarray(meal_bolus, dtype=float), shape)
+
+    def like(a, dtype) -> np.ndarray:  # [N] of dtype (np.broadcast_to only where needed)
+        a = np.asarray(a, dtype=dtype)
+        return a if a.shape == shape else np.broadcast_to(a, shape)
+
+    cgm_problem = like(cgm_problem, np.int64)
+    last_low = like(last_valid_low, bool)
+    pred_valid = like(pred_valid, bool)
+    pump_fault = like(pump_fault, bool)
+    pump_susp = like(pump_suspended, bool)
+    journal_ok = like(journal_ok, bool)
+    meal_bolus = like(meal_bolus, float)
     meal_bolus = np.where(np.isfinite(meal_bolus) & (meal_bolus > 0), meal_bolus, 0.0)
-    rising_jump = np.broadcast_to(np.asarray(rising_jump, dtype=bool), shape)
+    rising_jump = like(rising_jump, bool)
     iob = np.where(np.isfinite(iob), iob, np.inf)  # unknown IOB: assume the worst
     unconf = np.where(np.isnan(unconf) | (unconf < 0), 0.0, unconf)  # inf: unknown, blocks all
     vetoes = np.zeros(shape, dtype=np.int64)
