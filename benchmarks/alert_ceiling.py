@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             low_probability(signal, states[sid], origins, args.samples, rng),
         )
     rows = []
-    for p in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5):
+    for p in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
         alerts = {s: alert_times(tt, pr, p) for s, (tt, pr) in probs.items()}
         r = score_alerts(alerts, episodes, days=days, window_min=30.0, scored_from=scored_from)
         rows.append({"p": p, **r.to_dict()})

@@ -315,3 +315,31 @@ def test_cli_calibrates_on_validation_days_and_prints_each_subject(tmp_path, cap
     text = capsys.readouterr().out
     assert "syn2" in text and "threshold false/day" in text
     assert main([*args, "--calibrate", "0.2", "--quantile", "0.3"]) == 2
+
+
+def test_rules_are_compared_with_the_oracle_at_the_same_lead():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "alert_frontier.py"
+    spec = importlib.util.spec_from_file_location("alert_frontier", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    oracle = [
+        {"sensitivity": 1.0, "lead_min": 20.0, "false_per_day": 2.8},
+        {"sensitivity": 0.9, "lead_min": 20.0, "false_per_day": 0.8},
+        {"sensitivity": 0.8, "lead_min": 15.0, "false_per_day": 0.4},
+    ]
+    rows = pd.DataFrame(
+        [
+            {"sensitivity": 0.86, "lead_min": 20.0, "false_per_day": 1.0},  # 0.96 x, +0.2
+            {"sensitivity": 0.85, "lead_min": 20.0, "false_per_day": 1.1},  # +0.3: not met
+            {"sensitivity": 0.70, "lead_min": 15.0, "false_per_day": 0.2},  # fewer than all
+            {"sensitivity": 0.50, "lead_min": 10.0, "false_per_day": 0.1},  # no oracle point
+        ]
+    )
+    got = mod.versus_ceiling(rows, oracle)
+    np.testing.assert_allclose(got["ceiling_ratio"][:3], [0.86 / 0.9, 0.85 / 0.9, 0.7 / 0.8])
+    np.testing.assert_allclose(got["false_excess"][:3], [0.2, 0.3, -0.2])
+    assert got["goal_20"].tolist() == [True, False, False, False]
+    assert math.isnan(got["ceiling_ratio"][3])
