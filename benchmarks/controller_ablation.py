@@ -2,7 +2,7 @@
 
     python benchmarks/controller_ablation.py --model reports/demo/models/lstm/model \
         [--days 7] [--seeds 1,5] [--scenarios announced,unannounced,variability] \
-        [--variants all,no-uam,no-quiet,median-cost,no-autosens] [--peers oref0,loop]
+        [--variants all,no-uam,no-quiet,median-cost,no-response,no-autosens] [--peers oref0,loop]
 
 Every run is `glucast trial` in-process (30 virtual patients, Dexcom G6 model, the safety
 supervisor unchanged): *announced* meals with a 20 % carb-count error, *unannounced* meals,
@@ -15,7 +15,9 @@ Variants of the MPC (`serving.controllers.mpc.MPCConfig`):
   board, within 6 h of an announcement and after suspensions);
 - ``median-cost``: the cost's "how low could it go" is the median, not the lower quantile
   (the forecaster's uncertainty unused);
-- ``no-autosens``: no sensitivity adaptation after lows.
+- ``no-response``: no sensitivity learned from how glucose answers insulin
+  (`serving.controllers.autosens`), only the step after each low;
+- ``no-autosens``: no sensitivity adaptation at all.
 
 `--peers oref0,loop` adds the peers' own code (`glucast peers install`; slow: oref0 ~6 ms,
 Loop ~100 ms a decision). Prints one JSON object and a table (cohort TIR, TBR<70 on CGM,
@@ -53,7 +55,8 @@ VARIANTS = {
     "no-uam": dict(uam=False),
     "no-quiet": dict(uam_detector=NO_GATES),
     "median-cost": dict(cost=dict(lower_quantile=0.5)),
-    "no-autosens": dict(autosens_step=1.0),
+    "no-response": dict(learn_response=False),
+    "no-autosens": dict(autosens_step=1.0, learn_response=False),
 }
 
 

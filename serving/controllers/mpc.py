@@ -63,6 +63,7 @@ import pandas as pd
 from forecast.insulin import CarbCurve, InsulinCurve
 from forecast.windows import WindowConfig
 from serving.controllers import basal_iob_u, meal_bolus_u
+from serving.controllers.autosens import InsulinResponse, ResponseConfig
 from serving.controllers.uam import (
     MealDetector,
     MealEstimate,
@@ -148,6 +149,10 @@ class MPCConfig:
     uam_detector: UAMConfig = field(default_factory=UAMConfig)
     uam_room_factor: float = 0.5
     uam_smb_basal_minutes: float = 30.0
+    # autosens from the record (serving.controllers.autosens): the patient's glucose answering
+    # net insulin more strongly than the ISF says makes the MPC treat them as more sensitive
+    learn_response: bool = True
+    response: ResponseConfig = field(default_factory=ResponseConfig)
     uam_uncertainty: float = 0.7  # share of its estimated rise the lower quantiles do not count
 
 
@@ -194,7 +199,16 @@ class MPCController:
         self.last_cost: np.ndarray | None = None  # [N, K]
         self.last_ladder: Ladder | None = None
         self._sens: dict[str, _Autosens] = {}
-        self._uam = MealDetector(w, self.config.uam_detector) if self.config.uam else None
+        try:  # the deviations need IOB and observed-reading features in the window
+            self._detector: MealDetector | None = MealDetector(w, self.config.uam_detector)
+        except ValueError:
+            self._detector = None
+        self._uam = self._detector if self.config.uam else None
+        self._response = (
+            InsulinResponse(self.config.response)
+            if self.config.learn_response and self._detector is not None
+            else None
+        )
         self.last_meal: MealEstimate | None = None
         # The physiological fallback's first call costs ~0.8 s (lazy imports, JIT): without
         # this the first cycle whose forecast is refused took 525 ms (benchmarks/mpc_latency.py
@@ -290,9 +304,13 @@ class MPCController:
         return Ladder(basal, bolus, rate, bolus[:, :, 0].copy(), labels)
 
     def sensitivity(self, inp: ControlInput) -> float:
-        """How many times more insulin-sensitive than its ISF this patient has proven."""
+        """How many times more insulin-sensitive than its ISF this patient has proven: by its
+        lows, or by how its glucose answers insulin (`serving.controllers.autosens`)."""
         a = self._sens.get(inp.settings.name)
-        return 1.0 if a is None else a.factor
+        lows = 1.0 if a is None else a.factor
+        if self._response is None:
+            return lows
+        return min(self.config.autosens_max, max(lows, self._response.factor(inp.settings.name)))
 
     def _update_sensitivity(self, inp: ControlInput) -> None:
         """Autosens in its simplest form: a low is evidence that insulin works harder than
@@ -449,6 +467,18 @@ class MPCController:
                 past, isf_eff, cr * sens, basal_h, since, net_iob_u=iob - steady_iob
             )
         self.last_meal = meal_est
+        if self._response is not None and self._detector is not None:
+            dg, net_act, _ = self._detector.changes(past[:, -2:], basal_h)  # [N, 1] each
+            quiet = self._detector.announced_cob(past) <= c.uam_detector.announced_cob_max_g
+            meal_now = np.zeros(n, bool) if meal_est is None else meal_est.detected
+            self._response.update(
+                [s.name for s in settings],
+                np.array([pd.Timestamp(i.time).value for i in inputs], np.float64),
+                isf * net_act[:, -1],
+                -dg[:, -1],
+                quiet & ~meal_now,
+                meal_now,
+            )
         lad = self.ladder(inputs, iob - steady_iob, cob_now, meal_est)
         k = lad.basal.shape[1]
         pst, fut = self.apply_plans(past, future, lad)  # [N, K, L, Fp], [N, K, H, Ff]
@@ -514,6 +544,8 @@ class MPCController:
         props = []
         for i, kk in enumerate(best):
             why = f"{self.name}: {lad.label[kk]} (cost {cost[i, kk]:.0f})"
+            if sens[i] != 1.0:
+                why += f"; autosens ×{sens[i]:.2f}"
             if meal_est is not None and meal_est.detected[i]:
                 why += (
                     f"; unannounced meal: ~{meal_est.carbs_g[i]:.0f} g still to absorb "

@@ -107,11 +107,12 @@ class MealDetector:
                 f"slots, the model has {window.past_slots}"
             )
 
-    def deviations(
-        self, past: np.ndarray, isf: np.ndarray, cr: np.ndarray, basal_u_per_h: np.ndarray
-    ) -> np.ndarray:
-        """``[N, L-1]`` deviation of every 5-minute glucose change in the window (NaN where
-        either reading is missing)."""
+    def changes(
+        self, past: np.ndarray, basal_u_per_h: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``[N, L-1]`` each: the 5-minute glucose change (NaN where either reading is
+        missing), the net insulin acting in the slot (U above scheduled basal; negative
+        during a suspension) and the announced carbs absorbed in it (g)."""
         x = past.astype(np.float64)  # [N, L, F]
         g = np.where(x[:, :, self._obs] > 0, x[:, :, self._g], np.nan)  # [N, L]
         dg = np.diff(g, axis=1)  # [N, L-1]
@@ -119,14 +120,27 @@ class MealDetector:
         iob = x[:, :, self._iob]  # [N, L]
         activity = iob[:, :-1] + dose - iob[:, 1:]  # [N, L-1] U acting in each slot
         basal_slot = basal_u_per_h * self.window.slot_minutes / 60.0  # [N]
-        bgi = -isf[:, None] * (activity - basal_slot[:, None])  # [N, L-1]
-        carb = np.zeros_like(dg)
+        absorbed = np.zeros_like(dg)
         if self._cob is not None:
             cob = np.nan_to_num(x[:, :, self._cob])  # [N, L]
             eaten = np.nan_to_num(x[:, 1:, self._c]) if self._c is not None else 0.0
             absorbed = np.maximum(cob[:, :-1] + eaten - cob[:, 1:], 0.0)  # [N, L-1] g
-            carb = (isf / cr)[:, None] * absorbed
-        return dg - bgi - carb
+        return dg, activity - basal_slot[:, None], absorbed
+
+    def deviations(
+        self, past: np.ndarray, isf: np.ndarray, cr: np.ndarray, basal_u_per_h: np.ndarray
+    ) -> np.ndarray:
+        """``[N, L-1]`` deviation of every 5-minute glucose change in the window (NaN where
+        either reading is missing): what neither insulin nor announced carbs explain."""
+        dg, net_activity, absorbed = self.changes(past, basal_u_per_h)
+        bgi = -isf[:, None] * net_activity  # [N, L-1]
+        return dg - bgi - (isf / cr)[:, None] * absorbed
+
+    def announced_cob(self, past: np.ndarray) -> np.ndarray:
+        """``[N]`` announced carbs on board now (0 without a COB feature)."""
+        if self._cob is None:
+            return np.zeros(len(past))
+        return np.nan_to_num(past[:, -1, self._cob].astype(np.float64))
 
     def estimate(
         self,
@@ -156,8 +170,7 @@ class MealDetector:
                 & (g[:, -1] > c.min_glucose)
                 & (delta > 0)  # never into a falling trend
             )
-        if self._cob is not None:
-            detected &= np.nan_to_num(past[:, -1, self._cob]) <= c.announced_cob_max_g
+        detected &= self.announced_cob(past) <= c.announced_cob_max_g
         if since_announced_min is not None:
             detected &= since_announced_min >= c.announced_quiet_min
         if net_iob_u is not None:
