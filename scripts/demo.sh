@@ -51,13 +51,17 @@ HASH=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['dataset_h
 glucast compare --experiment "$EXP" --latest --dataset-hash "$HASH" --plot "$OUT/compare.png" \
   --json > "$OUT/compare.json"
 
-step "5/7 closed-loop trials, $TRIAL_DAYS days, random meals announced with 20% carb error"
+step "5/7 closed-loop trials, $TRIAL_DAYS days, random meals announced with 20% carb error, then unannounced"
 glucast trial --controller basal-bolus --patients "$PATIENTS" --days "$TRIAL_DAYS" --seed $SEED \
   --carb-error 0.2 --report "$OUT/trial-basal-bolus" --mlflow --experiment "$EXP" --json \
   > "$OUT/trial_basal-bolus.json"
 glucast trial --controller mpc --model "$OUT/models/lstm/model" --patients "$PATIENTS" \
   --days "$TRIAL_DAYS" --seed $SEED --carb-error 0.2 --report "$OUT/trial-mpc" --mlflow \
   --experiment "$EXP" --json > "$OUT/trial_mpc.json"
+# the same meals, never announced: the MPC must find them in the CGM (unannounced-meal detection)
+glucast trial --controller mpc --model "$OUT/models/lstm/model" --patients "$PATIENTS" \
+  --days "$TRIAL_DAYS" --seed $SEED --unannounced --report "$OUT/trial-mpc-unannounced" --mlflow \
+  --experiment "$EXP" --json > "$OUT/trial_mpc-unannounced.json"
 
 step "6/7 predicted-low alerts vs threshold alerts on held-out days"
 glucast alerts evaluate --model "$OUT/models/lstm/model" --data "$OUT/cohort.parquet" --json \

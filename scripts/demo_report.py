@@ -22,7 +22,7 @@ import pandas as pd
 from forecast.htmlreport import HtmlReport
 
 MODELS = ("persistence", "linear", "ridge", "physio", "lstm", "transformer")
-TRIALS = ("basal-bolus", "mpc", "physio-mpc", "pid")
+TRIALS = ("basal-bolus", "mpc", "mpc-unannounced", "physio-mpc", "pid")
 TRIAL_COLUMNS = {
     "tir": "TIR 70–180 %",
     "tbr70": "TBR <70 %",
@@ -262,7 +262,8 @@ def build(out: Path) -> Path:
         rep.add_heading("Closed loop: MPC (LSTM forecasts) vs basal–bolus")
         rep.add_table(
             trials,
-            caption="cohort means on CGM readings; same patients, meals, seeds",
+            caption="cohort means on CGM readings; same patients, meals, seeds (mpc-unannounced: "
+            "the same meals, never announced: the MPC finds them from the CGM)",
             integers=TRIAL_COUNTS,
         )
         rep.add_text(

@@ -30,7 +30,7 @@ def test_demo_script_runs_small_and_writes_the_report(tmp_path):
     index = tmp_path / "reports" / "demo" / "index.html"
     html = index.read_text()
     assert html.count("data:image/png;base64,") >= 5  # error grids, comparison, AGP, CVGA
-    for section in ("Forecast accuracy", "Closed loop", "Alerts"):
+    for section in ("Forecast accuracy", "Closed loop", "Alerts", "mpc-unannounced"):
         assert section in html
     assert (index.parent / "alerts_tradeoff.png").exists()
     assert "Predicted lows by forecast quantile" in html

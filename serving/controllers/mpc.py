@@ -45,11 +45,23 @@ Cost (per patient, per rung; mg/dL² units):
 A 60-minute forecast sees only a fraction of a bolus act; without the terminal term an MPC
 keeps stacking insulin. The terminal term is what makes the decision IOB-aware.
 
+Unannounced meals (`serving.controllers.uam`, oref1's UAM idea): a rise that neither the
+insulin on board nor the announced carbs explain is a meal nobody told the loop about. Its
+estimated rise is added to every plan's forecast (the forecaster was never told about it; the
+quantiles below the median get only `1 - uam_uncertainty` of it), its remainder after the
+horizon to the eventual glucose, and it opens a bolus room of `uam_room_factor` × (its carbs /
+CR + the correction above target) at ≤ `uam_smb_basal_minutes` of basal a cycle. It never
+fires into a falling trend, below 100 mg/dL, within 6 h of an announced meal or after a
+suspension.
+
 Autosens: the simulator's children respond to insulin up to twice as strongly as their
-clinical ISF says, and no population forecaster knows a patient that well. Each new low
-episode (CGM < 70) makes the MPC treat that patient as more sensitive (ISF × 1.5, up to × 3,
-relaxing over days): meal boluses shrink, the insulin tail grows. It is per patient state,
-so a controller instance belongs to one loop or one trial.
+clinical ISF says, and no population forecaster knows a patient that well. Two kinds of
+evidence make the MPC treat a patient as more sensitive (never less): each new low episode
+(CGM < 70; ISF × 1.5, up to × 3, relaxing over days), and the record itself — how strongly
+glucose answered net insulin over the last day, against what the ISF predicts
+(`serving.controllers.autosens`, its lower confidence bound). Meal boluses shrink, the insulin
+tail grows, the unannounced-meal room shrinks. Both are per patient state (a controller
+instance belongs to one loop or one trial), and every proposal's reason carries the factor.
 """
 
 from __future__ import annotations
