@@ -12,7 +12,7 @@ Runs `serving.insilico.trial.run_trial` for `--days` (default 7, a quick number)
 one JSON object on stdout and a table on stderr: wall and CPU time (this process and its
 worker processes), cycles/s, the extrapolation to 365 days (setup + per-day time × 365),
 the size of the `TrialResult` log (and, extrapolated, a year's) and the peak resident
-memory. With stage timing on (default; ~2 % overhead), each stage's *exclusive* time from
+memory. With stage timing on (default), each stage's *exclusive* time from
 timers wrapped around the functions that do it: simulator step (ODE + pump), sensor,
 meals (the scenario's announced and eaten carbs), history/windows (`IncrementalWindows`),
 CGM assessment (the supervisor's view of the sensor), controller propose (excluding its
@@ -173,6 +173,7 @@ def run(a: argparse.Namespace) -> dict:
         "log_mb": log_bytes / 1e6,
         "year_log_mb_extrapolated": log_bytes / 1e6 / a.days * YEAR_DAYS,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mb_workers": ch1.ru_maxrss / 1024.0 if a.workers > 1 else None,
         "forecaster_calls": result.forecaster_calls,
         "tir": m["tir"],
         "tbr70": m["tbr70"],
@@ -199,7 +200,9 @@ def table(r: dict) -> str:
         f"  a year (extrapolated): wall {r['year_wall_s_extrapolated'] / 60:.1f} min, "
         f"CPU {r['year_cpu_s_extrapolated'] / 60:.1f} min",
         f"  log {r['log_mb']:.1f} MB (a year: {r['year_log_mb_extrapolated']:.0f} MB), "
-        f"peak RSS {r['peak_rss_mb']:.0f} MB; TIR {r['tir']:.1f} %",
+        f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        + (f" (a worker: {r['peak_rss_mb_workers']:.0f} MB)" if r["peak_rss_mb_workers"] else "")
+        + f"; TIR {r['tir']:.1f} %",
     ]
     if "stages_s" in r:
         tot = sum(r["stages_s"].values())

@@ -143,7 +143,7 @@ def _lows(p: np.ndarray, slot_min: float = SLOT_MIN) -> list[tuple[float, float,
 
 
 def _mark(vetoes: np.ndarray, mask: np.ndarray, v: Veto) -> None:
-    vetoes[mask] |= int(v)
+    np.bitwise_or(vetoes, int(v), out=vetoes, where=mask)  # vetoes[mask] |= v, in one call
 
 
 def _sanitise(

@@ -18,6 +18,7 @@ failures are `serving.types.JournalError`.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -105,7 +106,7 @@ def command_key(patient: str, cycle_time: pd.Timestamp, kind: CommandKind | str)
 def _utc_stamp(ns: int) -> str:
     """A cycle time (UTC ns; a naive time counts as UTC) as the keys write it: the same
     string for every patient of a cycle, so it is formatted once."""
-    return pd.Timestamp(ns, tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns // 1_000_000_000))  # (whole s)
 
 
 @dataclass
