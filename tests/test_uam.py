@@ -52,7 +52,10 @@ def test_a_sustained_unexplained_rise_is_a_meal_with_a_bounded_estimate():
         ("too small a rise", dict(slope=0.5)),
         ("low glucose", dict(glucose=90.0)),
         ("right after announced carbs", dict(since_announced_min=np.array([60.0]))),
-        ("after a suspension (insulin deficit)", dict(net_iob_u=np.array([-1.0]))),
+        (
+            "after a suspension, with the gate on",
+            dict(net_iob_u=np.array([-1.0]), config=UAMConfig(min_net_iob_basal_h=-0.25)),
+        ),
     ],
 )
 def test_no_meal_is_inferred(why, kw):
@@ -122,3 +125,17 @@ def test_the_unannounced_meal_room_respects_net_iob_and_the_per_cycle_cap():
     # net IOB already above what the meal and the glucose justify: no automatic bolus
     p = mpc.propose([control_input(200.0, s, slope=5.0, iob=steady + 15.0)])[0]
     assert p.bolus_u == 0.0
+
+
+def test_a_person_who_announces_meals_gets_a_capped_room_for_an_unexplained_rise():
+    from serving.controllers.uam import MealEstimate
+
+    s = patient(basal=1.0, isf=40.0, cr=10.0, max_bolus_u=20.0, max_iob_u=40.0)
+    mpc = make_controller("physio-mpc")
+    inp = control_input(250.0, s, slope=5.0)
+    big = MealEstimate(np.array([True]), np.array([5.0]), np.array([30.0]), np.array([100.0]))
+    announcing, silent = np.array([8 * 60.0]), np.array([np.inf])
+    capped, _ = mpc._uam_room([inp], np.zeros(1), big, announcing)
+    free, _ = mpc._uam_room([inp], np.zeros(1), big, silent)
+    assert capped[0] == pytest.approx(mpc.config.uam_max_basal_hours * s.basal_u_per_h)
+    assert free[0] > capped[0]

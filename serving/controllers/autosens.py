@@ -41,7 +41,7 @@ class ResponseConfig:
     # goes on after the detector stops seeing its rise, and its end looks like insulin
     quiet_after_meal_min: float = 60.0
     noise_mgdl: float = 4.0  # SD of a 5-minute CGM change that insulin does not explain
-    z: float = 2.0
+    z: float = 1.5  # 2.0 → 1.5 with the larger meal boluses: the same or fewer lows (seeds 2, 3)
 
 
 class InsulinResponse:
