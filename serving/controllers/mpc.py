@@ -50,9 +50,9 @@ insulin on board nor the announced carbs explain is a meal nobody told the loop 
 estimated rise is added to every plan's forecast (the forecaster was never told about it; the
 quantiles below the median get only `1 - uam_uncertainty` of it), its remainder after the
 horizon to the eventual glucose, and it opens a bolus room of `uam_room_factor` × (its carbs /
-CR + the correction above target) at ≤ `uam_smb_basal_minutes` of basal a cycle. It never
-fires into a falling trend, below 100 mg/dL, within 6 h of an announced meal or after a
-suspension.
+CR + the correction above target) at ≤ `uam_smb_basal_minutes` of basal a cycle (capped at
+`uam_max_basal_hours` of basal for a person who announces meals). It never fires into a
+falling trend, below 100 mg/dL, or within 6 h of an announced meal.
 
 Autosens: the simulator's children respond to insulin up to twice as strongly as their
 clinical ISF says, and no population forecaster knows a patient that well. Two kinds of
