@@ -24,12 +24,28 @@ disturbs far less than wall time. Stages are timed in-process, so with `--worker
 are not shown (the workers run the cycle). Run niced on a shared machine, one thread each:
 ``OMP_NUM_THREADS=1 GLUCAST_TORCH_THREADS=1 nice -n 10``.
 
-Measured on this project's 2-core CPU machine (shared with other work; niced), 7 days, the
-code before the speed-up (c097491): wall 19.0 s, CPU 14.1 s (107 cycles/s); a year
-extrapolated: wall 16.4 min, CPU 12.3 min. CPU per cycle: ONNX 2.44 ms, controller 1.07,
-forecaster checks 0.72, bookkeeping 0.61, history/windows 0.50, supervisor rules 0.47,
-commands + pump 0.40, CGM assessment 0.39, simulator step 0.28, sensor 0.08, meals 0.04.
-A year's log: 605 MB (24 float64 fields x 30 patients x 105,120 cycles).
+Measured on this project's 2-core CPU machine (shared with other work; niced), 7 days, one
+process, back to back (CPU ms per cycle; wall ~= CPU when the machine was not saturated):
+
+* the MPC as of c097491: the engine before this work 13.7 s CPU (144 cycles/s; a year
+  extrapolated 11.9 CPU-min) -> after 12.1 s (10.5 min). Forecaster checks 0.72 -> 0.46 ms,
+  supervisor commands + pump 0.41 -> 0.24, rules 0.47 -> 0.38, history/windows 0.48 -> 0.38,
+  CGM assessment 0.38 -> 0.30, bookkeeping 0.57 -> 0.53; ONNX 2.3 and the controller 1.1
+  unchanged (not this work's).
+* the MPC as of d871f0f (unannounced-meal detection, autosens from the record): before 19.7 s
+  (17.1 CPU-min a year) -> after 17.3 s (15.0); ONNX 2.7 ms and the controller 2.7 ms are
+  62 % of a cycle; forecaster 0.89 -> 0.58, commands + pump 0.55 -> 0.27, bookkeeping 0.79 ->
+  0.63, history 0.60 -> 0.48, rules 0.56 -> 0.46, CGM 0.46 -> 0.37.
+* `--workers 2`: 15 patients cost ~64 % of 30 in one process (a cycle has ~2 ms of fixed
+  cost: the ONNX calls, the controller's and the engine's array work), so two workers are at
+  best ~1.5x one, and only when both cores are free: with another job on one core, 7 days
+  took 21 s of cycles with two workers against 17 s with one.
+
+A year's log: 605 MB (24 float64 fields x 30 patients x 105,120 cycles) before, 429 MB after
+(flags as bool/int8). Real 365-day runs, `--days 365 --workers 2`, each while another job held
+about one core: the MPC as of 42407e8 with the engine at 57fd97a, 20.5 min wall, 16.8 CPU-min;
+the MPC as of d871f0f with this code, 17.6 min wall, 18.0 CPU-min (9 per worker); 429 MB of
+log, peak RSS 995 MB in the parent, 969 MB in a worker (its result is pickled back).
 """
 
 from __future__ import annotations
