@@ -21,6 +21,7 @@ clinician's ISF allows), and journals it in every proposal's reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,5 +86,5 @@ class InsulinResponse:
         c = self.config
         if st is None or st[1] < c.min_information:
             return 1.0
-        lcb = st[0] / st[1] - c.z * c.noise_mgdl / np.sqrt(st[1])
-        return float(np.clip(lcb, lo, hi))
+        lcb = st[0] / st[1] - c.z * c.noise_mgdl / math.sqrt(st[1])
+        return min(max(lcb, lo), hi)

@@ -248,6 +248,9 @@ class MPCController:
         net_iob: np.ndarray,
         cob_g: np.ndarray,
         meal_est: MealEstimate | None = None,
+        *,
+        sens: np.ndarray | None = None,
+        since_announced_min: np.ndarray | None = None,
     ) -> Ladder:
         """The K candidate plans of every patient, ordered by insulin (a chain).
 
@@ -256,9 +259,17 @@ class MPCController:
         (up to the supervisor's oref0 cap), then that highest temp plus boluses; when a meal
         is announced: scheduled basal plus boluses up to the meal's bolus (the high-temp
         rungs collapse onto scheduled basal). Every rung gives at least as much insulin as
-        the one below it in every slot, whatever the patient.
+        the one below it in every slot, whatever the patient. `sens` ([N] autosens factors)
+        and `since_announced_min` ([N]) are computed here when not given.
         """
         from serving.safety.rules import max_basal
+
+        if sens is None:
+            sens = np.array([self.sensitivity(i) for i in inputs])
+        if since_announced_min is None:
+            since_announced_min = np.array(
+                [minutes_since_announced(i.history, self.window.slot_minutes) for i in inputs]
+            )
 
         c, h = self.config, self.window.horizon_slots + 1  # now + the horizon
         n = len(inputs)
@@ -279,11 +290,8 @@ class MPCController:
         ]
         rungs += [(f"{f:g}x-30", np.full(n, f), temp_slots) for f in sorted(c.low_rates)]
         rungs.append(("scheduled", np.ones(n), temp_slots))
-        bmax = self._bolus_room(inputs, net_iob, cob_g)  # [N]
-        since = np.array(
-            [minutes_since_announced(i.history, self.window.slot_minutes) for i in inputs]
-        )
-        uam_room, uam_cap = self._uam_room(inputs, net_iob, meal_est, since)  # [N], [N]
+        bmax = self._bolus_room(inputs, net_iob, cob_g, sens)  # [N]
+        uam_room, uam_cap = self._uam_room(inputs, net_iob, meal_est, since_announced_min, sens)
         # IOB-aware high temps (oref0's insulinReq): the extra insulin of a 30-min high temp
         # may not exceed the same bolus-calculator room as an automatic bolus. Without this
         # bound the 3x temp ran for hours through a slow post-meal rise while net IOB was
@@ -318,7 +326,7 @@ class MPCController:
         bol = np.maximum(auto, 0.0)[:, None] * steps[None, :]  # [N, J] (no meal announced)
         if meal.any():  # a meal now: the calculator's bolus, scaled between min and max
             fr = np.linspace(c.meal_fractions[0], c.meal_fractions[1], c.bolus_rungs)  # [J]
-            full = self._meal_bolus(inputs, net_iob)  # [N]
+            full = self._meal_bolus(inputs, net_iob, sens)  # [N]
             limit = np.array([_limit(i) for i in inputs])  # [N] max bolus, IOB room
             bol = np.where(
                 meal[:, None], np.minimum(full[:, None] * fr[None, :], limit[:, None]), bol
@@ -359,7 +367,11 @@ class MPCController:
             a.in_low = False
 
     def _bolus_room(
-        self, inputs: Sequence[ControlInput], net_iob: np.ndarray, cob_g: np.ndarray
+        self,
+        inputs: Sequence[ControlInput],
+        net_iob: np.ndarray,
+        cob_g: np.ndarray,
+        sens: np.ndarray,
     ) -> np.ndarray:
         """Largest bolus worth considering now, per patient (U).
 
@@ -379,7 +391,7 @@ class MPCController:
             g = inp.glucose_mgdl
             net = max(0.0, net_iob[i])
             carbs = c.carb_room_factor * cob_g[i] / s.carb_ratio_g_per_u
-            isf = s.isf_mgdl_per_u * c.correction_isf_scale * self.sensitivity(inp)
+            isf = s.isf_mgdl_per_u * c.correction_isf_scale * sens[i]
             corr = max(0.0, (g - s.target_mgdl) / isf) if np.isfinite(g) else 0.0
             corr = min(corr, c.correction_basal_hours * s.basal_u_per_h)  # oref0's max IOB idea
             # carbs nobody bolused for (the supervisor held a meal bolus during a low) may be
@@ -395,6 +407,7 @@ class MPCController:
         net_iob: np.ndarray,
         meal_est: MealEstimate | None,
         since_announced_min: np.ndarray,
+        sens: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Room for an unannounced meal, per patient: (net IOB it may still add, U; the most
         one automatic bolus may give, U). A share (`uam_room_factor`) of what the meal's
@@ -411,9 +424,9 @@ class MPCController:
             if not meal_est.detected[i]:
                 continue
             s = inp.settings
-            isf = s.isf_mgdl_per_u * c.correction_isf_scale * self.sensitivity(inp)
+            isf = s.isf_mgdl_per_u * c.correction_isf_scale * sens[i]
             need = c.uam_room_factor * (
-                meal_est.carbs_g[i] / (s.carb_ratio_g_per_u * self.sensitivity(inp))
+                meal_est.carbs_g[i] / (s.carb_ratio_g_per_u * sens[i])
                 + max(0.0, inp.glucose_mgdl - s.target_mgdl) / isf
             )
             if since_announced_min[i] < c.announcing_hours * 60.0:
@@ -422,7 +435,9 @@ class MPCController:
             cap[i] = c.uam_smb_basal_minutes / 60.0 * s.basal_u_per_h
         return room, cap
 
-    def _meal_bolus(self, inputs: Sequence[ControlInput], net_iob: np.ndarray) -> np.ndarray:
+    def _meal_bolus(
+        self, inputs: Sequence[ControlInput], net_iob: np.ndarray, sens: np.ndarray
+    ) -> np.ndarray:
         """A bolus calculator's answer for the meal announced now, per patient (U).
 
         Carbs / carb ratio (/ the autosens factor), plus — with `meal_correction` — a
@@ -437,13 +452,11 @@ class MPCController:
         for i, inp in enumerate(inputs):
             s = inp.settings
             g = inp.glucose_mgdl
-            sens = self.sensitivity(inp)
+            f = sens[i]
             corr = 0.0
             if c.meal_correction and np.isfinite(g) and g > c.correct_above_mgdl:
-                corr = max(
-                    0.0, (g - s.target_mgdl) / (s.isf_mgdl_per_u * sens) - max(0.0, net_iob[i])
-                )
-            out[i] = meal_bolus_u(inp.carbs_announced_g, s) / sens + corr
+                corr = max(0.0, (g - s.target_mgdl) / (s.isf_mgdl_per_u * f) - max(0.0, net_iob[i]))
+            out[i] = meal_bolus_u(inp.carbs_announced_g, s) / f + corr
         return out
 
     def _cob_now(self, past: np.ndarray, future: np.ndarray) -> np.ndarray:
@@ -493,8 +506,8 @@ class MPCController:
         cob_now = self._cob_now(past, future)  # [N] g, this slot's announced carbs included
         isf_eff = isf * sens
         meal_est = None
+        since = np.array([minutes_since_announced(i.history, w.slot_minutes) for i in inputs])
         if self._uam is not None:
-            since = np.array([minutes_since_announced(i.history, w.slot_minutes) for i in inputs])
             meal_est = self._uam.estimate(
                 past, isf_eff, cr * sens, basal_h, since, net_iob_u=iob - steady_iob
             )
@@ -511,7 +524,12 @@ class MPCController:
                 quiet & ~meal_now,
                 meal_now,
             )
-        lad = self.ladder(inputs, iob - steady_iob, cob_now, meal_est)
+        sens_now = np.array(
+            [self.sensitivity(i) for i in inputs]
+        )  # [N] after this cycle's evidence
+        lad = self.ladder(
+            inputs, iob - steady_iob, cob_now, meal_est, sens=sens_now, since_announced_min=since
+        )
         k = lad.basal.shape[1]
         pst, fut = self.apply_plans(past, future, lad)  # [N, K, L, Fp], [N, K, H, Ff]
         # a rung equal to the one below it (no bolus room; high temps collapsed at a meal)

@@ -202,7 +202,7 @@ def minutes_since_announced(history: SlotHistory | None, slot_minutes: float) ->
     the record, or no record)."""
     if history is None or len(history.carbs_g) == 0:
         return float("inf")
-    hit = np.flatnonzero(np.nan_to_num(history.carbs_g) > 0)
+    hit = np.flatnonzero(history.carbs_g > 0)  # NaN (an unknown amount) compares False
     return float("inf") if hit.size == 0 else (len(history.carbs_g) - 1 - hit[-1]) * slot_minutes
 
 
