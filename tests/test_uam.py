@@ -135,7 +135,7 @@ def test_a_person_who_announces_meals_gets_a_capped_room_for_an_unexplained_rise
     inp = control_input(250.0, s, slope=5.0)
     big = MealEstimate(np.array([True]), np.array([5.0]), np.array([30.0]), np.array([100.0]))
     announcing, silent = np.array([8 * 60.0]), np.array([np.inf])
-    capped, _ = mpc._uam_room([inp], np.zeros(1), big, announcing)
-    free, _ = mpc._uam_room([inp], np.zeros(1), big, silent)
+    capped, _ = mpc._uam_room([inp], np.zeros(1), big, announcing, np.ones(1))
+    free, _ = mpc._uam_room([inp], np.zeros(1), big, silent, np.ones(1))
     assert capped[0] == pytest.approx(mpc.config.uam_max_basal_hours * s.basal_u_per_h)
     assert free[0] > capped[0]

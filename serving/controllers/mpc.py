@@ -371,7 +371,7 @@ class MPCController:
         inputs: Sequence[ControlInput],
         net_iob: np.ndarray,
         cob_g: np.ndarray,
-        sens: np.ndarray,
+        sens: np.ndarray | None = None,
     ) -> np.ndarray:
         """Largest bolus worth considering now, per patient (U).
 
@@ -385,6 +385,8 @@ class MPCController:
         truth); never above max bolus or the room under max IOB.
         """
         c = self.config
+        if sens is None:  # [N] autosens factors (the cycle passes its own)
+            sens = np.array([self.sensitivity(i) for i in inputs])
         out = np.zeros(len(inputs))
         for i, inp in enumerate(inputs):
             s = inp.settings
@@ -407,7 +409,7 @@ class MPCController:
         net_iob: np.ndarray,
         meal_est: MealEstimate | None,
         since_announced_min: np.ndarray,
-        sens: np.ndarray,
+        sens: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Room for an unannounced meal, per patient: (net IOB it may still add, U; the most
         one automatic bolus may give, U). A share (`uam_room_factor`) of what the meal's
@@ -416,6 +418,8 @@ class MPCController:
         each bolus at most `uam_smb_basal_minutes` of basal (oref1's SMB rule). Zero where no
         meal is detected (the detector never fires on a falling or low trend)."""
         c = self.config
+        if sens is None:  # [N] autosens factors (the cycle passes its own)
+            sens = np.array([self.sensitivity(i) for i in inputs])
         n = len(inputs)
         room, cap = np.zeros(n), np.zeros(n)
         if meal_est is None:
@@ -436,7 +440,7 @@ class MPCController:
         return room, cap
 
     def _meal_bolus(
-        self, inputs: Sequence[ControlInput], net_iob: np.ndarray, sens: np.ndarray
+        self, inputs: Sequence[ControlInput], net_iob: np.ndarray, sens: np.ndarray | None = None
     ) -> np.ndarray:
         """A bolus calculator's answer for the meal announced now, per patient (U).
 
@@ -448,6 +452,8 @@ class MPCController:
         (capped per cycle and in net IOB) than folded into a meal bolus.
         """
         c = self.config
+        if sens is None:  # [N] autosens factors (the cycle passes its own)
+            sens = np.array([self.sensitivity(i) for i in inputs])
         out = np.zeros(len(inputs))
         for i, inp in enumerate(inputs):
             s = inp.settings
