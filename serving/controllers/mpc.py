@@ -265,7 +265,7 @@ class MPCController:
         from serving.safety.rules import max_basal
 
         if sens is None:
-            sens = np.array([self.sensitivity(i) for i in inputs])
+            sens = self.sensitivities(inputs)
         if since_announced_min is None:
             since_announced_min = np.array(
                 [minutes_since_announced(i.history, self.window.slot_minutes) for i in inputs]
@@ -346,6 +346,10 @@ class MPCController:
             return lows
         return min(self.config.autosens_max, max(lows, self._response.factor(inp.settings.name)))
 
+    def sensitivities(self, inputs: Sequence[ControlInput]) -> np.ndarray:
+        """`sensitivity` of every patient of a batch: [N]."""
+        return np.array([self.sensitivity(i) for i in inputs])
+
     def _update_sensitivity(self, inp: ControlInput) -> None:
         """Autosens in its simplest form: a low is evidence that insulin works harder than
         the settings say (a child's ISF in the settings can be half the truth). Each new low
@@ -386,7 +390,7 @@ class MPCController:
         """
         c = self.config
         if sens is None:  # [N] autosens factors (the cycle passes its own)
-            sens = np.array([self.sensitivity(i) for i in inputs])
+            sens = self.sensitivities(inputs)
         out = np.zeros(len(inputs))
         for i, inp in enumerate(inputs):
             s = inp.settings
@@ -419,7 +423,7 @@ class MPCController:
         meal is detected (the detector never fires on a falling or low trend)."""
         c = self.config
         if sens is None:  # [N] autosens factors (the cycle passes its own)
-            sens = np.array([self.sensitivity(i) for i in inputs])
+            sens = self.sensitivities(inputs)
         n = len(inputs)
         room, cap = np.zeros(n), np.zeros(n)
         if meal_est is None:
@@ -453,7 +457,7 @@ class MPCController:
         """
         c = self.config
         if sens is None:  # [N] autosens factors (the cycle passes its own)
-            sens = np.array([self.sensitivity(i) for i in inputs])
+            sens = self.sensitivities(inputs)
         out = np.zeros(len(inputs))
         for i, inp in enumerate(inputs):
             s = inp.settings
@@ -503,7 +507,7 @@ class MPCController:
         future = np.stack([i.future for i in inputs]).astype(np.float32)  # [N, H, Ff]
         settings = [i.settings for i in inputs]
         isf = np.array([s.isf_mgdl_per_u for s in settings])  # [N]
-        sens = np.array([self.sensitivity(i) for i in inputs])  # [N] autosens factor ≥ 1
+        sens = self.sensitivities(inputs)  # [N] autosens factor ≥ 1
         cr = np.array([s.carb_ratio_g_per_u for s in settings])  # [N]
         basal_h = np.array([s.basal_u_per_h for s in settings])  # [N]
         curve = c.insulin_curve
@@ -530,9 +534,7 @@ class MPCController:
                 quiet & ~meal_now,
                 meal_now,
             )
-        sens_now = np.array(
-            [self.sensitivity(i) for i in inputs]
-        )  # [N] after this cycle's evidence
+        sens_now = self.sensitivities(inputs)  # [N] after this cycle's evidence
         lad = self.ladder(
             inputs, iob - steady_iob, cob_now, meal_est, sens=sens_now, since_announced_min=since
         )

@@ -134,9 +134,7 @@ class MealDetector:
     ) -> np.ndarray:
         """``[N, L-1]`` deviation of every 5-minute glucose change in the window (NaN where
         either reading is missing): what neither insulin nor announced carbs explain."""
-        dg, net_activity, absorbed = self.changes(past, basal_u_per_h)
-        bgi = -isf[:, None] * net_activity  # [N, L-1]
-        return dg - bgi - (isf / cr)[:, None] * absorbed
+        return _deviation(*self.changes(past, basal_u_per_h), isf, cr)
 
     def announced_cob(self, past: np.ndarray) -> np.ndarray:
         """``[N]`` announced carbs on board now (0 without a COB feature)."""
@@ -157,19 +155,20 @@ class MealDetector:
         last announced carbs, inf for none) keeps the detector quiet after announced meals, and
         `net_iob_u` ([N], U above steady scheduled basal) after suspensions."""
         c, sm_min = self.config, self.window.slot_minutes
-        dev = self.deviations(past, isf, cr, basal_u_per_h)  # [N, L-1]
+        dg, net_activity, absorbed = self.changes(past, basal_u_per_h)  # [N, L-1] each
+        dev = _deviation(dg, net_activity, absorbed, isf, cr)  # [N, L-1]
         smooth = _trailing_mean(dev, c.short_slots)  # [N, L-1] 15-min average at every slot
         short = smooth[:, -1]  # [N] the deviation now
         long = _nanmean(dev[:, -c.long_slots :])  # [N] over 30 min: the rise is sustained
-        obs = past[:, :, self._obs] > 0  # [N, L]
-        g = np.where(obs, past[:, :, self._g], np.nan).astype(np.float64)  # [N, L]
-        delta = _nanmean(np.diff(g, axis=1)[:, -c.short_slots :])  # [N] mg/dL per 5 min
+        delta = _nanmean(dg[:, -c.short_slots :])  # [N] mg/dL per 5 min
+        seen = past[:, -1, self._obs] > 0  # [N] a reading now
+        g_now = past[:, -1, self._g].astype(np.float64)  # [N]
         with np.errstate(invalid="ignore"):  # NaN compares False: no reading, no meal
             detected = (
-                obs[:, -1]
+                seen
                 & (short > c.min_deviation)
                 & (long > c.min_deviation)
-                & (g[:, -1] > c.min_glucose)
+                & (g_now > c.min_glucose)
                 & (delta > 0)  # never into a falling trend
             )
         detected &= self.announced_cob(past) <= c.announced_cob_max_g
@@ -204,6 +203,14 @@ def minutes_since_announced(history: SlotHistory | None, slot_minutes: float) ->
         return float("inf")
     hit = np.flatnonzero(history.carbs_g > 0)  # NaN (an unknown amount) compares False
     return float("inf") if hit.size == 0 else (len(history.carbs_g) - 1 - hit[-1]) * slot_minutes
+
+
+def _deviation(
+    dg: np.ndarray, net_activity: np.ndarray, absorbed: np.ndarray, isf: np.ndarray, cr: np.ndarray
+) -> np.ndarray:
+    """ΔCGM − BGI − carb impact, from `MealDetector.changes`' parts: [N, L-1]."""
+    bgi = -isf[:, None] * net_activity  # [N, L-1]
+    return dg - bgi - (isf / cr)[:, None] * absorbed
 
 
 def _nanmean(x: np.ndarray) -> np.ndarray:
